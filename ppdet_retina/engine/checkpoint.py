@@ -1,0 +1,412 @@
+"""Checkpoints: atomic save, strict and partial weight loading, resume, PaddleDetection name conversion.
+
+Files: ``<prefix>.pdparams`` holds the model's state dict (our parameter names); ``<prefix>.pdopt``
+holds the optimizer's state dict plus our ``extra`` dict (epoch, step, ...) under ``EXTRA_KEY``.
+
+Weight files in three key styles are accepted, detected from their names:
+
+* ``ours``: the model's own names (``backbone.res2.0.conv1.conv.weight``);
+* ``ppdet``: a PaddleDetection model (``backbone.res2.res2a.branch2a.conv.weight``, ``neck.fpn_6.weight``,
+  ``head.retina_cls.weight``);
+* ``ppdet_backbone``: a PaddleDetection ImageNet backbone (the backbone names without ``backbone.``).
+
+PaddleDetection names are translated by :func:`convert_ppdet_state_dict`, driven by ``_PPDET_RULES``.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tuple
+
+import numpy as np
+import paddle
+
+__all__ = [
+    "EXTRA_KEY",
+    "save_checkpoint",
+    "load_weights",
+    "load_pretrain_weights",
+    "resume_checkpoint",
+    "convert_ppdet_state_dict",
+    "detect_key_style",
+]
+
+EXTRA_KEY = "__ppdet_retina_extra__"
+# PaddleDetection keeps the number of finished epochs in its .pdopt under this key (our extra 'epoch').
+_PPDET_EPOCH_KEY = "last_epoch"
+_MAX_LISTED = 12
+# Paddle keys optimizer state by each parameter's global name (``conv2d_7.w_0_velocity_0``), which
+# depends on how many layers the process built before; we store ``<structured name>@@<accumulator>``
+# instead so a checkpoint resumes into any fresh build of the same model.
+_OPT_NAMING_KEY = "__ppdet_retina_opt_naming__"
+_OPT_SEP = "@@"
+_OPT_PASSTHROUGH = ("LR_Scheduler",)
+
+# Parameters whose first (conv) or last (linear) dimension depends on the number of classes.
+_CLASS_DEPENDENT = re.compile(r"^(head\.cls_logits|bbox_head\.cls_score|bbox_head\.bbox_pred)\.")
+
+# A name matching this comes from PaddleDetection, not from our model.
+_PPDET_MARKER = re.compile(
+    r"(^|\.)conv1\.conv1(_\d)?\.|(^|\.)res\d\.res\d[a-z]\d*\.|(^|\.)fpn_(inner_)?res\d_sum|^neck\.fpn_\d+\."
+    r"|fcos_head_(cls|reg)_tower|(^|\.)retina_(cls|reg)\.|^rpn_head\.rpn_(feat|rois_)|^bbox_head\.bbox_(score|delta)\.")
+
+_BRANCH_TO_OURS = {"branch2a": "conv1", "branch2b": "conv2", "branch2c": "conv3"}
+
+
+def _block_index(letter: str, digits: str) -> int:
+    """PaddleDetection block suffix -> index: 'a' 0, 'b' 1, 'c' 2 ...; deep stages 'a' 0, 'b1' 1, 'b22' 22."""
+    return int(digits) if digits else ord(letter) - ord("a")
+
+
+# (PaddleDetection name pattern, builder of our name). First match wins; unmatched names pass unchanged.
+# ``ctx['fpn_levels']`` is the number of FPN input levels of the model (its last one is res5).
+_Rule = Tuple["re.Pattern[str]", Callable[["re.Match[str]", Dict[str, int]], str]]
+_PPDET_RULES: List[_Rule] = [
+    (re.compile(r"^backbone\.conv1\.conv1\.(.+)$"),
+     lambda m, c: f"backbone.stem.0.{m[1]}"),
+    (re.compile(r"^backbone\.conv1\.conv1_(\d)\.(.+)$"),
+     lambda m, c: f"backbone.stem.{int(m[1]) - 1}.{m[2]}"),
+    (re.compile(r"^backbone\.res(\d)\.res\d([a-z])(\d*)\.(branch2[abc])\.(.+)$"),
+     lambda m, c: f"backbone.res{m[1]}.{_block_index(m[2], m[3])}.{_BRANCH_TO_OURS[m[4]]}.{m[5]}"),
+    # variant d nests the shortcut's conv+norm under 'conv' after an avg pool: short.conv.conv.weight
+    (re.compile(r"^backbone\.res(\d)\.res\d([a-z])(\d*)\.short\.(?:conv\.)?((?:conv|norm)\..+)$"),
+     lambda m, c: f"backbone.res{m[1]}.{_block_index(m[2], m[3])}.shortcut.{m[4]}"),
+    (re.compile(r"^neck\.fpn_inner_res(\d)_sum(?:_lateral)?\.(.+)$"),
+     lambda m, c: f"neck.lateral_convs.{int(m[1]) - 6 + c['fpn_levels']}.{m[2]}"),
+    (re.compile(r"^neck\.fpn_res(\d)_sum\.(.+)$"),
+     lambda m, c: f"neck.output_convs.{int(m[1]) - 6 + c['fpn_levels']}.{m[2]}"),
+    (re.compile(r"^neck\.fpn_(\d+)\.(.+)$"),
+     lambda m, c: f"neck.extra_convs.{int(m[1]) - 6}.{m[2]}"),
+    (re.compile(r"^head\.conv_feat\.fcos_head_cls_tower_conv_(\d+)\.(.+)$"),
+     lambda m, c: f"head.conv_feat.cls_tower.{m[1]}.{m[2]}"),
+    (re.compile(r"^head\.conv_feat\.fcos_head_reg_tower_conv_(\d+)\.(.+)$"),
+     lambda m, c: f"head.conv_feat.box_tower.{m[1]}.{m[2]}"),
+    (re.compile(r"^head\.retina_cls\.(.+)$"), lambda m, c: f"head.cls_logits.{m[1]}"),
+    (re.compile(r"^head\.retina_reg\.(.+)$"), lambda m, c: f"head.bbox_deltas.{m[1]}"),
+    # Faster R-CNN: same tensor layouts (cls_score background last, bbox_pred 4 columns per class)
+    (re.compile(r"^rpn_head\.rpn_feat\.rpn_conv\.(.+)$"), lambda m, c: f"rpn_head.rpn_conv.{m[1]}"),
+    (re.compile(r"^rpn_head\.rpn_rois_score\.(.+)$"), lambda m, c: f"rpn_head.objectness.{m[1]}"),
+    (re.compile(r"^rpn_head\.rpn_rois_delta\.(.+)$"), lambda m, c: f"rpn_head.deltas.{m[1]}"),
+    (re.compile(r"^bbox_head\.bbox_score\.(.+)$"), lambda m, c: f"bbox_head.cls_score.{m[1]}"),
+    (re.compile(r"^bbox_head\.bbox_delta\.(.+)$"), lambda m, c: f"bbox_head.bbox_pred.{m[1]}"),
+]
+
+
+# --------------------------------------------------------------------------- key styles and conversion
+
+def detect_key_style(keys: Iterable[str]) -> str:
+    """'ppdet' (full PaddleDetection model), 'ppdet_backbone' (its ImageNet backbone file) or 'ours'."""
+    keys = list(keys)
+    if not any(_PPDET_MARKER.search(k) for k in keys):
+        return "ours"
+    if any(k.startswith(("backbone.", "neck.", "head.")) for k in keys):
+        return "ppdet"
+    return "ppdet_backbone"
+
+
+def _fpn_levels(model_keys: Iterable[str]) -> int:
+    levels = {m[1] for m in (re.match(r"^(?:.*\.)?lateral_convs\.(\d+)\.", k) for k in model_keys) if m}
+    return len(levels) if levels else 3
+
+
+def convert_ppdet_state_dict(state: Dict[str, Any], model_keys: Iterable[str]) -> Dict[str, Any]:
+    """Rename a PaddleDetection state dict (full model or ImageNet backbone) to our parameter names.
+
+    ``model_keys`` (the target model's state-dict names) give the context the names need: how many FPN
+    input levels there are, and whether the model is a bare backbone (no ``backbone.`` prefix). Names
+    of our own style and names no rule knows are kept as they are. Values are not touched.
+    """
+    model_keys = list(model_keys)
+    style = detect_key_style(state)
+    if style == "ours":
+        return dict(state)
+    ctx = {"fpn_levels": _fpn_levels(model_keys)}
+    prefix = "backbone." if style == "ppdet_backbone" else ""
+    out: Dict[str, Any] = {}
+    for key, value in state.items():
+        new_key = _rename(prefix + key, ctx)
+        if new_key in out:
+            raise ValueError(f"two PaddleDetection keys map to '{new_key}' (second: '{key}'); the file mixes "
+                             f"naming schemes and cannot be converted")
+        out[new_key] = value
+    return _align_backbone_prefix(out, model_keys)
+
+
+def _rename(key: str, ctx: Dict[str, int]) -> str:
+    for pattern, build in _PPDET_RULES:
+        m = pattern.match(key)
+        if m:
+            return build(m, ctx)
+    return key
+
+
+def _align_backbone_prefix(state: Dict[str, Any], model_keys: List[str]) -> Dict[str, Any]:
+    """A bare backbone model has no ``backbone.`` prefix: drop it from the converted names."""
+    if any(k.startswith("backbone.") for k in model_keys):
+        return state
+    return {k[len("backbone."):] if k.startswith("backbone.") else k: v for k, v in state.items()}
+
+
+# --------------------------------------------------------------------------- files
+
+def _check_not_url(path: str, what: str) -> None:
+    if re.match(r"^[a-z]+://", str(path)):
+        name = os.path.basename(str(path))
+        raise FileNotFoundError(
+            f"{what} '{path}' is a URL; this machine cannot download it. Download '{name}' elsewhere, put it "
+            f"on this machine (e.g. under ./pretrained/) and pass its local path with "
+            f"-o {what}=<path> (or -o {what}= to start from random init).")
+
+
+def _weights_file(path: str, what: str) -> str:
+    """``path`` with or without ``.pdparams`` -> the existing file, or a clear FileNotFoundError."""
+    _check_not_url(path, what)
+    path = os.path.expanduser(str(path))
+    candidates = [path] if path.endswith(".pdparams") else [path + ".pdparams", path]
+    for cand in candidates:
+        if os.path.isfile(cand):
+            return cand
+    raise FileNotFoundError(
+        f"{what} file '{candidates[0]}' not found. Check the path (with or without .pdparams), train a model "
+        f"first, or pass the right file with -o {what}=<path>.")
+
+
+def _load_numpy_state(file: str) -> Dict[str, np.ndarray]:
+    try:
+        raw = paddle.load(file, return_numpy=True)
+    except Exception as err:  # pickle/paddle errors have many types; all mean "not a weight file"
+        raise ValueError(f"cannot read weights file '{file}' ({type(err).__name__}: {err}); "
+                         f"it may be truncated or not a .pdparams file") from err
+    if not isinstance(raw, dict):
+        raise ValueError(f"weights file '{file}' holds a {type(raw).__name__}, not a state dict")
+    return {k: np.asarray(v) for k, v in raw.items() if isinstance(v, (np.ndarray, paddle.Tensor))}
+
+
+def _unwrap(model: paddle.nn.Layer) -> paddle.nn.Layer:
+    return model._layers if isinstance(model, paddle.DataParallel) else model
+
+
+def _atomic_save(obj: Any, path: str) -> None:
+    """Write to a temp file in the same folder, fsync, then rename: a crash leaves the old file intact."""
+    folder = os.path.dirname(os.path.abspath(path))
+    tmp = os.path.join(folder, f".{os.path.basename(path)}.tmp{os.getpid()}")
+    try:
+        paddle.save(obj, tmp)
+        fd = os.open(tmp, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+    _fsync_dir(folder)
+
+
+def _fsync_dir(folder: str) -> None:
+    # Makes the rename itself durable; some filesystems refuse O_RDONLY on a directory, which is harmless.
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+# --------------------------------------------------------------------------- public API
+
+def save_checkpoint(model: paddle.nn.Layer, optimizer: Optional[paddle.optimizer.Optimizer], save_dir: str,
+                    name: str, extra: Optional[Dict[str, Any]] = None) -> str:
+    """Write ``<save_dir>/<name>.pdparams`` (and ``.pdopt`` with ``extra`` if ``optimizer``) atomically.
+
+    Returns the path prefix ``<save_dir>/<name>`` (what :func:`resume_checkpoint` takes).
+    """
+    os.makedirs(save_dir, exist_ok=True)
+    prefix = os.path.join(save_dir, name)
+    _atomic_save(_unwrap(model).state_dict(), prefix + ".pdparams")
+    if optimizer is not None:
+        opt_state = _structured_optimizer_state(optimizer.state_dict(), _unwrap(model))
+        opt_state[EXTRA_KEY] = dict(extra or {})
+        _atomic_save(opt_state, prefix + ".pdopt")
+    return prefix
+
+
+def _compare(state: Dict[str, np.ndarray], model_state: Dict[str, paddle.Tensor]):
+    """Split names into missing (model only), unexpected (file only), class-dependent and other mis-shapes."""
+    missing = [k for k in model_state if k not in state]
+    unexpected = [k for k in state if k not in model_state]
+    head_mismatch, mismatch = [], []
+    for key in state:
+        if key in model_state and tuple(state[key].shape) != tuple(model_state[key].shape):
+            entry = (key, list(state[key].shape), list(model_state[key].shape))
+            (head_mismatch if _CLASS_DEPENDENT.match(key) else mismatch).append(entry)
+    return missing, unexpected, head_mismatch, mismatch
+
+
+def _listing(title: str, items: Sequence[Any]) -> str:
+    shown = [str(i) for i in items[:_MAX_LISTED]]
+    more = f" ... and {len(items) - _MAX_LISTED} more" if len(items) > _MAX_LISTED else ""
+    return f"{title} ({len(items)}): " + ", ".join(shown) + more
+
+
+def _shape_listing(title: str, entries: Sequence[Tuple[str, List[int], List[int]]]) -> str:
+    return _listing(title, [f"{k} file {a} vs model {b}" for k, a, b in entries])
+
+
+def _head_mismatch_message(file: str, entries) -> str:
+    return (f"weights '{file}': the head was trained for a different number of classes: "
+            + _shape_listing("class-dependent shapes", entries)
+            + ". To fine-tune on your classes pass skip_mismatch_head=True (or use pretrain_weights=), "
+              "which leaves those layers randomly initialised; else set num_classes to match the file.")
+
+
+def _assign(model: paddle.nn.Layer, state: Dict[str, np.ndarray], model_state: Dict[str, paddle.Tensor]) -> None:
+    typed = {k: v.astype(_numpy_dtype(model_state[k]), copy=False) for k, v in state.items()}
+    model.set_state_dict(typed)
+
+
+def _numpy_dtype(tensor: paddle.Tensor) -> np.dtype:
+    # paddle prints dtypes as 'paddle.float32'; numpy knows the part after the dot
+    return np.dtype(str(tensor.dtype).split(".")[-1])
+
+
+def load_weights(model: paddle.nn.Layer, path: str, skip_mismatch_head: bool = False) -> Dict[str, Any]:
+    """Load a full set of weights strictly (any style); return a report dict.
+
+    Raises ValueError listing missing / unexpected / mis-shaped keys. Class-dependent head layers of a
+    different class count are skipped (and reported) only when ``skip_mismatch_head``.
+    Report keys: file, style, loaded (count), skipped (names not loaded).
+    """
+    file = _weights_file(path, "weights")
+    raw = _load_numpy_state(file)
+    model = _unwrap(model)
+    model_state = model.state_dict()
+    style = detect_key_style(raw)
+    state = convert_ppdet_state_dict(raw, model_state.keys())
+    missing, unexpected, head_mismatch, mismatch = _compare(state, model_state)
+    if head_mismatch and not skip_mismatch_head:
+        raise ValueError(_head_mismatch_message(file, head_mismatch))
+    skipped = [k for k, _, _ in head_mismatch]
+    missing = [k for k in missing if k not in skipped]
+    problems = []
+    if missing:
+        problems.append(_listing("missing in file", missing))
+    if unexpected:
+        problems.append(_listing("unexpected in file", unexpected))
+    if mismatch:
+        problems.append(_shape_listing("wrong shape", mismatch))
+    if problems:
+        raise ValueError(f"weights '{file}' (key style '{style}') do not fit the model: " + "; ".join(problems)
+                         + ". Is it a checkpoint of this architecture/config? For backbone-only or partial "
+                           "weights use pretrain_weights instead.")
+    for key in skipped:
+        state.pop(key)
+    _assign(model, state, model_state)
+    return {"file": file, "style": style, "loaded": len(state), "skipped": skipped}
+
+
+def load_pretrain_weights(model: paddle.nn.Layer, path: str) -> Dict[str, Any]:
+    """Load what matches from backbone or partial weights; return a report dict.
+
+    Names absent from the file (e.g. neck and head for a backbone file) stay as initialised, names the
+    model lacks (e.g. an ImageNet classifier) are ignored, class-dependent head layers of another class
+    count are skipped; any other shape mismatch raises ValueError. Report keys: file, style, loaded,
+    not_in_file, unused, skipped.
+    """
+    file = _weights_file(path, "pretrain_weights")
+    raw = _load_numpy_state(file)
+    model = _unwrap(model)
+    model_state = model.state_dict()
+    style = detect_key_style(raw)
+    state = convert_ppdet_state_dict(raw, model_state.keys())
+    missing, unexpected, head_mismatch, mismatch = _compare(state, model_state)
+    if mismatch:
+        raise ValueError(f"pretrain_weights '{file}' (key style '{style}'): "
+                         + _shape_listing("wrong shape", mismatch)
+                         + ". The file is for a different network (depth/variant/width); pick the matching one.")
+    skipped = [k for k, _, _ in head_mismatch]
+    usable = {k: v for k, v in state.items() if k in model_state and k not in skipped}
+    if not usable:
+        raise ValueError(f"pretrain_weights '{file}' (key style '{style}') share no parameter name with the "
+                         f"model (file keys e.g. {list(raw)[:3]}, model keys e.g. {list(model_state)[:3]})")
+    _assign(model, usable, model_state)
+    return {"file": file, "style": style, "loaded": len(usable), "not_in_file": missing,
+            "unused": unexpected, "skipped": skipped}
+
+
+def resume_checkpoint(model: paddle.nn.Layer, optimizer: Optional[paddle.optimizer.Optimizer],
+                      path_prefix: str) -> Dict[str, Any]:
+    """Restore model (strictly) and optimizer from ``<prefix>.pdparams`` / ``<prefix>.pdopt``.
+
+    Returns the ``extra`` dict given to :func:`save_checkpoint`; for a PaddleDetection ``.pdopt``
+    ``{'epoch': n}`` with n its ``last_epoch`` (epochs finished).
+    """
+    prefix = re.sub(r"\.(pdparams|pdopt)$", "", str(path_prefix))
+    load_weights(model, prefix)
+    if optimizer is None:
+        return {}
+    _check_not_url(prefix, "resume")
+    opt_file = prefix + ".pdopt"
+    if not os.path.isfile(opt_file):
+        raise FileNotFoundError(f"optimizer state '{opt_file}' not found next to '{prefix}.pdparams'; resume "
+                                f"needs both files (use weights= to load only the model)")
+    opt_state = paddle.load(opt_file)
+    extra = opt_state.pop(EXTRA_KEY, None)
+    if extra is None:
+        extra = {"epoch": int(opt_state.pop(_PPDET_EPOCH_KEY))} if _PPDET_EPOCH_KEY in opt_state else {}
+    if opt_state.pop(_OPT_NAMING_KEY, None) == "structured":
+        opt_state = _runtime_optimizer_state(opt_state, _unwrap(model), opt_file)
+    optimizer.set_state_dict(opt_state)
+    return dict(extra)
+
+
+def _structured_optimizer_state(state: Dict[str, Any], model: paddle.nn.Layer) -> Dict[str, Any]:
+    """Rename optimizer-state keys from global parameter names to the model's structured names."""
+    by_runtime = {p.name: n for n, p in model.named_parameters()}
+    out: Dict[str, Any] = {_OPT_NAMING_KEY: "structured"}
+    for key, value in state.items():
+        if key in _OPT_PASSTHROUGH:
+            out[key] = value
+        elif key == "master_weights" and isinstance(value, dict):
+            out[key] = {by_runtime.get(k, k): v for k, v in value.items()}
+        else:
+            runtime, rest = _split_accumulator_key(key, by_runtime)
+            out[f"{by_runtime[runtime]}{_OPT_SEP}{rest}" if runtime else key] = value
+    return out
+
+
+def _split_accumulator_key(key: str, names: Dict[str, str]) -> Tuple[Optional[str], str]:
+    """'conv2d_7.w_0_moment1_0' -> ('conv2d_7.w_0', 'moment1_0'): the longest known parameter prefix."""
+    for pos in range(len(key) - 1, 0, -1):
+        if key[pos] == "_" and key[:pos] in names:
+            return key[:pos], key[pos + 1:]
+    return None, key
+
+
+def _runtime_optimizer_state(state: Dict[str, Any], model: paddle.nn.Layer, file: str) -> Dict[str, Any]:
+    """Inverse of :func:`_structured_optimizer_state` for the parameters of ``model`` as built now."""
+    by_structured = {n: p.name for n, p in model.named_parameters()}
+    out: Dict[str, Any] = {}
+    unknown = []
+    for key, value in state.items():
+        if key == "master_weights" and isinstance(value, dict):
+            out[key] = {by_structured.get(k, k): v for k, v in value.items()}
+        elif _OPT_SEP in key:
+            name, rest = key.split(_OPT_SEP, 1)
+            if name not in by_structured:
+                unknown.append(name)
+                continue
+            out[f"{by_structured[name]}_{rest}"] = value
+        else:
+            out[key] = value
+    if unknown:
+        raise ValueError(f"optimizer state '{file}' has entries for parameters the model lacks: "
+                         + _listing("unknown", sorted(set(unknown))) + "; it belongs to a different model")
+    return out

@@ -1,0 +1,95 @@
+"""Faster R-CNN: backbone (-> FPN) -> RPN proposals -> RoI box head, a two-stage detector."""
+
+from __future__ import annotations
+
+from typing import Any, Dict, Optional
+
+import paddle
+import paddle.nn as nn
+
+from ppdet_retina.core.workspace import ConfigError, create, register
+
+__all__ = ["FasterRCNN", "PPDET_NAME_MAP"]
+
+# PaddleDetection parameter-name prefixes of the Faster R-CNN heads -> ours.
+# The backbone and neck follow the converter's shared table.
+PPDET_NAME_MAP = {
+    "rpn_head.rpn_feat.rpn_conv.": "rpn_head.rpn_conv.",
+    "rpn_head.rpn_rois_score.": "rpn_head.objectness.",
+    "rpn_head.rpn_rois_delta.": "rpn_head.deltas.",
+    "bbox_head.head.fc6.": "bbox_head.head.fc6.",
+    "bbox_head.head.fc7.": "bbox_head.head.fc7.",
+    "bbox_head.bbox_score.": "bbox_head.cls_score.",
+    "bbox_head.bbox_delta.": "bbox_head.bbox_pred.",
+}
+
+
+@register
+class FasterRCNN(nn.Layer):
+    """Faster R-CNN (Ren et al. 2015), with FPN (Lin et al. 2017) when a neck is given.
+
+    Config keys: ``backbone`` (ResNet, VGG), ``neck`` (FPN or null), ``rpn_head`` (RPNHead),
+    ``bbox_head`` (BBoxHead), ``bbox_post_process`` (BBoxPostProcess). ``from_config`` builds
+    backbone -> neck (input_shape = backbone.out_shape) -> rpn_head and bbox_head
+    (input_shape = neck or backbone out_shape).
+
+    forward(inputs: dict), keys as in docs/DESIGN.md: ``image`` [B, 3, H, W], ``im_shape``
+    [B, 2]; training also ``gt_bbox`` [B, G, 4], ``gt_class`` [B, G, 1], optional
+    ``pad_gt_mask`` / ``is_crowd`` [B, G, 1]; eval also ``scale_factor`` [B, 2].
+    Returns in training {'loss', 'loss_rpn_cls', 'loss_rpn_reg', 'loss_bbox_cls',
+    'loss_bbox_reg'} (loss = their sum); in eval {'bbox': [K, 6] (class, score, x1, y1,
+    x2, y2) in original-image pixels, 'bbox_num': [B] int32}.
+    """
+
+    __inject__ = ["bbox_post_process"]
+
+    def __init__(self, backbone: Any, rpn_head: Any, bbox_head: Any, bbox_post_process: Any = "BBoxPostProcess",
+                 neck: Optional[Any] = None):
+        super().__init__()
+        for key, value in (("backbone", backbone), ("rpn_head", rpn_head), ("bbox_head", bbox_head)):
+            if not isinstance(value, nn.Layer):
+                raise ConfigError(f"FasterRCNN.{key} must be a built layer (got {value!r}); build the model "
+                                  f"with create('FasterRCNN') so that the {key} section is used")
+        self.backbone = backbone
+        self.neck = neck
+        self.rpn_head = rpn_head
+        self.bbox_head = bbox_head
+        self.bbox_post_process = bbox_post_process
+
+    @classmethod
+    def from_config(cls, cfg: dict, **kwargs: Any) -> dict:
+        """Build the stages in order, each with the previous stage's ``out_shape``."""
+        for key in ("backbone", "rpn_head", "bbox_head"):
+            if cfg.get(key) is None:
+                raise ConfigError(f"FasterRCNN: config key '{key}' is missing; e.g. backbone: ResNet, "
+                                  "neck: FPN, rpn_head: RPNHead, bbox_head: BBoxHead")
+        backbone = create(cfg["backbone"])
+        out_shape = backbone.out_shape
+        neck = None
+        if cfg.get("neck"):
+            neck = create(cfg["neck"], input_shape=out_shape)
+            out_shape = neck.out_shape
+        return {"backbone": backbone, "neck": neck,
+                "rpn_head": create(cfg["rpn_head"], input_shape=out_shape),
+                "bbox_head": create(cfg["bbox_head"], input_shape=out_shape)}
+
+    def forward(self, inputs: Dict[str, paddle.Tensor]) -> Dict[str, paddle.Tensor]:
+        if not isinstance(inputs, dict) or "image" not in inputs or "im_shape" not in inputs:
+            raise ValueError("FasterRCNN.forward expects the batch dict with 'image' [B,3,H,W] and "
+                             "'im_shape' [B,2] (the reader's Resize/PadBatch provide them)")
+        feats = self.backbone(inputs)
+        if self.neck is not None:
+            feats = self.neck(feats)
+        rois, rois_valid, rpn_losses = self.rpn_head(feats, inputs)
+        if self.training:
+            losses = dict(rpn_losses)
+            losses.update(self.bbox_head(feats, rois, rois_valid, inputs))
+            losses["loss"] = paddle.add_n([losses[k] for k in
+                                           ("loss_rpn_cls", "loss_rpn_reg", "loss_bbox_cls", "loss_bbox_reg")])
+            return losses
+        if inputs.get("scale_factor") is None:
+            raise ValueError("FasterRCNN eval needs 'scale_factor' [B,2] in the batch")
+        head_out, (flat_rois, rois_num) = self.bbox_head(feats, rois, rois_valid)
+        bbox, bbox_num = self.bbox_post_process(head_out, flat_rois, rois_num, inputs["im_shape"],
+                                                inputs["scale_factor"])
+        return {"bbox": bbox, "bbox_num": bbox_num}

@@ -1,0 +1,125 @@
+"""Region Proposal Network head (Faster R-CNN's first stage)."""
+
+from __future__ import annotations
+
+from typing import Any, Dict, List, Optional, Sequence, Tuple
+
+import paddle
+import paddle.nn as nn
+import paddle.nn.functional as F
+from paddle import ParamAttr
+from paddle.nn.initializer import Normal
+
+from ppdet_retina.core.workspace import register
+from ppdet_retina.modeling.anchors import AnchorGenerator
+from ppdet_retina.modeling.box_ops import bbox2delta
+from ppdet_retina.modeling.proposal_generator import ProposalGenerator, flatten_level_outputs
+from ppdet_retina.modeling.samplers import RPNTargetAssign, gt_masks
+from ppdet_retina.modeling.shape_spec import ShapeSpec
+
+__all__ = ["RPNHead"]
+
+
+def _conv(ch_in: int, ch_out: int, kernel: int) -> nn.Conv2D:
+    # N(0, 0.01) weights and zero bias, the initialisation of the Faster R-CNN paper.
+    return nn.Conv2D(ch_in, ch_out, kernel, padding=kernel // 2,
+                     weight_attr=ParamAttr(initializer=Normal(mean=0.0, std=0.01)))
+
+
+@register
+class RPNHead(nn.Layer):
+    """Objectness and box deltas for every anchor of every level, proposals, and the RPN loss.
+
+    Computes, with weights shared by all levels: ``rpn_conv`` (3x3, in_channel ->
+    in_channel) + ReLU, then ``objectness`` (1x1 -> A logits) and ``deltas``
+    (1x1 -> 4A, (dx, dy, dw, dh) of anchor a at channels 4a..4a+3).
+
+    Config keys:
+        anchor_generator: AnchorGenerator (dict of its keys or a component).
+        rpn_target_assign: RPNTargetAssign (training targets and sampling).
+        train_proposal / test_proposal: ProposalGenerator used in train / eval mode.
+        in_channel: input channels (from the neck's out_shape when built from a config).
+
+    forward(feats: list of [B, in_channel, h_l, w_l], inputs: batch dict) ->
+    (rois [B, K, 4], rois_valid [B, K] bool, losses): losses is None in eval mode, else
+    {'loss_rpn_cls': BCE over sampled anchors, 'loss_rpn_reg': L1 over positive
+    anchors' deltas}, both divided by batch_size_per_im * B as PaddleDetection does.
+    Training reads inputs['gt_bbox'] and the optional 'pad_gt_mask' / 'is_crowd'.
+    """
+
+    __inject__ = ["anchor_generator", "rpn_target_assign", "train_proposal", "test_proposal"]
+
+    def __init__(self, anchor_generator: Any = "AnchorGenerator", rpn_target_assign: Any = "RPNTargetAssign",
+                 train_proposal: Any = "ProposalGenerator", test_proposal: Any = "ProposalGenerator",
+                 in_channel: int = 1024):
+        super().__init__()
+        self.anchor_generator = _component(anchor_generator, AnchorGenerator)
+        self.rpn_target_assign = _component(rpn_target_assign, RPNTargetAssign)
+        self.train_proposal = _component(train_proposal, ProposalGenerator,
+                                         pre_nms_top_n=12000, post_nms_top_n=2000)
+        self.test_proposal = _component(test_proposal, ProposalGenerator)
+        num_anchors = self.anchor_generator.num_anchors
+        self.rpn_conv = _conv(in_channel, in_channel, 3)
+        self.objectness = _conv(in_channel, num_anchors, 1)
+        self.deltas = _conv(in_channel, 4 * num_anchors, 1)
+
+    @classmethod
+    def from_config(cls, cfg: dict, input_shape: Optional[Sequence[ShapeSpec]] = None, **_: Any) -> dict:
+        if input_shape is None:
+            return {}
+        first = input_shape[0] if isinstance(input_shape, (list, tuple)) else input_shape
+        return {"in_channel": first.channels}
+
+    def forward(self, feats: Sequence[paddle.Tensor],
+                inputs: Dict[str, paddle.Tensor]) -> Tuple[paddle.Tensor, paddle.Tensor, Optional[dict]]:
+        scores, deltas = self.predict(feats)
+        anchors = self.anchor_generator(list(feats))
+        proposal_gen = self.train_proposal if self.training else self.test_proposal
+        rois, _, valid = proposal_gen(scores, deltas, anchors, inputs["im_shape"])
+        if not self.training:
+            return rois, valid, None
+        return rois, valid, self.loss(scores, deltas, anchors, inputs)
+
+    def predict(self, feats: Sequence[paddle.Tensor]) -> Tuple[List[paddle.Tensor], List[paddle.Tensor]]:
+        """Per level, logits [B, h*w*A] and deltas [B, h*w*A, 4]."""
+        scores, deltas = [], []
+        for feat in feats:
+            hidden = F.relu(self.rpn_conv(feat))
+            scores.append(self.objectness(hidden))
+            deltas.append(self.deltas(hidden))
+        return flatten_level_outputs(scores, deltas)
+
+    def loss(self, scores: Sequence[paddle.Tensor], deltas: Sequence[paddle.Tensor],
+             anchors: Sequence[paddle.Tensor], inputs: Dict[str, paddle.Tensor]) -> Dict[str, paddle.Tensor]:
+        logits = paddle.concat(list(scores), axis=1)  # [B, N]
+        pred_deltas = paddle.concat(list(deltas), axis=1)  # [B, N, 4]
+        all_anchors = paddle.concat(list(anchors), axis=0)  # [N, 4]
+        gt_bbox = inputs["gt_bbox"]
+        gt_valid, crowd = gt_masks(inputs)
+        labels, matched = self.rpn_target_assign(all_anchors, gt_bbox, gt_valid, crowd)
+        batch = gt_bbox.shape[0]
+        norm = self.rpn_target_assign.normalizer(batch)
+
+        sampled = (labels >= 0).astype(logits.dtype)
+        positive = labels == 1
+        bce = F.binary_cross_entropy_with_logits(logits, (labels == 1).astype(logits.dtype), reduction="none")
+        loss_cls = (bce * sampled).sum() / norm
+
+        anchors_b = all_anchors.unsqueeze(0).expand([batch, -1, 4])
+        target_boxes = paddle.take_along_axis(gt_bbox, matched.unsqueeze(-1).expand([batch, -1, 4]), axis=1)
+        # Non-positive anchors get themselves as target (delta 0) so that a
+        # degenerate padded gt never reaches the log in bbox2delta.
+        target_boxes = paddle.where(positive.unsqueeze(-1), target_boxes, anchors_b)
+        target = bbox2delta(anchors_b, target_boxes).detach()
+        l1 = paddle.abs(pred_deltas - target).sum(axis=-1)
+        loss_reg = (l1 * positive.astype(l1.dtype)).sum() / norm
+        return {"loss_rpn_cls": loss_cls, "loss_rpn_reg": loss_reg}
+
+
+def _component(value: Any, cls: type, **defaults: Any) -> Any:
+    """Accept a built component, a dict of its keys, or None (class defaults) when used without a config."""
+    if value is None or isinstance(value, str):
+        return cls(**defaults)
+    if isinstance(value, dict):
+        return cls(**{**defaults, **value})
+    return value

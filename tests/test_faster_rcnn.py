@@ -1,0 +1,175 @@
+"""Faster R-CNN end to end: PaddleDetection config and parameter names, a tiny model that learns, VGG16."""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import paddle
+import pytest
+
+from ppdet_retina.core.workspace import create, load_config
+from ppdet_retina.modeling.architectures.faster_rcnn import PPDET_NAME_MAP, FasterRCNN
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+REFERENCE = "/work/shared/reference"
+PPDET_CONFIG = os.path.join(REFERENCE, "ppdet_configs/faster_rcnn/faster_rcnn_r50_fpn_1x_coco.yml")
+PPDET_TSV = os.path.join(REFERENCE, "ppdet_faster_rcnn_r50_fpn_state_dict.tsv")
+OUR_BASE = os.path.join(ROOT, "configs/faster_rcnn/_base_/faster_rcnn_r50_fpn.yml")
+MODEL_SECTIONS = ("architecture", "FasterRCNN", "ResNet", "FPN", "RPNHead", "BBoxHead", "BBoxAssigner",
+                  "TwoFCHead", "BBoxPostProcess")
+
+needs_reference = pytest.mark.skipif(not os.path.isfile(PPDET_CONFIG), reason="reference files not present")
+
+
+def _read_tsv(path):
+    rows = {}
+    with open(path, encoding="utf-8") as f:
+        for line in f:
+            name, shape, _ = line.rstrip("\n").split("\t")
+            rows[name] = [int(v) for v in shape.strip("[]").split(",") if v.strip()]
+    return rows
+
+
+def _to_ours(name):
+    for theirs, ours in PPDET_NAME_MAP.items():
+        if name.startswith(theirs):
+            return ours + name[len(theirs):]
+    return None
+
+
+@needs_reference
+def test_ppdet_config_builds_with_matching_head_parameters():
+    cfg = load_config(PPDET_CONFIG)
+    model = create(cfg.architecture)
+    assert isinstance(model, FasterRCNN)
+    ours = {k: list(v.shape) for k, v in model.state_dict().items()}
+    reference = _read_tsv(PPDET_TSV)
+    assert len(ours) == len(reference)
+    heads = {k: v for k, v in reference.items() if k.startswith(("rpn_head.", "bbox_head."))}
+    assert len(heads) == 14
+    for name, shape in heads.items():
+        mapped = _to_ours(name)
+        assert mapped is not None, f"{name} has no entry in PPDET_NAME_MAP"
+        assert ours.get(mapped) == shape, f"{name} -> {mapped}: {ours.get(mapped)} != {shape}"
+    rpn = model.rpn_head
+    assert (rpn.train_proposal.pre_nms_top_n, rpn.train_proposal.post_nms_top_n) == (2000, 1000)
+    assert rpn.train_proposal.topk_after_collect and not rpn.test_proposal.topk_after_collect
+    assert model.bbox_head.roi_extractor.spatial_scale[:4] == [0.25, 0.125, 0.0625, 0.03125]
+    assert model.bbox_head.bbox_assigner.batch_size_per_im == 512
+
+
+@needs_reference
+def test_our_r50_fpn_config_matches_ppdet_model_sections():
+    theirs = load_config(PPDET_CONFIG)
+    ours = load_config(os.path.join(ROOT, "configs/faster_rcnn/faster_rcnn_r50_fpn_1x.yml"))
+    for key in MODEL_SECTIONS:
+        assert ours[key] == theirs[key], key
+    assert ours.LearningRate.base_lr == theirs.LearningRate.base_lr
+    assert [vars(s) for s in ours.LearningRate.schedulers] == [vars(s) for s in theirs.LearningRate.schedulers]
+    assert ours.epoch == theirs.epoch and ours.OptimizerBuilder == theirs.OptimizerBuilder
+
+
+# ----------------------------------------------------------------------------- a tiny model
+
+def _tiny_config(tmp_path, extra=""):
+    path = tmp_path / "tiny_faster_rcnn.yml"
+    path.write_text(f"""
+_BASE_: ['{OUR_BASE}']
+num_classes: 3
+ResNet: {{depth: 18, width_mult: 0.125, freeze_at: -1, freeze_norm: false}}
+FPN: {{out_channel: 32}}
+RPNHead:
+  anchor_generator: {{anchor_sizes: [[8], [16], [32], [64], [128]]}}
+  rpn_target_assign: {{batch_size_per_im: 64, use_random: false}}
+  train_proposal: {{pre_nms_top_n: 1000, post_nms_top_n: 1000}}
+  test_proposal: {{pre_nms_top_n: 100, post_nms_top_n: 100}}
+BBoxAssigner: {{batch_size_per_im: 64, use_random: false}}
+TwoFCHead: {{out_channel: 64}}
+{extra}
+""")
+    return load_config(str(path))
+
+
+def _batch(num_images=1, empty_second=False):
+    rng = np.random.RandomState(0)
+    image = rng.rand(num_images, 3, 64, 64).astype(np.float32)
+    image[:, :, 10:40, 12:50] += 1.0
+    gt_bbox = np.zeros((num_images, 2, 4), np.float32)
+    gt_bbox[:, 0] = [12, 10, 50, 40]
+    gt_class = np.ones((num_images, 2, 1), np.int32)
+    pad = np.zeros((num_images, 2, 1), np.float32)
+    pad[:, 0] = 1
+    crowd = np.zeros((num_images, 2, 1), np.int32)
+    if num_images > 1:  # the second image also has a crowd box
+        gt_bbox[1, 1], pad[1, 1], crowd[1, 1] = [0, 40, 20, 60], 1, 1
+    if empty_second:  # or no real gt at all: only padding rows
+        gt_bbox[1], pad[1], crowd[1] = 0, 0, 0
+    return {"image": paddle.to_tensor(image), "im_shape": paddle.to_tensor([[64.0, 64.0]] * num_images),
+            "scale_factor": paddle.to_tensor([[0.5, 0.5]] * num_images), "gt_bbox": paddle.to_tensor(gt_bbox),
+            "gt_class": paddle.to_tensor(gt_class), "pad_gt_mask": paddle.to_tensor(pad),
+            "is_crowd": paddle.to_tensor(crowd)}
+
+
+LOSS_KEYS = ("loss_rpn_cls", "loss_rpn_reg", "loss_bbox_cls", "loss_bbox_reg")
+
+
+def test_tiny_faster_rcnn_every_loss_goes_down(tmp_path):
+    paddle.seed(0)
+    model = create(_tiny_config(tmp_path).architecture)
+    inputs = _batch()
+    opt = paddle.optimizer.SGD(learning_rate=0.02, parameters=model.parameters())
+    model.train()
+    history = []
+    for _ in range(40):
+        losses = model(inputs)
+        history.append({k: float(v) for k, v in losses.items()})
+        losses["loss"].backward()
+        opt.step()
+        opt.clear_grad()
+    first, last = history[0], history[-1]
+    np.testing.assert_allclose(first["loss"], sum(first[k] for k in LOSS_KEYS), rtol=1e-5)
+    for key in LOSS_KEYS + ("loss",):
+        assert last[key] < first[key], (key, first[key], last[key])
+    assert last["loss_rpn_cls"] < 0.5 * first["loss_rpn_cls"]
+
+    model.eval()
+    out = model(inputs)
+    bbox, bbox_num = out["bbox"].numpy(), out["bbox_num"].numpy()
+    assert bbox.shape == (int(bbox_num.sum()), 6) and bbox_num.shape == (1,)
+    # The learned object is class 1 at [12, 10, 50, 40] in the 64 px input, i.e. x2 in original pixels.
+    best = bbox[bbox[:, 1].argmax()]
+    assert best[0] == 1
+    assert np.abs(best[2:] - [24, 20, 100, 80]).max() < 16
+
+
+@pytest.mark.parametrize("empty_second", [False, True])
+def test_batch_of_two_gives_every_parameter_a_gradient(tmp_path, empty_second):
+    paddle.seed(1)
+    model = create(_tiny_config(tmp_path).architecture)
+    model.train()
+    losses = model(_batch(2, empty_second))
+    assert all(np.isfinite(float(losses[k])) for k in LOSS_KEYS)
+    losses["loss"].backward()
+    missing = [p.name for p in model.parameters() if not p.stop_gradient and p.grad is None]
+    assert missing == []
+
+
+def test_vgg16_config_trains_and_evaluates_narrowed(tmp_path):
+    cfg = load_config(os.path.join(ROOT, "configs/faster_rcnn/faster_rcnn_vgg16_1x.yml"), [
+        "VGG.channels=[4,4,8,8,8]", "TwoFCHead.out_channel=16", "num_classes=3",
+        "RPNHead.anchor_generator.anchor_sizes=[16,32]", "RPNHead.train_proposal.pre_nms_top_n=200",
+        "RPNHead.train_proposal.post_nms_top_n=50", "RPNHead.test_proposal.post_nms_top_n=20"])
+    model = create(cfg.architecture)
+    assert model.neck is None and model.backbone.out_shape[0].stride == 16
+    assert type(model.bbox_head.roi_extractor).__name__ == "RoIPool"
+    assert model.bbox_head.head.fc6.weight.shape == [8 * 7 * 7, 16]
+    assert model.rpn_head.objectness.weight.shape == [6, 8, 1, 1]  # 2 sizes x 3 ratios
+    # freeze_at 1: conv1 and conv2 get no gradient.
+    assert all(p.stop_gradient for stage in model.backbone.stages[:2] for p in stage.parameters())
+    model.train()
+    losses = model(_batch(2))
+    assert all(np.isfinite(float(losses[k])) for k in LOSS_KEYS)
+    model.eval()
+    out = model(_batch(1))
+    assert out["bbox"].shape[1] == 6 and out["bbox_num"].shape == [1]
