@@ -1,0 +1,389 @@
+"""Trainer: the train / evaluate / predict loops around a config-built detector.
+
+Outputs of a training run go to ``<save_dir>/<config file stem>/``:
+
+* ``<epoch>.pdparams`` / ``.pdopt`` every ``snapshot_epoch`` epochs (0-based
+  epoch id), ``model_final`` after the last epoch, ``best_model`` with
+  ``--eval`` (highest bbox mAP so far);
+* ``train_log.jsonl``: one JSON object per log step (``"type": "train"``:
+  epoch, iter, step, lr, every loss term, batch_cost, data_cost, ips) and per
+  evaluation (``"type": "eval"``: epoch, step, bbox_map = AP@[.5:.95], bbox =
+  the 12 COCO stats).
+
+Multi-process runs (``python -m paddle.distributed.launch``) wrap the model
+in ``paddle.DataParallel``; only rank 0 logs and saves, and evaluation runs
+on rank 0 alone over the whole validation set while the others wait.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import math
+import os
+import time
+from typing import Dict, List, Optional, Sequence
+
+import cv2
+import numpy as np
+import paddle
+
+from ppdet_retina.core.workspace import ConfigError, create
+from ppdet_retina.engine import checkpoint, env
+from ppdet_retina.metrics.coco import COCOMetric, detections_to_coco
+from ppdet_retina.utils.logger import JsonlWriter, TrainingStats, format_eta, setup_logger
+from ppdet_retina.utils.visualize import draw_detections
+
+__all__ = ["Trainer"]
+
+logger = setup_logger("ppdet_retina")
+
+# Set to a folder to make every rank write the sha256 of its final weights
+# there (``rank<r>.sha256``); tests use it to check that ranks stayed in sync.
+WEIGHTS_HASH_ENV = "PPDET_RETINA_WEIGHTS_HASH_DIR"
+_MODES = ("train", "eval", "test")
+
+
+def weights_digest(model: paddle.nn.Layer) -> str:
+    """sha256 over every trainable parameter, in name order.
+
+    Paddle's BatchNorm stores its running statistics as (non-trainable)
+    parameters; plain BN keeps them per rank, so they legitimately differ
+    between data-parallel ranks and are left out.
+    """
+    digest = hashlib.sha256()
+    trainable = [(n, p) for n, p in model.named_parameters() if not p.stop_gradient]
+    for name, value in sorted(trainable, key=lambda item: item[0]):
+        digest.update(name.encode())
+        digest.update(np.ascontiguousarray(value.numpy()).tobytes())
+    return digest.hexdigest()
+
+
+class Trainer:
+    """Builds dataset, reader and model from ``cfg`` for one ``mode`` and runs the loops.
+
+    Args:
+        cfg: a loaded config (``load_config``); reads ``architecture``, ``use_gpu``,
+            ``epoch``, ``log_iter``, ``snapshot_epoch``, ``save_dir``, ``filename``,
+            ``worker_num``, ``metric``, ``classwise``, ``output_eval`` and the
+            ``{Train,Eval,Test}{Dataset,Reader}``, ``LearningRate``,
+            ``OptimizerBuilder`` sections.
+        mode: ``train`` (optimizer, LR, train loader), ``eval`` (eval loader,
+            metric) or ``test`` (inference on images given to ``predict``).
+    """
+
+    def __init__(self, cfg: dict, mode: str = "train"):
+        if mode not in _MODES:
+            raise ValueError(f"Trainer mode must be one of {_MODES}, got '{mode}'")
+        if "architecture" not in cfg:
+            raise ConfigError("config has no 'architecture' key (e.g. architecture: RetinaNet)")
+        self.cfg = cfg
+        self.mode = mode
+        self.device = env.setup_environment(bool(cfg.get("use_gpu", False)))
+        self.world_size = env.world_size()
+        self.rank = env.rank()
+        threads = f", {env.cpu_threads_per_process()} CPU thread(s) per process" if self.device == "cpu" else ""
+        logger.info(f"device {self.device}, {self.world_size} process(es){threads}")
+        self.output_dir = os.path.join(str(cfg.get("save_dir", "output")), str(cfg.get("filename", "model")))
+        self.start_epoch = 0
+        self.best_ap = -1.0
+        self.lr = None
+        self.optimizer = None
+        self._eval_loader = None
+        self._eval_dataset = None
+
+        if mode == "train":
+            self.dataset = create("TrainDataset", cfg)
+            self.loader = create("TrainReader", cfg)(self.dataset, int(cfg.get("worker_num", 0)))
+        elif mode == "eval":
+            self.dataset = create("EvalDataset", cfg)
+        else:
+            self.dataset = create("TestDataset", cfg)
+        self.model = create(cfg["architecture"], cfg)
+        if mode == "train":
+            self._build_optimizer()
+        self.train_model = self.model
+        if mode == "train" and self.world_size > 1:
+            self.train_model = paddle.DataParallel(self.model)
+
+    # ------------------------------------------------------------------ setup
+    def _build_optimizer(self) -> None:
+        steps_per_epoch = len(self.loader)
+        self.lr = create("LearningRate", self.cfg)(steps_per_epoch)
+        self.optimizer = create("OptimizerBuilder", self.cfg)(self.lr, self.model)
+
+    def load_weights(self, path: str, skip_mismatch_head: bool = False) -> None:
+        """Load model weights (``weights:`` for eval / test) through the checkpoint API."""
+        checkpoint.load_weights(self.model, path, skip_mismatch_head=skip_mismatch_head)
+        logger.info(f"loaded weights from {path}")
+
+    def load_pretrain_weights(self, path: Optional[str]) -> None:
+        """Load backbone / ImageNet weights (``pretrain_weights``); nothing when empty."""
+        if path:
+            checkpoint.load_pretrain_weights(self.model, path)
+            logger.info(f"loaded pretrained weights from {path}")
+
+    def resume_weights(self, path_prefix: str) -> None:
+        """Restore model, optimizer and LR state and the epoch to continue from."""
+        if self.optimizer is None:
+            raise ValueError("resume needs a Trainer in train mode")
+        extra = checkpoint.resume_checkpoint(self.model, self.optimizer, path_prefix) or {}
+        # "last_epoch" is what a PaddleDetection .pdopt records (epochs completed).
+        self.start_epoch = int(extra.get("epoch", extra.get("last_epoch", 0)))
+        self.best_ap = float(extra.get("best_ap", -1.0))
+        if "lr_step" in extra:
+            # The optimizer state usually carries the scheduler too; the explicit
+            # counter covers checkpoints whose optimizer state lacks it.
+            self.lr.last_epoch = int(extra["lr_step"])
+            self.lr.last_lr = self.lr.get_lr()
+        logger.info(f"resumed from {path_prefix}: continuing at epoch {self.start_epoch}, "
+                    f"iteration {self.lr.last_epoch}, lr {self.lr.get_lr():.6g}")
+
+    # ------------------------------------------------------------------ training
+    def train(self, validate: bool = False) -> None:
+        """Run epochs ``start_epoch .. epoch-1``; with ``validate`` evaluate after each snapshot."""
+        if self.mode != "train":
+            raise ValueError("train() needs a Trainer built with mode='train'")
+        cfg = self.cfg
+        end_epoch = int(cfg.get("epoch", 12))
+        log_iter = max(1, int(cfg.get("log_iter", 20)))
+        snapshot = max(1, int(cfg.get("snapshot_epoch", 1)))
+        # A resumed run continues the log of the run it resumes; a new run starts it again.
+        journal = JsonlWriter(os.path.join(self.output_dir, "train_log.jsonl"), append=self.start_epoch > 0)
+        if self.start_epoch >= end_epoch:
+            logger.warning(f"nothing to train: start epoch {self.start_epoch} >= epoch {end_epoch}")
+        if validate and env.is_main_process():
+            # A wrong EvalDataset should fail now, not after the first epoch of training.
+            self._build_eval_loader()
+        self._run_epochs(end_epoch, log_iter, snapshot, validate, journal)
+        self._write_weights_hash()
+
+    def _run_epochs(self, end_epoch: int, log_iter: int, snapshot: int, validate: bool,
+                    journal: JsonlWriter) -> None:
+        steps_per_epoch = len(self.loader)
+        total_steps = (end_epoch - self.start_epoch) * steps_per_epoch
+        done_steps = 0
+        run_tic = time.time()
+        for epoch in range(self.start_epoch, end_epoch):
+            self._set_epoch(epoch)
+            self.train_model.train()
+            stats = TrainingStats(window_size=log_iter)
+            tic = time.time()
+            for it, batch in enumerate(self.loader):
+                data_cost = time.time() - tic
+                step_lr = float(self.lr.get_lr())
+                stats.update(self._train_step(batch, epoch, it))
+                batch_cost = time.time() - tic
+                done_steps += 1
+                if it % log_iter == 0 or it == steps_per_epoch - 1:
+                    eta = (time.time() - run_tic) / done_steps * (total_steps - done_steps)
+                    self._log_step(journal, stats, step_lr, epoch, end_epoch, it, steps_per_epoch, batch,
+                                   batch_cost, data_cost, eta)
+                tic = time.time()
+            last = epoch == end_epoch - 1
+            if (epoch + 1) % snapshot == 0 or last:
+                self._snapshot(epoch, last, validate, journal)
+
+    def _set_epoch(self, epoch: int) -> None:
+        sampler = getattr(self.loader, "batch_sampler", None)
+        if hasattr(sampler, "set_epoch"):
+            sampler.set_epoch(epoch)
+
+    def _train_step(self, batch: Dict[str, paddle.Tensor], epoch: int, it: int) -> Dict[str, float]:
+        outputs = self.train_model(batch)
+        if "loss" not in outputs:
+            raise ValueError(f"the model's training output has no 'loss' key (got {sorted(outputs)})")
+        values = {k: float(v) for k, v in outputs.items()}
+        self._check_finite(values, epoch, it)
+        outputs["loss"].backward()
+        self.optimizer.step()
+        self.optimizer.clear_grad()
+        self.lr.step()
+        return values
+
+    def _check_finite(self, values: Dict[str, float], epoch: int, it: int) -> None:
+        bad = not all(math.isfinite(v) for v in values.values())
+        if self.world_size > 1:
+            # Every rank must stop together, or the others hang in the gradient all-reduce.
+            flag = paddle.to_tensor([1.0 if bad else 0.0])
+            paddle.distributed.all_reduce(flag, op=paddle.distributed.ReduceOp.MAX)
+            bad = float(flag.numpy().max()) > 0
+        if bad:
+            terms = ", ".join(f"{k}={v:.6g}" for k, v in values.items())
+            where = f" on some rank (rank {self.rank} had {terms})" if self.world_size > 1 else f": {terms}"
+            raise FloatingPointError(
+                f"non-finite loss at epoch {epoch}, iteration {it} (global step {self.lr.last_epoch}){where}. "
+                f"Training stopped before the update, so the last saved checkpoint in "
+                f"{self.output_dir} is intact. Lower LearningRate.base_lr, lengthen LinearWarmup, or "
+                f"check the data (degenerate boxes).")
+
+    def _log_step(self, journal: JsonlWriter, stats: TrainingStats, lr: float, epoch: int, end_epoch: int,
+                  it: int, steps_per_epoch: int, batch: dict, batch_cost: float, data_cost: float,
+                  eta: float) -> None:
+        """One console line and one ``train_log.jsonl`` record; losses are window medians."""
+        smoothed = stats.get()
+        images = int(batch["image"].shape[0]) * self.world_size
+        ips = images / max(batch_cost, 1e-9)
+        width = len(str(steps_per_epoch))
+        losses = ", ".join(f"{k}: {v:.6f}" for k, v in smoothed.items())
+        logger.info(f"Epoch: [{epoch}/{end_epoch}] [{it:>{width}}/{steps_per_epoch}] eta: {format_eta(eta)} "
+                    f"lr: {lr:.6g} {losses} batch_cost: {batch_cost:.4f} s data_cost: {data_cost:.4f} s "
+                    f"ips: {ips:.2f} images/s")
+        journal.write({"type": "train", "epoch": epoch, "iter": it, "step": epoch * steps_per_epoch + it,
+                       "lr": lr, **smoothed, "batch_cost": batch_cost, "data_cost": data_cost, "ips": ips,
+                       "time": time.time()})
+
+    def _snapshot(self, epoch: int, last: bool, validate: bool, journal: JsonlWriter) -> None:
+        """Rank 0 evaluates (with ``validate``) and then saves, so the saved best mAP is current."""
+        if env.is_main_process():
+            improved = self._validate(epoch, journal) if validate else False
+            path = self._save("model_final" if last else str(epoch), epoch)
+            logger.info(f"saved checkpoint {path}")
+            if improved:
+                logger.info(f"new best model saved to {self._save('best_model', epoch)}")
+            if validate:
+                logger.info(f"best bbox mAP so far: {self.best_ap:.4f}")
+        if validate:
+            env.barrier()
+
+    def _save(self, name: str, epoch: int) -> str:
+        extra = {"epoch": epoch + 1, "lr_step": int(self.lr.last_epoch), "best_ap": self.best_ap}
+        return checkpoint.save_checkpoint(self.model, self.optimizer, self.output_dir, name, extra)
+
+    def _validate(self, epoch: int, journal: JsonlWriter) -> bool:
+        """Evaluate, log to the journal, update ``best_ap``; True when it improved."""
+        stats = self.evaluate()
+        ap = float(stats["bbox"][0])
+        step = (epoch + 1) * len(self.loader) - 1  # the last iteration of this epoch
+        journal.write({"type": "eval", "epoch": epoch, "step": step, "bbox_map": ap, "bbox": stats["bbox"],
+                       "time": time.time()})
+        if ap <= self.best_ap:
+            return False
+        self.best_ap = ap
+        return True
+
+    def _write_weights_hash(self) -> None:
+        folder = os.environ.get(WEIGHTS_HASH_ENV)
+        if folder:
+            os.makedirs(folder, exist_ok=True)
+            with open(os.path.join(folder, f"rank{self.rank}.sha256"), "w") as f:
+                f.write(weights_digest(self.model))
+
+    # ------------------------------------------------------------------ evaluation
+    def _build_eval_loader(self):
+        if self._eval_loader is None:
+            dataset = self.dataset if self.mode == "eval" else create("EvalDataset", self.cfg)
+            reader = create("EvalReader", self.cfg)
+            # Evaluation runs in one process over every image, so the loader must
+            # not shard the set across ranks even under the launcher.
+            sampler = paddle.io.BatchSampler(dataset, batch_size=reader.batch_size, shuffle=False,
+                                             drop_last=False)
+            self._eval_loader = reader(dataset, int(self.cfg.get("worker_num", 0)), batch_sampler=sampler)
+            self._eval_dataset = dataset
+        return self._eval_loader
+
+    def _build_metric(self, dataset) -> COCOMetric:
+        kind = str(self.cfg.get("metric", "COCO"))
+        if kind != "COCO":
+            raise ConfigError(f"metric '{kind}' is not supported; set metric: COCO")
+        anno = dataset.get_anno()
+        output_eval = self.cfg.get("output_eval") or self.output_dir
+        return COCOMetric(anno, dataset.clsid2catid, classwise=bool(self.cfg.get("classwise", False)),
+                          output_eval=output_eval)
+
+    def evaluate(self) -> Dict[str, List[float]]:
+        """COCO bbox evaluation of the current model on ``EvalDataset``: ``{'bbox': [12 stats]}``."""
+        loader = self._build_eval_loader()
+        metric = self._build_metric(self._eval_dataset)
+        self.model.eval()
+        tic, images = time.time(), 0
+        with paddle.no_grad():
+            for batch in loader:
+                outputs = self.model(batch)
+                metric.update(batch, outputs)
+                images += int(batch["image"].shape[0])
+        cost = time.time() - tic
+        logger.info(f"evaluated {images} images in {cost:.2f} s ({images / max(cost, 1e-9):.2f} images/s)")
+        stats = metric.accumulate()
+        if self.mode == "train":
+            self.model.train()
+        return stats
+
+    # ------------------------------------------------------------------ inference
+    def predict(self, images: Sequence[str] | str, draw_threshold: float = 0.5, output_dir: str = "output",
+                save_results: bool = False) -> List[dict]:
+        """Detect on ``images`` (files / folders); write drawn images to ``output_dir``.
+
+        Returns one dict per image: ``im_file``, ``im_id`` and ``bbox`` [N, 6]
+        (class, score, x1, y1, x2, y2 in original pixels). With ``save_results``
+        also writes ``output_dir/bbox.json``: COCO results (xywh, original
+        category ids) with each image's ``file_name``.
+        """
+        dataset = copy.copy(self.dataset) if self.mode == "test" else create("TestDataset", self.cfg)
+        dataset.set_images(images)
+        loader = create("TestReader", self.cfg)(dataset, 0)
+        imid2path = dataset.get_imid2path()
+        labels = dataset.get_label_list() if hasattr(dataset, "get_label_list") else []
+        os.makedirs(output_dir, exist_ok=True)
+        self.model.eval()
+        results = []
+        with paddle.no_grad():
+            for batch in loader:
+                outputs = self.model(batch)
+                results.extend(_split_per_image(batch, outputs, imid2path))
+        coco, used = [], set()
+        catmap = getattr(dataset, "clsid2catid", None) or {}
+        for res in results:
+            image = _read_image(res["im_file"])
+            drawn = draw_detections(image, res["bbox"], labels, threshold=draw_threshold)
+            out_path = _unique_output(output_dir, res["im_file"], used)
+            cv2.imwrite(out_path, drawn)
+            kept = sum(1 for r in res["bbox"] if r[1] >= draw_threshold and r[0] >= 0)
+            logger.info(f"{res['im_file']}: {kept} detection(s) >= {draw_threshold} -> {out_path}")
+            if save_results:
+                mapping = catmap or _identity_map(res["bbox"])
+                for det in detections_to_coco(res["bbox"], [len(res["bbox"])], [res["im_id"]], mapping):
+                    det["file_name"] = os.path.basename(res["im_file"])
+                    coco.append(det)
+        if save_results:
+            path = os.path.join(output_dir, "bbox.json")
+            with open(path, "w", encoding="utf-8") as f:
+                json.dump(coco, f)
+            logger.info(f"{len(coco)} detections saved to {path}")
+        return results
+
+
+def _split_per_image(batch: dict, outputs: dict, imid2path: Dict[int, str]) -> List[dict]:
+    bbox = outputs["bbox"].numpy().reshape(-1, 6)
+    counts = outputs["bbox_num"].numpy().reshape(-1).astype(np.int64)
+    im_ids = batch["im_id"].numpy().reshape(-1)
+    results, start = [], 0
+    for im_id, count in zip(im_ids, counts):
+        rows = bbox[start:start + count]
+        results.append({"im_id": int(im_id), "im_file": imid2path[int(im_id)], "bbox": rows[rows[:, 0] >= 0]})
+        start += count
+    return results
+
+
+def _identity_map(rows: np.ndarray) -> Dict[int, int]:
+    """Without label information a class index stands for its own category id."""
+    return {int(c): int(c) for c in np.asarray(rows).reshape(-1, 6)[:, 0] if c >= 0}
+
+
+def _read_image(path: str) -> np.ndarray:
+    image = cv2.imread(path, cv2.IMREAD_COLOR)
+    if image is None:
+        raise ValueError(f"cannot read image '{path}' (missing or not an image)")
+    return image
+
+
+def _unique_output(output_dir: str, im_file: str, used: set) -> str:
+    """Output path named after the input; two inputs with one name do not overwrite each other."""
+    stem, ext = os.path.splitext(os.path.basename(im_file))
+    ext = ext if ext.lower() in (".jpg", ".jpeg", ".png", ".bmp") else ".jpg"
+    path, n = os.path.join(output_dir, stem + ext), 1
+    while path in used:
+        path, n = os.path.join(output_dir, f"{stem}_{n}{ext}"), n + 1
+    used.add(path)
+    return path

@@ -1,0 +1,161 @@
+"""LR schedules and the optimizer builder."""
+
+import math
+import os
+
+import numpy as np
+import paddle
+import pytest
+
+from ppdet_retina.core.workspace import ConfigError, create, load_config
+from ppdet_retina.engine.optimizer import (CosineDecay, LearningRate, LinearWarmup, OptimizerBuilder,
+                                           PiecewiseDecay)
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# PaddleDetection's published files, when this machine has them (not part of the repo).
+REF_CONFIGS = "/work/shared/reference/ppdet_configs"
+
+
+def lr_values(sched, n):
+    out = []
+    for _ in range(n):
+        out.append(sched.get_lr())
+        sched.step()
+    return out
+
+
+def test_piecewise_with_linear_warmup_values():
+    lr = LearningRate(0.1, [PiecewiseDecay(gamma=0.1, milestones=[2, 3]), LinearWarmup(steps=4, start_factor=0.2)])
+    values = lr_values(lr(steps_per_epoch=5), 20)
+    expected_warm = [0.1 * (0.2 * (1 - i / 4) + i / 4) for i in range(4)]
+    np.testing.assert_allclose(values[:4], expected_warm, rtol=1e-9)
+    np.testing.assert_allclose(values[4:10], [0.1] * 6)
+    np.testing.assert_allclose(values[10:15], [0.01] * 5)
+    np.testing.assert_allclose(values[15:20], [0.001] * 5)
+
+
+def test_piecewise_gamma_list_and_values():
+    sched = LearningRate(1.0, [PiecewiseDecay(gamma=[0.5, 0.2], milestones=[1, 2], use_warmup=False),
+                               LinearWarmup(steps=3)])(steps_per_epoch=2)
+    # use_warmup=False on the decay disables the ramp entirely.
+    assert lr_values(sched, 6) == pytest.approx([1.0, 1.0, 0.5, 0.5, 0.2, 0.2])
+    sched = LearningRate(1.0, [PiecewiseDecay(values=[3.0, 2.0, 1.0], milestones=[1, 2])])(steps_per_epoch=1)
+    assert lr_values(sched, 4) == pytest.approx([3.0, 2.0, 1.0, 1.0])
+
+
+def test_warmup_in_epochs():
+    sched = LearningRate(1.0, [PiecewiseDecay(milestones=[10, 11]), LinearWarmup(epochs=1, start_factor=0.0)])(4)
+    assert lr_values(sched, 5) == pytest.approx([0.0, 0.25, 0.5, 0.75, 1.0])
+    steps_win = LinearWarmup(steps=2, epochs=1, epochs_first=False, start_factor=0.0)
+    assert lr_values(LearningRate(1.0, [steps_win])(4), 3) == pytest.approx([0.0, 0.5, 1.0])
+
+
+def test_cosine_after_warmup():
+    base, spe, warm = 0.2, 3, 2
+    sched = LearningRate(base, [CosineDecay(max_epochs=4, min_lr_ratio=0.1),
+                                LinearWarmup(steps=warm, start_factor=0.5)])(spe)
+    values = lr_values(sched, 12)
+    assert values[0] == pytest.approx(base * 0.5)
+    assert values[1] == pytest.approx(base * 0.75)
+    span = 4 * spe - warm
+    for it in range(warm, 12):
+        expect = 0.02 + (base - 0.02) * 0.5 * (1 + math.cos(math.pi * (it - warm) / span))
+        assert values[it] == pytest.approx(expect)
+    assert values[2] == pytest.approx(base)
+
+
+def test_cosine_without_warmup_and_plateau():
+    sched = LearningRate(1.0, [CosineDecay(max_epochs=3, use_warmup=False, last_plateau_epochs=1)])(2)
+    values = lr_values(sched, 6)
+    half_cos = [0.5 * (1 + math.cos(math.pi * k / 4)) for k in range(4)]  # cosine over 2 epochs x 2 steps
+    assert values[:4] == pytest.approx(half_cos)
+    assert values[4:] == pytest.approx([0.0, 0.0])
+
+
+def test_scheduler_state_restores_value():
+    def make():
+        return LearningRate(0.1, [PiecewiseDecay(gamma=0.1, milestones=[1]), LinearWarmup(steps=3)])(2)
+
+    a = make()
+    for _ in range(3):
+        a.step()
+    b = make()
+    b.set_state_dict(a.state_dict())
+    assert b.last_epoch == 3 and b() == pytest.approx(a()) == pytest.approx(0.01)
+    a.step(), b.step()
+    assert b() == pytest.approx(a())
+
+
+@pytest.mark.parametrize("path", [
+    os.path.join(REPO, "configs/retinanet/_base_/optimizer_1x.yml"),
+    os.path.join(REF_CONFIGS, "retinanet/_base_/optimizer_1x.yml"),
+])
+def test_optimizer_1x_config(path):
+    if not os.path.isfile(path):
+        pytest.skip(f"{path} not on this machine")
+    cfg = load_config(path)
+    lr = create("LearningRate", cfg)
+    assert isinstance(lr.decay, PiecewiseDecay) and lr.decay.milestones == [8, 11]
+    assert lr.warmup.steps == 500 and lr.warmup.start_factor == 0.001
+    f = lr.lr_function(steps_per_epoch=100)
+    assert f(0) == pytest.approx(0.01 * 0.001)
+    assert f(500) == pytest.approx(0.01)
+    assert f(800) == pytest.approx(0.001)
+    assert f(1100) == pytest.approx(0.0001)
+    builder = create("OptimizerBuilder", cfg)
+    model = paddle.nn.Linear(3, 2)
+    opt = builder(lr(100), model)
+    assert isinstance(opt, paddle.optimizer.Momentum)
+    assert opt.get_lr() == pytest.approx(1e-5)
+
+
+@pytest.mark.parametrize("name,milestones,warmup", [
+    ("retinanet/_base_/optimizer_2x.yml", [16, 22], (500, 0.001)),
+    ("faster_rcnn/_base_/optimizer_1x.yml", [8, 11], (1000, 0.1)),
+])
+def test_other_reference_optimizer_configs(name, milestones, warmup):
+    path = os.path.join(REF_CONFIGS, name)
+    if not os.path.isfile(path):
+        pytest.skip(f"{path} not on this machine")
+    lr = create("LearningRate", load_config(path))
+    assert lr.decay.milestones == milestones
+    assert (lr.warmup.steps, lr.warmup.start_factor) == warmup
+    assert lr.lr_function(100)(milestones[1] * 100) == pytest.approx(1e-4)
+
+
+def _one_step(opt_builder, lr=0.5):
+    paddle.seed(0)
+    model = paddle.nn.Linear(2, 1, bias_attr=False)
+    model.weight.set_value(paddle.to_tensor([[1.0], [-2.0]]))
+    opt = opt_builder(lr, model)
+    loss = (model(paddle.to_tensor([[1.0, 1.0]])) * 10).sum()
+    loss.backward()
+    opt.step()
+    return model.weight.numpy().ravel()
+
+
+def test_optimizer_types_and_regularizer():
+    # SGD with L2: w <- w - lr * (grad + factor * w); grad = 10 for both weights.
+    w = _one_step(OptimizerBuilder(regularizer={"type": "L2", "factor": 0.1}, optimizer={"type": "SGD"}))
+    np.testing.assert_allclose(w, [1 - 0.5 * (10 + 0.1), -2 - 0.5 * (10 - 0.2)], rtol=1e-6)
+    # Clip by value bounds the gradient at 1.
+    w = _one_step(OptimizerBuilder(clip_grad_by_value=1.0, regularizer=None, optimizer={"type": "SGD"}))
+    np.testing.assert_allclose(w, [0.5, -2.5], rtol=1e-6)
+    # Global-norm clip: grad (10, 10) scaled to norm 1.
+    momentum = {"type": "Momentum", "momentum": 0.9}
+    w = _one_step(OptimizerBuilder(clip_grad_by_norm=1.0, regularizer=None, optimizer=momentum))
+    np.testing.assert_allclose(w, [1 - 0.5 / math.sqrt(2), -2 - 0.5 / math.sqrt(2)], rtol=1e-5)
+    adamw = OptimizerBuilder(regularizer=None, optimizer={"type": "AdamW", "weight_decay": 0.05})
+    opt = adamw(0.1, paddle.nn.Linear(2, 2))
+    assert isinstance(opt, paddle.optimizer.AdamW)
+
+
+def test_bad_optimizer_config_errors():
+    with pytest.raises(ConfigError, match="Momentum"):
+        OptimizerBuilder(optimizer={"type": "Lion"})
+    with pytest.raises(ConfigError, match="regularizer"):
+        OptimizerBuilder(regularizer={"type": "L3", "factor": 1})(0.1, paddle.nn.Linear(2, 2))
+    with pytest.raises(ConfigError, match="milestones"):
+        PiecewiseDecay(gamma=[0.1], milestones=[8, 11])
+    with pytest.raises(ValueError, match="steps_per_epoch"):
+        LearningRate(0.1)(0)

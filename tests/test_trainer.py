@@ -1,0 +1,209 @@
+"""Trainer: train, snapshot, resume, non-finite loss, evaluate and predict on a tiny RetinaNet."""
+
+import json
+import os
+
+import numpy as np
+import paddle
+import pytest
+
+from ppdet_retina.core.workspace import load_config
+from ppdet_retina.engine import env
+from ppdet_retina.engine.trainer import Trainer, weights_digest
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+BASE_CONFIG = os.path.join(REPO, "configs", "retinanet", "retinanet_r50_fpn_1x.yml")
+
+_TINY = """
+_BASE_: ['{base}']
+use_gpu: false
+num_classes: 3
+epoch: {epoch}
+log_iter: 1
+snapshot_epoch: 1
+save_dir: {save_dir}
+worker_num: 0
+pretrain_weights: ''
+ResNet: {{depth: 18, width_mult: 0.125, freeze_at: -1, freeze_norm: false, return_idx: [1, 2, 3]}}
+FPN: {{out_channel: 16}}
+RetinaHead:
+  conv_feat: {{name: RetinaFeat, feat_in: 16, feat_out: 16, num_convs: 1}}
+LearningRate:
+  base_lr: {base_lr}
+  schedulers:
+  - !PiecewiseDecay {{gamma: 0.1, milestones: [1]}}
+  - !LinearWarmup {{start_factor: 0.5, steps: 2}}
+TrainDataset: {{name: COCODataSet, dataset_dir: {root}, image_dir: {image_dir}, anno_path: {anno}}}
+EvalDataset: {{name: COCODataSet, dataset_dir: {root}, image_dir: {image_dir}, anno_path: {anno}, allow_empty: true}}
+TestDataset: {{name: ImageFolder, dataset_dir: {root}, anno_path: {anno}}}
+TrainReader:
+  sample_transforms: &ops
+  - Decode: {{}}
+  - Resize: {{target_size: [64, 64], keep_ratio: false}}
+  - NormalizeImage: {{is_scale: true, mean: [0.5, 0.5, 0.5], std: [0.25, 0.25, 0.25]}}
+  - Permute: {{}}
+  batch_transforms: [PadBatch: {{pad_to_stride: 32}}]
+  batch_size: {batch_size}
+  shuffle: false
+EvalReader: {{sample_transforms: *ops, batch_transforms: [PadBatch: {{pad_to_stride: 32}}], batch_size: 2}}
+TestReader: {{sample_transforms: *ops, batch_transforms: [PadBatch: {{pad_to_stride: 32}}], batch_size: 1}}
+"""
+
+
+def write_tiny_config(tmp_path, coco, epoch=2, base_lr=0.01, batch_size=2, name="tiny_retina.yml") -> str:
+    """A tiny RetinaNet config over the ``tiny_coco`` fixture (64x64 images, 1/8-width ResNet-18)."""
+    path = os.path.join(str(tmp_path), name)
+    with open(path, "w") as f:
+        f.write(_TINY.format(base=BASE_CONFIG, epoch=epoch, save_dir=os.path.join(str(tmp_path), "output"),
+                             base_lr=base_lr, root=coco.dataset_dir, image_dir=coco.image_dir,
+                             anno=coco.anno_path, batch_size=batch_size))
+    return path
+
+
+def read_log(path):
+    with open(path) as f:
+        return [json.loads(line) for line in f]
+
+
+@pytest.fixture
+def tiny_cfg(tmp_path, tiny_coco):
+    return load_config(write_tiny_config(tmp_path, tiny_coco))
+
+
+def test_train_saves_snapshots_and_log(tiny_cfg):
+    paddle.seed(0)
+    trainer = Trainer(tiny_cfg, mode="train")
+    assert len(trainer.loader) == 1  # 3 images with boxes, batch 2, drop_last
+    before = weights_digest(trainer.model)
+    trainer.train()
+    out = trainer.output_dir
+    assert out.endswith(os.path.join("output", "tiny_retina"))
+    for name in ("0.pdparams", "0.pdopt", "model_final.pdparams", "model_final.pdopt"):
+        assert os.path.isfile(os.path.join(out, name)), name
+    assert weights_digest(trainer.model) != before
+    records = read_log(os.path.join(out, "train_log.jsonl"))
+    assert [(r["epoch"], r["iter"]) for r in records] == [(0, 0), (1, 0)]
+    for r in records:
+        for key in ("loss", "loss_cls", "loss_reg", "lr", "batch_cost", "data_cost", "ips"):
+            assert np.isfinite(r[key]), key
+    # lr logged is the one used by the step: warm-up factor 0.5 at iteration 0, decayed at epoch 1.
+    assert records[0]["lr"] == pytest.approx(0.005)
+    assert records[1]["lr"] == pytest.approx(0.01 * 0.1 * 0.75)
+    assert trainer.lr.last_epoch == 2
+    # A second fresh run in the same folder starts the log again.
+    Trainer(tiny_cfg, mode="train").train()
+    assert len(read_log(os.path.join(out, "train_log.jsonl"))) == 2
+
+
+def test_resume_restores_epoch_lr_and_optimizer(tmp_path, tiny_coco):
+    cfg_path = write_tiny_config(tmp_path, tiny_coco, epoch=3)
+    paddle.seed(0)
+    first = Trainer(load_config(cfg_path), mode="train")
+    first.train()
+    uninterrupted = weights_digest(first.model)
+    prefix = os.path.join(first.output_dir, "1")
+
+    paddle.seed(123)  # a different init: everything must come from the checkpoint
+    resumed = Trainer(load_config(cfg_path), mode="train")
+    resumed.resume_weights(prefix)
+    assert resumed.start_epoch == 2
+    assert resumed.lr.last_epoch == 2
+    assert resumed.lr.get_lr() == pytest.approx(0.001)
+    saved = paddle.load(prefix + ".pdparams")
+    for key, value in resumed.model.state_dict().items():
+        np.testing.assert_array_equal(value.numpy(), np.asarray(saved[key]))
+    resumed.train()
+    records = read_log(os.path.join(resumed.output_dir, "train_log.jsonl"))
+    # 3 epochs from the first run, then only epoch 2 again from the resumed one.
+    assert [r["epoch"] for r in records] == [0, 1, 2, 2]
+    assert records[-1]["lr"] == pytest.approx(records[2]["lr"])
+    assert records[-1]["loss"] == pytest.approx(records[2]["loss"], rel=1e-5)
+    assert resumed.lr.last_epoch == 3
+    # Same final weights as the run that never stopped: the Momentum velocity was restored too.
+    assert weights_digest(resumed.model) == uninterrupted
+
+
+def test_resume_without_optimizer_state_differs(tmp_path, tiny_coco):
+    """Guards the test above: losing the momentum on resume must change the result."""
+    cfg_path = write_tiny_config(tmp_path, tiny_coco, epoch=3)
+    first = Trainer(load_config(cfg_path), mode="train")
+    first.train()
+    uninterrupted = weights_digest(first.model)
+    restarted = Trainer(load_config(cfg_path), mode="train")
+    restarted.load_weights(os.path.join(first.output_dir, "1"))
+    restarted.start_epoch = 2
+    restarted.lr.set_state_dict({"last_epoch": 2, "last_lr": 0.0})
+    restarted.train()
+    assert weights_digest(restarted.model) != uninterrupted
+
+
+def test_non_finite_loss_stops_with_clear_message(tiny_cfg, monkeypatch):
+    trainer = Trainer(tiny_cfg, mode="train")
+    real_forward = trainer.model.forward
+    calls = {"n": 0}
+
+    def forward_nan_on_second_epoch(inputs):
+        out = real_forward(inputs)
+        calls["n"] += 1
+        if calls["n"] >= 2 and trainer.model.training:
+            out["loss_cls"] = out["loss_cls"] * float("nan")
+            out["loss"] = out["loss_cls"] + out["loss_reg"]
+        return out
+
+    monkeypatch.setattr(trainer.model, "forward", forward_nan_on_second_epoch)
+    with pytest.raises(FloatingPointError) as err:
+        trainer.train()
+    msg = str(err.value)
+    assert "epoch 1, iteration 0" in msg and "loss_cls=nan" in msg and "loss_reg=" in msg
+    good = paddle.load(os.path.join(trainer.output_dir, "0.pdparams"))
+    assert all(np.isfinite(np.asarray(v)).all() for v in good.values())
+    assert not os.path.exists(os.path.join(trainer.output_dir, "model_final.pdparams"))
+
+
+def test_train_with_validation_keeps_best_and_evaluates(tiny_cfg):
+    paddle.seed(1)
+    trainer = Trainer(tiny_cfg, mode="train")
+    trainer.train(validate=True)
+    out = trainer.output_dir
+    assert os.path.isfile(os.path.join(out, "best_model.pdparams"))
+    assert os.path.isfile(os.path.join(out, "bbox.json"))
+    evals = [r for r in read_log(os.path.join(out, "train_log.jsonl")) if r["type"] == "eval"]
+    assert [(r["epoch"], r["step"]) for r in evals] == [(0, 0), (1, 1)]
+    assert all(len(r["bbox"]) == 12 and r["bbox_map"] == r["bbox"][0] for r in evals)
+    assert trainer.best_ap == pytest.approx(max(r["bbox_map"] for r in evals))
+
+    evaluator = Trainer(tiny_cfg, mode="eval")
+    evaluator.load_weights(os.path.join(out, "model_final"))
+    stats = evaluator.evaluate()
+    assert len(stats["bbox"]) == 12
+    np.testing.assert_allclose(stats["bbox"], evals[-1]["bbox"], atol=1e-9)
+
+
+def test_predict_writes_images_and_coco_json(tiny_cfg, tiny_coco, tmp_path):
+    trainer = Trainer(tiny_cfg, mode="train")
+    trainer.train()
+    predictor = Trainer(tiny_cfg, mode="test")
+    predictor.load_weights(os.path.join(trainer.output_dir, "model_final"))
+    out_dir = str(tmp_path / "infer")
+    results = predictor.predict(tiny_coco.image_root, draw_threshold=0.0, output_dir=out_dir, save_results=True)
+    assert len(results) == 4
+    assert sorted(os.listdir(out_dir)) == ["bbox.json", "img_1.png", "img_2.png", "img_3.png", "img_5.png"]
+    with open(os.path.join(out_dir, "bbox.json")) as f:
+        dets = json.load(f)
+    assert len(dets) == sum(len(r["bbox"]) for r in results)
+    assert {d["category_id"] for d in dets} <= {3, 7, 12}
+    for d in dets:
+        assert set(d) == {"image_id", "category_id", "bbox", "score", "file_name"} and len(d["bbox"]) == 4
+
+
+def test_device_fallback_and_threads(monkeypatch, caplog):
+    monkeypatch.setattr(env, "_WARNED_NO_GPU", False)
+    if not paddle.device.is_compiled_with_cuda():
+        with caplog.at_level("WARNING", logger="ppdet_retina.engine.env"):
+            assert env.select_device(True) == "cpu"
+            assert env.select_device(True) == "cpu"
+        assert sum("no GPU" in r.message for r in caplog.records) == 1
+    assert env.cpu_threads_per_process(num_cpus=8, local_size=2) == 4
+    assert env.cpu_threads_per_process(num_cpus=2, local_size=4) == 1
+    monkeypatch.setenv("PADDLE_LOCAL_SIZE", "2")
+    assert env.cpu_threads_per_process(num_cpus=6) == 3

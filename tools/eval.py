@@ -1,0 +1,46 @@
+#!/usr/bin/env python
+"""Evaluate trained weights on EvalDataset with COCO bbox mAP (PaddleDetection's tools/eval.py flags).
+
+    python tools/eval.py -c <config> -o weights=output/<config>/model_final use_gpu=false --classwise
+"""
+
+import argparse
+import os
+import sys
+
+# Run from a clean checkout without installing the package.
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from ppdet_retina.core.workspace import ConfigError  # noqa: E402
+from ppdet_retina.engine import env  # noqa: E402
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    env.add_config_args(parser)
+    parser.add_argument("--classwise", action="store_true", help="also print the AP of every category")
+    parser.add_argument("--output_eval", default=None, metavar="DIR",
+                        help="folder for bbox.json (the detections in COCO result format); "
+                             "default: save_dir/<config name>")
+    return parser
+
+
+def main(argv=None) -> None:
+    args = build_parser().parse_args(argv)
+    cfg = env.load_tool_config(args)
+    cfg["classwise"] = args.classwise
+    if args.output_eval:
+        cfg["output_eval"] = args.output_eval
+    if not cfg.get("weights"):
+        raise ConfigError("no weights to evaluate: pass -o weights=<path to .pdparams or its prefix>")
+    from ppdet_retina.engine.trainer import Trainer
+
+    trainer = Trainer(cfg, mode="eval")
+    trainer.load_weights(cfg["weights"])
+    if env.is_main_process():
+        trainer.evaluate()
+    env.barrier()
+
+
+if __name__ == "__main__":
+    sys.exit(env.run_tool(main))

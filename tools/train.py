@@ -1,0 +1,47 @@
+#!/usr/bin/env python
+"""Train a detector from a config (PaddleDetection's tools/train.py flags).
+
+    python tools/train.py -c configs/retinanet/retinanet_r50_fpn_1x.yml --eval -o use_gpu=false
+    python -m paddle.distributed.launch --nproc_per_node 2 tools/train.py -c <config>
+"""
+
+import argparse
+import os
+import sys
+
+# Run from a clean checkout without installing the package.
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from ppdet_retina.engine import env  # noqa: E402
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    env.add_config_args(parser)
+    parser.add_argument("-r", "--resume", default=None, metavar="PATH",
+                        help="checkpoint prefix to resume from (e.g. output/<config>/5): restores weights, "
+                             "optimizer, LR step and epoch")
+    parser.add_argument("--eval", action="store_true",
+                        help="evaluate on EvalDataset after every snapshot and keep best_model by bbox mAP")
+    parser.add_argument("--seed", type=int, default=None,
+                        help="random seed for python, numpy and paddle (each rank adds its rank)")
+    return parser
+
+
+def main(argv=None) -> None:
+    args = build_parser().parse_args(argv)
+    cfg = env.load_tool_config(args)
+    if args.seed is not None:
+        env.set_random_seed(args.seed)
+    from ppdet_retina.engine.trainer import Trainer
+
+    trainer = Trainer(cfg, mode="train")
+    if args.resume:
+        trainer.resume_weights(args.resume)
+    else:
+        trainer.load_pretrain_weights(cfg.get("pretrain_weights"))
+    trainer.train(validate=args.eval)
+
+
+if __name__ == "__main__":
+    sys.exit(env.run_tool(main))
