@@ -1,0 +1,71 @@
+"""RetinaNet: backbone -> FPN -> dense head (focal loss), one-stage detector."""
+
+from __future__ import annotations
+
+from typing import Any, Dict
+
+import paddle
+import paddle.nn as nn
+
+from ppdet_retina.core.workspace import ConfigError, create, register
+
+__all__ = ["RetinaNet"]
+
+
+@register
+class RetinaNet(nn.Layer):
+    """RetinaNet (Lin et al., "Focal Loss for Dense Object Detection", 2017).
+
+    Config keys: ``backbone`` (e.g. ResNet), ``neck`` (e.g. FPN), ``head``
+    (e.g. RetinaHead): component names or sections. ``from_config`` builds
+    them in order, giving the neck ``input_shape=backbone.out_shape`` and the
+    head ``input_shape=neck.out_shape``.
+
+    forward(inputs: dict), keys as in docs/DESIGN.md:
+        always ``image`` [B, 3, H, W] float32;
+        training also ``gt_bbox`` [B, G, 4] (x1y1x2y2, resized pixels),
+        ``gt_class`` [B, G, 1] int32 (0..C-1), ``pad_gt_mask`` [B, G, 1] and
+        ``is_crowd`` [B, G, 1] (optional);
+        eval also ``im_shape`` [B, 2] (h, w) and ``scale_factor`` [B, 2] (sy, sx).
+    Returns in training ``{'loss', 'loss_cls', 'loss_reg'}`` (scalars,
+    loss = loss_cls + loss_reg); in eval ``{'bbox': [K, 6] (class, score,
+    x1, y1, x2, y2) in original-image pixels, 'bbox_num': [B] int32}``,
+    image i owning the i-th block of ``bbox_num[i]`` rows.
+    """
+
+    def __init__(self, backbone: Any, neck: Any, head: Any):
+        super().__init__()
+        for key, value in (("backbone", backbone), ("neck", neck), ("head", head)):
+            if not isinstance(value, nn.Layer):
+                raise ConfigError(f"RetinaNet.{key} must be a built layer (got {value!r}); build the model "
+                                  f"with create('RetinaNet') so that the {key} section is used")
+        self.backbone = backbone
+        self.neck = neck
+        self.head = head
+
+    @classmethod
+    def from_config(cls, cfg: dict, **kwargs: Any) -> dict:
+        """Build backbone, neck and head, each with the previous stage's ``out_shape``."""
+        for key in ("backbone", "neck", "head"):
+            if cfg.get(key) is None:
+                raise ConfigError(f"RetinaNet: config key '{key}' is missing; e.g. backbone: ResNet, "
+                                  f"neck: FPN, head: RetinaHead")
+        backbone = create(cfg["backbone"])
+        neck = create(cfg["neck"], input_shape=backbone.out_shape)
+        head = create(cfg["head"], input_shape=neck.out_shape)
+        return {"backbone": backbone, "neck": neck, "head": head}
+
+    def forward(self, inputs: Dict[str, paddle.Tensor]) -> Dict[str, paddle.Tensor]:
+        if not isinstance(inputs, dict) or "image" not in inputs:
+            raise ValueError("RetinaNet.forward expects the batch dict with an 'image' [B,3,H,W] entry")
+        head_outs = self.head(self.neck(self.backbone(inputs)))
+        if self.training:
+            losses = self.head.get_loss(head_outs, inputs)
+            losses["loss"] = losses["loss_cls"] + losses["loss_reg"]
+            return losses
+        for key in ("im_shape", "scale_factor"):
+            if inputs.get(key) is None:
+                raise ValueError(f"RetinaNet eval needs '{key}' [B,2] in the batch (the eval reader's "
+                                 f"Resize/PadBatch provide it)")
+        bbox, bbox_num = self.head.post_process(head_outs, inputs["im_shape"], inputs["scale_factor"])
+        return {"bbox": bbox, "bbox_num": bbox_num}
