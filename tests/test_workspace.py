@@ -210,3 +210,10 @@ def test_reference_ppdet_configs_parse():
         cfg = load_config(os.path.join(SHARED_CONFIGS, rel))
         assert cfg.num_classes == 80 and cfg.TrainDataset["name"] == "COCODataSet"
         assert len(cfg.LearningRate["schedulers"]) == 2
+
+
+def test_from_config_builds_children_from_the_config_given_to_create(tmp_path):
+    other = load_config(_write(tmp_path, "other.yml", "_WsArch: {head: _WsHead}\n_WsHead: {width: 77}\n"))
+    load_config(_write(tmp_path, "global.yml", "_WsHead: {width: 1}\n"))
+    arch = create("_WsArch", other)
+    assert arch.head.width == 77

@@ -97,6 +97,9 @@ class _Spec:
 
 _REGISTRY: Dict[str, _Spec] = {}
 _GLOBAL_CONFIG: AttrDict = AttrDict()
+# Configs being built from, innermost last: a `create` without an explicit cfg inside a
+# `from_config` hook reads the config its parent was created from, not the global one.
+_ACTIVE_CONFIGS: List[dict] = []
 
 
 # --------------------------------------------------------------------------- registry
@@ -332,7 +335,8 @@ def create(component: Any, cfg: Optional[dict] = None, **kwargs: Any) -> Any:
     the class's ``from_config`` hook when it has one, else to the constructor,
     and win over config values.
     """
-    cfg = _GLOBAL_CONFIG if cfg is None else cfg
+    if cfg is None:
+        cfg = _ACTIVE_CONFIGS[-1] if _ACTIVE_CONFIGS else _GLOBAL_CONFIG
     if isinstance(component, dict):
         section = dict(component)
         if "name" not in section:
@@ -372,7 +376,11 @@ def _build(spec: _Spec, section: dict, cfg: dict, where: str, extra: Optional[di
             resolved[key] = _build_injected(spec, key, resolved[key], cfg, where)
     from_config: Optional[Callable] = getattr(spec.cls, "from_config", None)
     if from_config is not None:
-        resolved.update(from_config(dict(resolved), **extra))
+        _ACTIVE_CONFIGS.append(cfg)
+        try:
+            resolved.update(from_config(dict(resolved), **extra))
+        finally:
+            _ACTIVE_CONFIGS.pop()
     else:
         resolved.update(extra)
     missing = [k for k in spec.required if k not in resolved]
