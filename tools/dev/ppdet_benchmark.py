@@ -1,0 +1,189 @@
+"""PaddleDetection 2.6's RetinaNet measured like ``tools/benchmark.py`` measures ours (dev only).
+
+Run it with the python of a venv that has PaddleDetection (``import ppdet``), on the same machine
+and in the same session as ``tools/benchmark.py``, so the two JSON lines can be compared key by key:
+
+    /tmp/ppdet_venv/bin/python tools/dev/ppdet_benchmark.py --iters 2
+    .venv/bin/python tools/benchmark.py --iters 2
+
+Same case and method as ours: RetinaNet R50-FPN, 80 classes, random init (nothing loaded); a train
+step on 2 x 3 x 512 x 512 with 3-8 random gts per image, split into backbone+neck, head, loss and
+backward+update (Momentum, lr 1e-4); inference at 1 x 3 x 800 x 1216 with post-processing timed on
+its own, then the dense worst case (every logit + 3). The random batch is drawn with the same
+generator calls as ours, so with the same --seed both tools see the same images and boxes.
+Times are medians in ms after warm-up; ``peak_rss_mb`` is the process's peak resident memory.
+
+The only deliberate differences are PaddleDetection's own input conventions: its TrainReader does
+not collate gts (``collate_batch: False``), so gt_bbox / gt_class reach the model as per-image
+lists without padding rows; and its head's forward computes the loss in train mode, so the head is
+timed by switching that (norm-free) head to eval for the forward alone.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import statistics
+import sys
+import time
+from typing import Callable, Dict, List
+
+os.environ.setdefault("GLOG_minloglevel", "2")
+
+import numpy as np  # noqa: E402
+
+DEFAULT_CONFIG = "/work/shared/reference/ppdet_configs/retinanet/retinanet_r50_fpn_1x_coco.yml"
+
+
+def parse_args(argv: List[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", default=DEFAULT_CONFIG, help="PaddleDetection config (default: RetinaNet R50-FPN)")
+    p.add_argument("--num-classes", type=int, default=None, help="override num_classes (default: the config's)")
+    p.add_argument("--batch-size", type=int, default=2, help="train batch size")
+    p.add_argument("--train-size", type=int, nargs="+", default=[512], help="train H [W]")
+    p.add_argument("--infer-size", type=int, nargs="+", default=[800, 1216], help="inference H [W]")
+    p.add_argument("--iters", type=int, default=3, help="timed iterations (median reported)")
+    p.add_argument("--warmup", type=int, default=1, help="untimed iterations first")
+    p.add_argument("--threads", type=int, default=None, help="CPU threads (default: cores available)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--skip-train", action="store_true")
+    p.add_argument("--skip-infer", action="store_true")
+    return p.parse_args(argv)
+
+
+def _hw(size: List[int]) -> tuple:
+    return (size[0], size[0]) if len(size) == 1 else (size[0], size[1])
+
+
+def random_batch(batch: int, h: int, w: int, rng: np.random.Generator, num_classes: int) -> Dict:
+    """Our benchmark's random batch (same rng calls, same order), gts as PaddleDetection's per-image lists."""
+    import paddle
+
+    counts = rng.integers(3, 9, size=batch)
+    gt_bbox, gt_class = [], []
+    for n in counts:
+        wh = rng.uniform(16, min(h, w) / 2, size=(n, 2))
+        xy = rng.uniform(0, 1, size=(n, 2)) * (np.array([w, h]) - wh)
+        gt_bbox.append(paddle.to_tensor(np.concatenate([xy, xy + wh], axis=1).astype(np.float32)))
+        gt_class.append(paddle.to_tensor(rng.integers(0, num_classes, size=(n, 1)).astype(np.int32)))
+    return {
+        "image": paddle.to_tensor(rng.standard_normal((batch, 3, h, w)).astype(np.float32)),
+        "im_shape": paddle.to_tensor(np.tile([[h, w]], (batch, 1)).astype(np.float32)),
+        "scale_factor": paddle.ones([batch, 2], dtype="float32"),
+        "im_id": paddle.arange(batch, dtype="int64").reshape([batch, 1]),
+        "gt_bbox": gt_bbox,
+        "gt_class": gt_class,
+        "is_crowd": [paddle.zeros([int(n), 1], dtype="int32") for n in counts],
+    }
+
+
+def timed(fn: Callable[[], object]) -> tuple:
+    start = time.perf_counter()
+    out = fn()
+    return out, (time.perf_counter() - start) * 1000.0
+
+
+def median_of(samples: List[Dict[str, float]]) -> Dict[str, float]:
+    return {k: round(statistics.median(s[k] for s in samples), 2) for k in samples[0]}
+
+
+def _head_outputs(head, feats):
+    # PaddleDetection's RetinaHead.forward returns the loss in train mode; the head has no norm or
+    # dropout, so running its forward in eval mode gives the same tensors (with gradients).
+    head.eval()
+    try:
+        return head(feats)
+    finally:
+        head.train()
+
+
+def bench_train(model, optimizer, inputs: Dict, warmup: int, iters: int) -> Dict[str, float]:
+    model.train()
+    samples = []
+    for i in range(warmup + iters):
+        feats, t_bb = timed(lambda: model.neck(model.backbone(inputs)))
+        head_outs, t_head = timed(lambda: _head_outputs(model.head, feats))
+        losses, t_loss = timed(lambda: model.head.get_loss(head_outs, inputs))
+
+        def step():
+            loss = losses["loss"]
+            loss.backward()
+            optimizer.step()
+            optimizer.clear_grad()
+            return float(loss)
+
+        _, t_back = timed(step)
+        if i >= warmup:
+            samples.append({"train_backbone_neck_ms": t_bb, "train_head_ms": t_head, "train_loss_ms": t_loss,
+                            "train_backward_ms": t_back,
+                            "train_step_ms": t_bb + t_head + t_loss + t_back})
+    return median_of(samples)
+
+
+def bench_infer(model, inputs: Dict, warmup: int, iters: int) -> Dict[str, float]:
+    import paddle
+
+    model.eval()
+    head = model.head
+    samples = []
+    with paddle.no_grad():
+        for i in range(warmup + iters):
+            head_outs, t_fwd = timed(lambda: head(model.neck(model.backbone(inputs))))
+            _, t_post = timed(lambda: head.post_process(head_outs, inputs["im_shape"], inputs["scale_factor"]))
+            if i >= warmup:
+                samples.append({"infer_ms": t_fwd + t_post, "infer_forward_ms": t_fwd, "postprocess_ms": t_post})
+        # Dense worst case, as ours: every logit + 3 so most (anchor, class) scores pass the threshold.
+        cls_logits, deltas = head_outs[0], head_outs[1]
+        dense = [[c + 3.0 for c in cls_logits], deltas]
+        dense_times = []
+        for i in range(warmup + iters):
+            _, t_dense = timed(lambda: head.post_process(dense, inputs["im_shape"], inputs["scale_factor"]))
+            if i >= warmup:
+                dense_times.append(t_dense)
+    result = median_of(samples)
+    result["postprocess_dense_ms"] = round(statistics.median(dense_times), 2)
+    return result
+
+
+def main(argv: List[str] | None = None) -> Dict:
+    args = parse_args(argv)
+    import warnings
+
+    warnings.filterwarnings("ignore")
+    import paddle
+    import ppdet
+    from ppdet.core.workspace import create, load_config, merge_config
+
+    paddle.set_device("cpu")
+    threads = args.threads or max(1, len(os.sched_getaffinity(0)))
+    paddle.base.core.set_num_threads(threads)
+    paddle.seed(args.seed)
+    rng = np.random.default_rng(args.seed)
+    cfg = load_config(args.config)
+    if args.num_classes is not None:
+        merge_config({"num_classes": args.num_classes})
+    model = create(cfg.architecture)
+    num_classes = int(cfg.get("num_classes", 80))
+    result: Dict[str, object] = {"config": args.config, "threads": threads, "num_classes": num_classes,
+                                 "paddle": paddle.__version__,
+                                 "ppdet": getattr(ppdet, "__version__", "unknown")}
+    if not args.skip_train:
+        h, w = _hw(args.train_size)
+        inputs = random_batch(args.batch_size, h, w, rng, num_classes)
+        optimizer = paddle.optimizer.Momentum(learning_rate=1e-4, momentum=0.9, parameters=model.parameters())
+        result["train_input"] = [args.batch_size, 3, h, w]
+        result.update(bench_train(model, optimizer, inputs, args.warmup, args.iters))
+    if not args.skip_infer:
+        h, w = _hw(args.infer_size)
+        inputs = random_batch(1, h, w, rng, num_classes)
+        result["infer_input"] = [1, 3, h, w]
+        result.update(bench_infer(model, inputs, args.warmup, args.iters))
+    result["peak_rss_mb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0, 1)
+    print(json.dumps(result))
+    return result
+
+
+if __name__ == "__main__":
+    sys.exit(0 if main() else 1)
