@@ -216,10 +216,6 @@ def test_faster_rcnn_neck_and_proposals_match(frcnn):
         start += n
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "BBoxPostProcess/RCNNBox (ppdet_retina/modeling/heads/bbox_head.py) bounds boxes by im_shape/scale_factor "
-    "(224/1.5 = 149.33 px); PaddleDetection's BBoxPostProcess.get_pred clips the rescaled boxes to the rounded "
-    "original size floor(im_shape/scale_factor + 0.5) = 149 px: 2 of 200 boxes differ by 0.33 px"))
 def test_faster_rcnn_detections_match(frcnn):
     fref, net, inputs = frcnn
     with paddle.no_grad():

@@ -266,4 +266,21 @@ class BBoxPostProcess:
                  rois_num: paddle.Tensor, im_shape: paddle.Tensor,
                  scale_factor: paddle.Tensor) -> Tuple[paddle.Tensor, paddle.Tensor]:
         boxes, scores = self.decode(head_out, rois, rois_num, im_shape, scale_factor)
-        return self.nms(boxes, scores, rois_num.astype("int32"))
+        bbox, bbox_num = self.nms(boxes, scores, rois_num.astype("int32"))
+        return clip_to_original_size(bbox, bbox_num, im_shape, scale_factor), bbox_num
+
+
+def clip_to_original_size(bbox: paddle.Tensor, bbox_num: paddle.Tensor, im_shape: paddle.Tensor,
+                          scale_factor: paddle.Tensor) -> paddle.Tensor:
+    """Clip NMS rows [K, 6] of each image to its original size, rounded to whole pixels.
+
+    PaddleDetection bounds the rescaled boxes by floor(im_shape / scale_factor + 0.5), the
+    original image size, after NMS; its published weights are judged with that bound.
+    """
+    if bbox.shape[0] == 0:
+        return bbox
+    original = paddle.floor(im_shape.astype(bbox.dtype) / scale_factor.astype(bbox.dtype) + 0.5)  # [B, 2]
+    image_idx = paddle.repeat_interleave(paddle.arange(bbox_num.shape[0], dtype="int64"),
+                                         bbox_num.astype("int64"))
+    limits = paddle.gather(original, image_idx)  # [K, 2] as (h, w)
+    return paddle.concat([bbox[:, :2], clip_boxes(bbox[:, 2:], limits)], axis=1)
