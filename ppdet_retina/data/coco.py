@@ -1,0 +1,429 @@
+"""COCO-format detection datasets: :class:`COCODataSet` for training/eval, :class:`ImageFolder` for inference.
+
+A *record* is the dict one image starts from before the sample transforms::
+
+    im_file  str            absolute path of the image
+    im_id    int            COCO image id (ImageFolder: running index)
+    h, w     int            image size from the annotation json
+    gt_bbox  float32 [n,4]  x1,y1,x2,y2 in original pixels, clipped to the image
+    gt_class int32  [n,1]   contiguous class 0..C-1 (COCO category ids sorted ascending)
+    is_crowd int32  [n,1]   1 = crowd region (only present with load_crowd=True)
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import os
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+
+import numpy as np
+
+from ppdet_retina.core.workspace import ConfigError, register, serializable
+
+__all__ = ["COCODataSet", "ImageFolder", "IMAGE_EXTENSIONS"]
+
+logger = logging.getLogger(__name__)
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
+# Fields a record can carry; segmentation fields are PaddleDetection's but no
+# RetinaNet pipeline op reads them, so asking for them is a config mistake here.
+_KNOWN_FIELDS = ("image", "gt_bbox", "gt_class", "is_crowd")
+_GT_FIELDS = ("gt_bbox", "gt_class", "is_crowd")
+_FIX_HINT = ("run `make demo-data` or fix the config key TrainDataset.{key} "
+             "(EvalDataset.{key} for evaluation; relative paths start at the working directory)")
+
+
+def _join(root: Optional[str], sub: Optional[str]) -> str:
+    if not sub:
+        return root or ""
+    if root and not os.path.isabs(sub):
+        return os.path.join(root, sub)
+    return sub
+
+
+class _TransformMixin:
+    """Holds the sample transforms the reader installs and applies them in ``__getitem__``."""
+
+    _transform: Optional[Callable[[dict], dict]] = None
+
+    def set_transform(self, transform: Optional[Callable[[dict], dict]]) -> None:
+        """``transform(sample) -> sample``; the reader passes its composed sample ops."""
+        self._transform = transform
+
+    def _apply(self, record: dict) -> dict:
+        sample = copy.deepcopy(record)
+        if self._transform is None:
+            return sample
+        try:
+            return self._transform(sample)
+        except Exception as err:  # noqa: BLE001 - re-raised with the file named
+            # Reader workers only forward the message, so the failing file must be in it.
+            raise ValueError(f"{record.get('im_file')} (image id {record.get('im_id')}): "
+                             f"{type(err).__name__}: {err}") from err
+
+
+@register
+@serializable
+class COCODataSet(_TransformMixin):
+    """COCO detection json + image folder, read with pycocotools.
+
+    Computes one record per kept image (see the module docstring) and, through
+    the reader's sample transforms, one sample dict per ``dataset[i]``.
+
+    Config keys:
+        dataset_dir: root folder; ``image_dir`` and ``anno_path`` are relative to it.
+        image_dir: folder of the images (relative to ``dataset_dir``).
+        anno_path: COCO instances json (relative to ``dataset_dir``).
+        data_fields: record fields to keep; ``image`` plus any of gt_bbox, gt_class, is_crowd.
+        sample_num: keep only the first N images (-1: all).
+        load_crowd: keep ``iscrowd=1`` boxes (flagged in ``is_crowd``; the assigner ignores them).
+            When False they are dropped, so an image whose boxes are all crowd counts as empty.
+        allow_empty: keep images without any (kept) box, e.g. for evaluation.
+        empty_ratio: with allow_empty, the largest share of empty images in the set
+            (0 < r < 1); outside that range all empty images are kept.
+        repeat: the dataset is seen ``repeat`` times per epoch.
+
+    Category ids are mapped to contiguous classes in ascending id order:
+    ``catid2clsid``, ``clsid2catid`` and ``label_names`` (indexed by class).
+    Boxes are clipped to the image; boxes narrower or shorter than 1 px after
+    clipping (including zero-area and fully outside boxes) are dropped and
+    counted in one log line.
+    """
+
+    def __init__(self, dataset_dir: Optional[str] = None, image_dir: Optional[str] = None,
+                 anno_path: Optional[str] = None,
+                 data_fields: Sequence[str] = ("image", "gt_bbox", "gt_class", "is_crowd"),
+                 sample_num: int = -1, load_crowd: bool = False, allow_empty: bool = False,
+                 empty_ratio: float = 1.0, repeat: int = 1):
+        self.dataset_dir = dataset_dir
+        self.image_dir = image_dir
+        self.anno_path = anno_path
+        self.data_fields = _check_fields(data_fields)
+        self.sample_num = int(sample_num)
+        self.load_crowd = bool(load_crowd)
+        self.allow_empty = bool(allow_empty)
+        self.empty_ratio = float(empty_ratio)
+        if int(repeat) < 1:
+            raise ConfigError(f"COCODataSet.repeat must be >= 1, got {repeat}")
+        self.repeat = int(repeat)
+        self.roidbs: List[dict] = []
+        self.catid2clsid: Dict[int, int] = {}
+        self.clsid2catid: Dict[int, int] = {}
+        self.label_names: List[str] = []
+        self.dropped_boxes = 0
+        self.dropped_images = 0
+        self._loaded = False
+        self.parse_dataset()
+
+    # ------------------------------------------------------------------ loading
+    def get_anno(self) -> str:
+        """Path of the annotation json (used by the COCO metric)."""
+        return _join(self.dataset_dir, self.anno_path)
+
+    def get_image_root(self) -> str:
+        return _join(self.dataset_dir, self.image_dir)
+
+    def parse_dataset(self) -> None:
+        """Read the json, map categories, build and filter records. Called once by the constructor."""
+        anno_file = self._checked_anno_file()
+        coco = _load_coco(anno_file)
+        self.catid2clsid, self.clsid2catid, self.label_names = _category_maps(coco, anno_file)
+        image_root = self.get_image_root()
+        img_ids = sorted(coco.getImgIds())
+        if self.sample_num > 0:
+            img_ids = img_ids[:self.sample_num]
+        _check_images_exist(coco, img_ids, image_root, anno_file)
+        with_boxes, empty, dropped = [], [], 0
+        for img_id in img_ids:
+            record, n_dropped = self._make_record(coco, img_id, image_root, anno_file)
+            dropped += n_dropped
+            (with_boxes if len(record["_boxes"]) else empty).append(record)
+        if dropped:
+            logger.warning("%s: dropped %d box(es) narrower or shorter than 1 px after clipping "
+                           "to the image (zero-area or outside the image)", anno_file, dropped)
+        empty_kept = self._select_empty(empty, len(with_boxes))
+        self.dropped_boxes = dropped
+        self.dropped_images = len(empty) - len(empty_kept)
+        records = sorted(with_boxes + empty_kept, key=lambda r: r["im_id"])
+        if not records:
+            raise ValueError(self._empty_reason(anno_file, len(img_ids), len(empty)))
+        self.roidbs = [self._keep_fields(r) for r in records]
+        self._loaded = True
+
+    def _checked_anno_file(self) -> str:
+        if not self.anno_path:
+            raise ConfigError("COCODataSet: anno_path is not set; "
+                              + _FIX_HINT.format(key="anno_path"))
+        if self.dataset_dir and not os.path.isdir(self.dataset_dir):
+            raise ConfigError(f"COCODataSet: dataset_dir '{self.dataset_dir}' does not exist; "
+                              + _FIX_HINT.format(key="dataset_dir"))
+        anno_file = self.get_anno()
+        if not os.path.isfile(anno_file):
+            raise ConfigError(f"COCODataSet: annotation file '{anno_file}' does not exist; "
+                              + _FIX_HINT.format(key="dataset_dir / anno_path"))
+        return anno_file
+
+    def _make_record(self, coco, img_id: int, image_root: str, anno_file: str) -> Tuple[dict, int]:
+        info = coco.imgs[img_id]
+        h, w = float(info["height"]), float(info["width"])
+        ann_ids = coco.getAnnIds(imgIds=[img_id], iscrowd=None if self.load_crowd else False)
+        boxes, classes, crowd, dropped = [], [], [], 0
+        for ann in coco.loadAnns(ann_ids):
+            if ann.get("ignore", False):
+                continue
+            box = _clipped_xyxy(ann, w, h, anno_file)
+            if box is None:
+                dropped += 1
+                continue
+            if ann["category_id"] not in self.catid2clsid:
+                raise ValueError(
+                    f"{anno_file}: annotation id {ann.get('id')} (image id {img_id}) has category_id "
+                    f"{ann['category_id']} which is not in 'categories' "
+                    f"(known ids: {sorted(self.catid2clsid)}); fix the json")
+            boxes.append(box)
+            classes.append(self.catid2clsid[ann["category_id"]])
+            crowd.append(1 if ann.get("iscrowd", 0) else 0)
+        record = {
+            "im_file": os.path.join(image_root, info["file_name"]),
+            "im_id": int(img_id), "h": int(h), "w": int(w),
+            "gt_bbox": np.asarray(boxes, np.float32).reshape(-1, 4),
+            "gt_class": np.asarray(classes, np.int32).reshape(-1, 1),
+            "is_crowd": np.asarray(crowd, np.int32).reshape(-1, 1),
+            "_boxes": boxes,
+        }
+        return record, dropped
+
+    def _select_empty(self, empty: List[dict], num_with_boxes: int) -> List[dict]:
+        if not self.allow_empty:
+            return []
+        if not 0.0 < self.empty_ratio < 1.0:
+            return empty
+        limit = int(num_with_boxes * self.empty_ratio / (1.0 - self.empty_ratio))
+        if len(empty) <= limit:
+            return empty
+        # A fixed seed keeps the chosen empty images identical across ranks and runs.
+        keep = np.random.RandomState(0).choice(len(empty), limit, replace=False)
+        return [empty[i] for i in sorted(keep)]
+
+    def _empty_reason(self, anno_file: str, num_images: int, num_empty: int) -> str:
+        if num_images == 0:
+            return (f"{anno_file}: no images in the json"
+                    + (f" (sample_num={self.sample_num})" if self.sample_num > 0 else ""))
+        return (f"{anno_file}: all {num_images} image(s) were filtered out: {num_empty} have no usable "
+                f"box (crowd boxes count only with load_crowd: true) and allow_empty is false; "
+                f"set allow_empty: true or fix the annotations")
+
+    def _keep_fields(self, record: dict) -> dict:
+        record.pop("_boxes")
+        for key in _GT_FIELDS:
+            if key not in self.data_fields:
+                record.pop(key)
+        return record
+
+    # ------------------------------------------------------------------ access
+    def get_imid2path(self) -> Dict[int, str]:
+        return {r["im_id"]: r["im_file"] for r in self.roidbs}
+
+    def get_label_list(self) -> List[str]:
+        return list(self.label_names)
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.clsid2catid)
+
+    def __len__(self) -> int:
+        return len(self.roidbs) * self.repeat
+
+    def __getitem__(self, idx: int) -> dict:
+        if not 0 <= idx < len(self):
+            raise IndexError(f"index {idx} out of range for a dataset of {len(self)} samples")
+        return self._apply(self.roidbs[idx % len(self.roidbs)])
+
+
+def _check_fields(data_fields: Sequence[str]) -> List[str]:
+    if isinstance(data_fields, str):
+        data_fields = [data_fields]
+    fields = list(data_fields)
+    unknown = [f for f in fields if f not in _KNOWN_FIELDS]
+    if unknown:
+        raise ConfigError(f"COCODataSet.data_fields: unsupported field(s) {unknown}; "
+                          f"use any of {list(_KNOWN_FIELDS)}")
+    return fields
+
+
+def _load_coco(anno_file: str):
+    """Read and validate ``anno_file`` before pycocotools sees it (its own errors are bare KeyErrors)."""
+    from pycocotools.coco import COCO
+    try:
+        with open(anno_file, "r", encoding="utf-8") as f:
+            data = json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ValueError(f"{anno_file}: not a COCO json (cannot parse JSON: {err})") from None
+    _validate_coco_json(data, anno_file)
+    coco = COCO()
+    coco.dataset = data
+    _quiet(coco.createIndex)
+    return coco
+
+
+def _quiet(fn: Callable[[], Any]) -> None:
+    # pycocotools prints progress to stdout; the reader should not.
+    import contextlib
+    import io
+    with contextlib.redirect_stdout(io.StringIO()):
+        fn()
+
+
+def _validate_coco_json(data: Any, anno_file: str) -> None:
+    if not isinstance(data, dict):
+        raise ValueError(f"{anno_file}: not a COCO json: top level is a {type(data).__name__}, "
+                         f"expected an object with 'images', 'annotations', 'categories'")
+    missing = [k for k in ("images", "annotations", "categories") if k not in data]
+    if missing:
+        raise ValueError(f"{anno_file}: not a COCO json: missing key(s) {missing} "
+                         f"(a COCO instances file has 'images', 'annotations', 'categories')")
+    for img in data["images"]:
+        lacks = [k for k in ("id", "file_name", "height", "width") if k not in img]
+        if lacks:
+            raise ValueError(f"{anno_file}: not a COCO json: image entry {img.get('id', img)} lacks {lacks}")
+    for ann in data["annotations"]:
+        lacks = [k for k in ("id", "image_id", "category_id", "bbox") if k not in ann]
+        if lacks:
+            raise ValueError(f"{anno_file}: not a COCO json: annotation {ann.get('id', '?')} lacks {lacks}")
+    for cat in data["categories"]:
+        if "id" not in cat:
+            raise ValueError(f"{anno_file}: not a COCO json: category entry {cat} lacks 'id'")
+
+
+def _category_maps(coco, anno_file: str) -> Tuple[Dict[int, int], Dict[int, int], List[str]]:
+    cat_ids = sorted(coco.getCatIds())
+    if not cat_ids:
+        raise ValueError(f"{anno_file}: 'categories' is empty; a detection dataset needs at least one")
+    catid2clsid = {cat_id: i for i, cat_id in enumerate(cat_ids)}
+    clsid2catid = {i: cat_id for cat_id, i in catid2clsid.items()}
+    names = [str(coco.cats[c].get("name", c)) for c in cat_ids]
+    return catid2clsid, clsid2catid, names
+
+
+def _check_images_exist(coco, img_ids: Sequence[int], image_root: str, anno_file: str) -> None:
+    missing = [(i, coco.imgs[i]["file_name"]) for i in img_ids
+               if not os.path.isfile(os.path.join(image_root, coco.imgs[i]["file_name"]))]
+    if not missing:
+        return
+    shown = "; ".join(f"{os.path.join(image_root, f)} (image id {i})" for i, f in missing[:3])
+    more = f" and {len(missing) - 3} more" if len(missing) > 3 else ""
+    raise ValueError(f"{anno_file}: {len(missing)} image file(s) listed in the json do not exist: "
+                     f"{shown}{more}. Check image_dir (now '{image_root}') or regenerate the data")
+
+
+def _clipped_xyxy(ann: dict, w: float, h: float, anno_file: str) -> Optional[List[float]]:
+    """COCO xywh -> xyxy clipped to the image, or None when under 1 px wide or high after clipping."""
+    bbox = ann["bbox"]
+    if not isinstance(bbox, (list, tuple)) or len(bbox) != 4:
+        raise ValueError(f"{anno_file}: annotation id {ann.get('id')} (image id {ann.get('image_id')}) "
+                         f"has bbox {bbox!r}; expected [x, y, width, height]")
+    x, y, bw, bh = (float(v) for v in bbox)
+    x1, y1 = min(max(x, 0.0), w), min(max(y, 0.0), h)
+    x2, y2 = min(max(x + bw, 0.0), w), min(max(y + bh, 0.0), h)
+    if x2 - x1 < 1.0 or y2 - y1 < 1.0:
+        return None
+    return [x1, y1, x2, y2]
+
+
+@register
+@serializable
+class ImageFolder(_TransformMixin):
+    """Images to run inference on, given as files or folders.
+
+    Records carry ``im_file`` and ``im_id`` (the running index); the image size
+    comes from ``Decode``. ``anno_path``, when the file exists, is read only for
+    the label names and category ids (a COCO json, or a ``.txt`` label list with
+    one name per line, whose category ids are then 0..C-1).
+
+    Config keys:
+        dataset_dir: root for ``image_dir`` and ``anno_path``.
+        image_dir: a folder (or one file) of images used when ``set_images`` is not called.
+        anno_path: optional label source (see above).
+        sample_num: keep only the first N images (-1: all).
+        use_default_label: accepted for PaddleDetection configs; without labels the
+            class index is its own category id.
+    """
+
+    def __init__(self, dataset_dir: Optional[str] = None, image_dir: Optional[str] = None,
+                 anno_path: Optional[str] = None, sample_num: int = -1,
+                 use_default_label: Optional[bool] = None):
+        self.dataset_dir = dataset_dir
+        self.image_dir = image_dir
+        self.anno_path = anno_path
+        self.sample_num = int(sample_num)
+        self.use_default_label = use_default_label
+        self.catid2clsid, self.clsid2catid, self.label_names = self._read_labels()
+        self.roidbs: List[dict] = []
+        if image_dir:
+            root = _join(dataset_dir, image_dir)
+            if os.path.exists(root):
+                self.set_images(root)
+
+    def get_anno(self) -> Optional[str]:
+        path = _join(self.dataset_dir, self.anno_path) if self.anno_path else None
+        return path if path and os.path.isfile(path) else None
+
+    def _read_labels(self) -> Tuple[Dict[int, int], Dict[int, int], List[str]]:
+        path = self.get_anno()
+        if path is None:
+            return {}, {}, []
+        if path.endswith(".txt"):
+            with open(path, "r", encoding="utf-8") as f:
+                names = [line.strip() for line in f if line.strip()]
+            return {i: i for i in range(len(names))}, {i: i for i in range(len(names))}, names
+        with open(path, "r", encoding="utf-8") as f:
+            try:
+                data = json.load(f)
+            except json.JSONDecodeError as err:
+                raise ValueError(f"{path}: not a COCO json (cannot parse JSON: {err})") from None
+        cats = data.get("categories") if isinstance(data, dict) else None
+        if not cats:
+            raise ValueError(f"{path}: no 'categories' to read label names from; "
+                             f"fix TestDataset.anno_path or remove it")
+        cats = sorted(cats, key=lambda c: c["id"])
+        catid2clsid = {c["id"]: i for i, c in enumerate(cats)}
+        return catid2clsid, {i: c for c, i in catid2clsid.items()}, [str(c.get("name", c["id"])) for c in cats]
+
+    def set_images(self, images: Sequence[str] | str) -> None:
+        """Use ``images``: a file, a folder (its image files, sorted) or a list of either."""
+        files = _collect_images(images)
+        if self.sample_num > 0:
+            files = files[:self.sample_num]
+        if not files:
+            raise ValueError(f"no image files found in {images!r} (extensions: {', '.join(IMAGE_EXTENSIONS)})")
+        self.roidbs = [{"im_file": f, "im_id": i} for i, f in enumerate(files)]
+
+    def get_imid2path(self) -> Dict[int, str]:
+        return {r["im_id"]: r["im_file"] for r in self.roidbs}
+
+    def get_label_list(self) -> List[str]:
+        return list(self.label_names)
+
+    def __len__(self) -> int:
+        return len(self.roidbs)
+
+    def __getitem__(self, idx: int) -> dict:
+        if not self.roidbs:
+            raise ValueError("ImageFolder has no images; call set_images(...) or set TestDataset.image_dir")
+        return self._apply(self.roidbs[idx])
+
+
+def _collect_images(images: Sequence[str] | str) -> List[str]:
+    items = [images] if isinstance(images, str) else list(images)
+    files: List[str] = []
+    for item in items:
+        if os.path.isdir(item):
+            names = sorted(n for n in os.listdir(item) if n.lower().endswith(IMAGE_EXTENSIONS))
+            files.extend(os.path.join(item, n) for n in names)
+        elif os.path.isfile(item):
+            files.append(item)
+        else:
+            raise ValueError(f"image path '{item}' does not exist")
+    return [os.path.abspath(f) for f in files]
