@@ -1,0 +1,544 @@
+"""Export a trained detector for deployment: Paddle inference files, ``infer_cfg.yml`` and ONNX.
+
+Layout written by :func:`export_model` under ``<output_dir>/<config name>/``::
+
+    model.json + model.pdiparams   the traced graph (PIR) and its weights
+    infer_cfg.yml                  everything a runtime needs besides the graph (see below)
+    model.onnx                     only with ``onnx=True``: fixed input size, boxes + scores before the
+                                   NMS (paddle2onnx mis-converts the NMS; see :func:`export_onnx`)
+
+Graph inputs (dynamic batch, height and width)::
+
+    image        float32 [B, 3, H, W]  normalised, padded to a multiple of the stride
+    im_shape     float32 [B, 2]        (h, w) of the resized image before padding
+    scale_factor float32 [B, 2]        (scale_y, scale_x) = resized / original
+
+Graph outputs, by ``export`` settings:
+
+* ``post_process: true`` (default): ``bbox`` [N, 6] float32 (class, score, x1, y1, x2, y2
+  in original pixels) and ``bbox_num`` [B] int32, as the dygraph model in eval mode.
+* ``post_process: true, nms: false``: ``boxes`` [B, M, 4] in original pixels and
+  ``scores`` [B, C, M]: the candidates the NMS would see (dense heads only).
+* ``post_process: false`` or ``benchmark: true``: the raw head outputs, per FPN level
+  ``cls_logits_<l>`` [B, A*C, h_l, w_l], then per level ``bbox_deltas_<l>`` [B, A*4, h_l, w_l]
+  (dense heads only), for runtimes that decode themselves.
+
+``infer_cfg.yml`` follows PaddleDetection's deploy format (``mode``, ``arch``,
+``draw_threshold``, ``Preprocess`` with ``Resize``/``NormalizeImage``/``Permute``/``PadStride``,
+``label_list``) and adds ``catid_list`` (COCO category id of each class), ``nms_inside``,
+``post_process``, ``inputs``/``outputs`` (names in graph order) and, for raw outputs, the anchor
+settings a runtime needs to decode them.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from typing import Any, Dict, List, Optional, Sequence, Tuple
+
+import numpy as np
+import paddle
+import paddle.nn as nn
+import yaml
+
+from ppdet_retina.core.workspace import ConfigError, create
+from ppdet_retina.utils.logger import setup_logger
+
+__all__ = [
+    "MODEL_PREFIX",
+    "DeployModel",
+    "export_settings",
+    "input_spec",
+    "build_infer_cfg",
+    "preprocess_entries",
+    "label_info",
+    "export_model",
+    "export_onnx",
+    "default_onnx_size",
+    "load_exported",
+    "run_predictor",
+    "graph_has_interp",
+    "check_onnx_against_paddle",
+    "compare_outputs",
+]
+
+logger = setup_logger("ppdet_retina")
+
+MODEL_PREFIX = "model"
+INPUT_NAMES = ("image", "im_shape", "scale_factor")
+# paddle2onnx converts multiclass_nms3 only from opset 11 (opset 10 writes an invalid model).
+MIN_ONNX_OPSET = 11
+# Sample ops the deploy side knows how to replay; Decode is implicit there.
+_SKIPPED_OPS = ("Decode",)
+
+
+# --------------------------------------------------------------------------- the traced module
+
+class _PassThroughNMS:
+    """Stands in for a head's NMS so that post-processing returns the NMS inputs unchanged."""
+
+    def __call__(self, bboxes, scores, *args, **kwargs):
+        return bboxes, scores
+
+
+class DeployModel(nn.Layer):
+    """Wrap a detector so that its graph takes three tensors and returns a flat tuple.
+
+    ``mode`` is ``'detect'`` (bbox, bbox_num), ``'no_nms'`` (boxes [B,M,4], scores [B,C,M]) or
+    ``'raw'`` (cls_logits per level, then bbox_deltas per level). The last two need a
+    one-stage model with ``backbone``, ``neck`` and a ``head`` that has ``post_process``.
+    """
+
+    MODES = ("detect", "no_nms", "raw")
+
+    def __init__(self, model: nn.Layer, mode: str = "detect"):
+        super().__init__()
+        if mode not in self.MODES:
+            raise ValueError(f"DeployModel mode must be one of {self.MODES}, got '{mode}'")
+        if mode != "detect" and not _is_dense_detector(model):
+            raise ConfigError(
+                f"export without NMS / post-processing needs a one-stage detector (backbone, neck, head "
+                f"with post_process, e.g. RetinaNet); {type(model).__name__} has no single dense head. "
+                f"Set export.post_process: true, export.nms: true and export.benchmark: false")
+        self.model = model
+        self.mode = mode
+
+    def forward(self, image: paddle.Tensor, im_shape: paddle.Tensor,
+                scale_factor: paddle.Tensor) -> Tuple[paddle.Tensor, ...]:
+        inputs = {"image": image, "im_shape": im_shape, "scale_factor": scale_factor}
+        if self.mode == "detect":
+            out = self.model(inputs)
+            return out["bbox"], _tie_inputs(out["bbox_num"], im_shape, scale_factor)
+        head_outs = self.model.head(self.model.neck(self.model.backbone(inputs)))
+        if self.mode == "raw":
+            cls_logits, deltas = head_outs
+            return (_tie_inputs(cls_logits[0], im_shape, scale_factor),) + tuple(cls_logits[1:]) + tuple(deltas)
+        head = self.model.head
+        real_nms, head.nms = head.nms, _PassThroughNMS()
+        try:
+            boxes, scores = head.post_process(head_outs, im_shape, scale_factor)
+        finally:
+            head.nms = real_nms
+        return boxes, _tie_inputs(scores, im_shape, scale_factor)
+
+    def output_names(self) -> List[str]:
+        """Names of the outputs in graph order (written to infer_cfg.yml)."""
+        if self.mode == "detect":
+            return ["bbox", "bbox_num"]
+        if self.mode == "no_nms":
+            return ["boxes", "scores"]
+        levels = len(self.model.neck.out_shape)
+        return [f"cls_logits_{i}" for i in range(levels)] + [f"bbox_deltas_{i}" for i in range(levels)]
+
+
+def _tie_inputs(out: paddle.Tensor, im_shape: paddle.Tensor, scale_factor: paddle.Tensor) -> paddle.Tensor:
+    """``out`` plus an exact zero computed from every input.
+
+    Paddle refuses to save a graph with an input nothing reads, and RetinaNet never reads
+    ``im_shape`` (raw outputs read neither it nor ``scale_factor``). Tying them in keeps
+    one input contract (image, im_shape, scale_factor) for every export and runtime.
+    """
+    zero = (im_shape.sum() + scale_factor.sum()) * 0.0
+    return out + zero.astype(out.dtype)
+
+
+def _is_dense_detector(model: nn.Layer) -> bool:
+    head = getattr(model, "head", None)
+    return all(hasattr(model, k) for k in ("backbone", "neck")) and hasattr(head, "post_process") \
+        and hasattr(head, "nms")
+
+
+def export_settings(cfg: dict, raw_outputs: Optional[bool] = None) -> Dict[str, bool]:
+    """The config's ``export`` section resolved: ``post_process``, ``nms``, ``benchmark``, ``mode``.
+
+    ``raw_outputs`` (a command-line flag) wins over the config when given.
+    """
+    section = dict(cfg.get("export") or {})
+    unknown = set(section) - {"post_process", "nms", "benchmark", "fuse_conv_bn", "fuse_normalize"}
+    if unknown:
+        raise ConfigError(f"export: unknown key(s) {sorted(unknown)}; valid keys: post_process, nms, "
+                          f"benchmark, fuse_conv_bn")
+    post_process = bool(section.get("post_process", True))
+    benchmark = bool(section.get("benchmark", False))
+    nms = bool(section.get("nms", True))
+    if raw_outputs is not None:
+        post_process = not raw_outputs
+    if benchmark or not post_process:
+        mode = "raw"
+    elif not nms:
+        mode = "no_nms"
+    else:
+        mode = "detect"
+    return {"post_process": mode != "raw", "nms": mode == "detect", "benchmark": benchmark, "mode": mode}
+
+
+def input_spec(batch: Optional[int] = None, height: Optional[int] = None,
+               width: Optional[int] = None) -> List[paddle.static.InputSpec]:
+    """InputSpecs of image, im_shape, scale_factor; ``None`` dimensions stay dynamic."""
+    return [
+        paddle.static.InputSpec([batch, 3, height, width], "float32", name="image"),
+        paddle.static.InputSpec([batch, 2], "float32", name="im_shape"),
+        paddle.static.InputSpec([batch, 2], "float32", name="scale_factor"),
+    ]
+
+
+def _trace_and_save(deploy: DeployModel, prefix: str, spec: List[paddle.static.InputSpec]) -> List[str]:
+    """Trace ``deploy`` and write ``prefix.json`` + ``prefix.pdiparams``; returns the graph's input names."""
+    deploy.eval()
+    static = paddle.jit.to_static(deploy, input_spec=spec, full_graph=True)
+    paddle.jit.save(static, prefix)
+    return [s.name for s in spec]
+
+
+# --------------------------------------------------------------------------- infer_cfg.yml
+
+def preprocess_entries(cfg: dict, reader: str = "TestReader") -> List[Dict[str, Any]]:
+    """The reader's preprocessing as PaddleDetection deploy entries (``type`` + parameters).
+
+    Resize, NormalizeImage and Permute map one to one; PadBatch becomes ``PadStride``.
+    Random or training-only ops have no place in deployment and are refused.
+    """
+    section = cfg.get(reader)
+    if not isinstance(section, dict):
+        raise ConfigError(f"export needs the {reader} section (its sample_transforms give the preprocessing)")
+    built = create({"name": reader, **{k: v for k, v in section.items() if k != "name"}}, cfg)
+    entries: List[Dict[str, Any]] = []
+    for op in built.sample_ops:
+        entries.extend(_sample_entry(op, reader))
+    for op in built.batch_ops:
+        entries.extend(_batch_entry(op, reader))
+    return entries
+
+
+def _sample_entry(op: Any, reader: str) -> List[Dict[str, Any]]:
+    name = type(op).__name__
+    if name in _SKIPPED_OPS:
+        return []
+    if name == "Resize":
+        return [{"type": "Resize", "target_size": [int(s) for s in op.target_size],
+                 "keep_ratio": bool(op.keep_ratio), "interp": int(op.interp)}]
+    if name == "NormalizeImage":
+        return [{"type": "NormalizeImage", "mean": [float(m) for m in op.mean], "std": [float(s) for s in op.std],
+                 "is_scale": bool(op.is_scale), "norm_type": str(op.norm_type)}]
+    if name == "Permute":
+        return [{"type": "Permute"}]
+    raise ConfigError(f"{reader}.sample_transforms: '{name}' cannot be exported for deployment "
+                      f"(supported: Decode, Resize, NormalizeImage, Permute); remove it from {reader}")
+
+
+def _batch_entry(op: Any, reader: str) -> List[Dict[str, Any]]:
+    name = type(op).__name__
+    if name == "PadBatch":
+        return [{"type": "PadStride", "stride": int(op.pad_to_stride)}]
+    raise ConfigError(f"{reader}.batch_transforms: '{name}' cannot be exported for deployment "
+                      f"(supported: PadBatch); remove it from {reader}")
+
+
+def label_info(cfg: dict) -> Tuple[List[str], List[int]]:
+    """(label names, COCO category id per class) from the test (else eval) dataset's annotation file.
+
+    Read through ImageFolder, so the class order is the datasets' (category ids ascending).
+    Returns two empty lists when no annotation file is present.
+    """
+    from ppdet_retina.data.coco import ImageFolder
+
+    for key in ("TestDataset", "EvalDataset"):
+        section = cfg.get(key)
+        if not isinstance(section, dict) or not section.get("anno_path"):
+            continue
+        labels = ImageFolder(dataset_dir=section.get("dataset_dir"), anno_path=section["anno_path"])
+        if labels.label_names:
+            names = labels.get_label_list()
+            return names, [int(labels.clsid2catid[i]) for i in range(len(names))]
+    return [], []
+
+
+def _anchor_settings(model: nn.Layer) -> Dict[str, Any]:
+    """What a runtime needs to turn raw head outputs into boxes (dense heads)."""
+    head = model.head
+    gen = head.anchor_generator
+    return {
+        "num_classes": int(head.num_classes),
+        "num_anchors": int(gen.num_anchors),
+        "strides": [float(s) for s in gen.strides],
+        "cell_anchors": [np.asarray(c, np.float64).round(6).tolist() for c in gen.cells],
+        "anchor_offset": float(gen.offset),
+        "box_weights": [float(w) for w in head.weights],
+        "nms_pre": None if head.nms_pre is None else int(head.nms_pre),
+        "nms": {"score_threshold": float(head.nms.score_threshold), "nms_top_k": int(head.nms.nms_top_k),
+                "keep_top_k": int(head.nms.keep_top_k), "nms_threshold": float(head.nms.nms_threshold)},
+    }
+
+
+def build_infer_cfg(cfg: dict, deploy: DeployModel) -> Dict[str, Any]:
+    """The content of ``infer_cfg.yml`` for ``cfg`` and the traced ``deploy`` module."""
+    labels, catids = label_info(cfg)
+    num_classes = cfg.get("num_classes")
+    if labels and num_classes is not None and len(labels) != int(num_classes):
+        logger.warning(f"export: the annotation file lists {len(labels)} categories but num_classes is "
+                       f"{num_classes}; label_list is written as read")
+    info: Dict[str, Any] = {
+        "mode": "paddle",
+        "arch": str(cfg.get("architecture", type(deploy.model).__name__)),
+        "draw_threshold": float(cfg.get("draw_threshold", 0.5)),
+        "metric": str(cfg.get("metric", "COCO")),
+        "min_subgraph_size": 3,
+        "use_dynamic_shape": True,
+        "num_classes": None if num_classes is None else int(num_classes),
+        "post_process": deploy.mode != "raw",
+        "nms_inside": deploy.mode == "detect",
+        "output_mode": deploy.mode,
+        "inputs": list(INPUT_NAMES),
+        "outputs": deploy.output_names(),
+        "Preprocess": preprocess_entries(cfg),
+        "label_list": labels,
+        "catid_list": catids,
+    }
+    if deploy.mode != "detect":
+        info["anchors"] = _anchor_settings(deploy.model)
+    return info
+
+
+def _write_yaml(path: str, data: Dict[str, Any]) -> None:
+    with open(path, "w", encoding="utf-8") as f:
+        yaml.safe_dump(data, f, sort_keys=False, default_flow_style=None)
+
+
+# --------------------------------------------------------------------------- export
+
+def _load_model(cfg: dict, weights: Optional[str]) -> nn.Layer:
+    from ppdet_retina.engine import checkpoint
+
+    if "architecture" not in cfg:
+        raise ConfigError("config has no 'architecture' key (e.g. architecture: RetinaNet)")
+    model = create(cfg["architecture"], cfg)
+    if weights:
+        checkpoint.load_weights(model, weights)
+        logger.info(f"export: loaded weights from {weights}")
+    else:
+        logger.warning("export: no weights given (-o weights=...): exporting randomly initialised parameters")
+    model.eval()
+    return model
+
+
+def export_model(cfg: dict, output_dir: str = "output_inference", weights: Optional[str] = None,
+                 model: Optional[nn.Layer] = None, raw_outputs: Optional[bool] = None, onnx: bool = False,
+                 onnx_input_size: Optional[Sequence[int]] = None, onnx_opset: int = MIN_ONNX_OPSET,
+                 check_onnx: bool = True, fixed_input_size: Optional[Sequence[int]] = None) -> str:
+    """Export ``cfg``'s model to ``<output_dir>/<cfg filename>/``; returns that folder.
+
+    Args:
+        cfg: a loaded config (``load_config``).
+        output_dir: parent folder of the export.
+        weights: ``.pdparams`` file (or its prefix) to load; default ``cfg['weights']``.
+        model: an already built (and loaded) model to export instead of building one.
+        raw_outputs: True exports the raw head outputs, False forces post-processing;
+            None follows ``cfg['export']``.
+        onnx: also write ``model.onnx`` (needs paddle2onnx) at ``onnx_input_size`` (H, W).
+        onnx_opset: ONNX opset (>= 11).
+        check_onnx: compare the ONNX model with the Paddle predictor when onnxruntime is installed.
+        fixed_input_size: (H, W) to trace one image of exactly that padded size instead of dynamic
+            shapes (for models whose code needs static sizes; runtimes pad every image to it).
+    """
+    settings = export_settings(cfg, raw_outputs)
+    if model is None:
+        model = _load_model(cfg, weights if weights is not None else cfg.get("weights"))
+    model.eval()
+    save_dir = os.path.join(output_dir, str(cfg.get("filename", "model")))
+    os.makedirs(save_dir, exist_ok=True)
+    deploy = DeployModel(model, settings["mode"])
+    info = build_infer_cfg(cfg, deploy)
+    prefix = os.path.join(save_dir, MODEL_PREFIX)
+    if fixed_input_size:
+        height, width = (int(v) for v in fixed_input_size)
+        info["inputs"] = _trace_and_save(deploy, prefix, input_spec(1, height, width))
+        info["use_dynamic_shape"] = False
+        info["input_size"] = [height, width]
+    else:
+        info["inputs"] = _trace_and_save(deploy, prefix, input_spec())
+    if onnx:
+        size = list(onnx_input_size) if onnx_input_size else default_onnx_size(info["Preprocess"])
+        info["onnx"] = export_onnx(deploy, save_dir, size, onnx_opset, check=check_onnx)
+    _write_yaml(os.path.join(save_dir, "infer_cfg.yml"), info)
+    logger.info(f"export: {info['arch']} ({settings['mode']} outputs: {', '.join(info['outputs'])}) "
+                f"written to {save_dir}")
+    return save_dir
+
+
+def default_onnx_size(preprocess: Sequence[Dict[str, Any]]) -> List[int]:
+    """The padded (H, W) the test preprocessing produces at most: Resize target rounded up to the stride.
+
+    With ``keep_ratio`` the target is [short, long]; a fixed-size ONNX model is given a landscape
+    image padded to (short, long), the usual case for COCO.
+    """
+    resize = next((p for p in preprocess if p["type"] == "Resize"), None)
+    if resize is None:
+        raise ConfigError("ONNX export needs a fixed input size: TestReader has no Resize, so pass "
+                          "--onnx_input_size H W")
+    target = resize["target_size"]
+    size = [min(target), max(target)] if resize["keep_ratio"] else list(target)
+    stride = next((p["stride"] for p in preprocess if p["type"] == "PadStride"), 0) or 1
+    return [int(-(-s // stride) * stride) for s in size]
+
+
+# --------------------------------------------------------------------------- ONNX
+
+def export_onnx(deploy: DeployModel, save_dir: str, input_size: Sequence[int], opset: int = MIN_ONNX_OPSET,
+                check: bool = True) -> Dict[str, Any]:
+    """Write ``save_dir/model.onnx`` for one image of exactly ``input_size`` (H, W).
+
+    The graph is re-traced with every dimension fixed ([1, 3, H, W]) and without the NMS:
+    a detection export gives ``boxes`` [1, M, 4] (original pixels) and ``scores`` [1, C, M],
+    and the runtime applies class-wise NMS with the settings written under ``nms``; raw
+    exports stay raw. Returns the ``onnx`` entry of infer_cfg.yml (file, input_size, opset,
+    outputs, and the check's result when run).
+    """
+    try:
+        import paddle2onnx
+    except ImportError:
+        raise ConfigError("ONNX export needs paddle2onnx: pip install paddle2onnx==2.1.0") from None
+    if int(opset) < MIN_ONNX_OPSET:
+        raise ConfigError(f"--onnx_opset {opset}: the NMS op converts only from opset {MIN_ONNX_OPSET}; "
+                          f"use {MIN_ONNX_OPSET} or higher")
+    height, width = (int(s) for s in input_size)
+    onnx_file = os.path.join(save_dir, f"{MODEL_PREFIX}.onnx")
+    # With the NMS inside, a fixed-size graph gave wrong rows for classes > 0 (scores off by up to
+    # 0.5, in onnxruntime and in the fixed-size Paddle graph alike), while the candidates before the
+    # NMS match exactly. So the ONNX graph stops before the NMS and the runtime runs it; decoding
+    # and the nms_pre top-k stay inside (verified end to end in tests/test_export.py).
+    onnx_deploy = DeployModel(deploy.model, "no_nms" if deploy.mode == "detect" else deploy.mode)
+    tmp = tempfile.mkdtemp(prefix="ppdet_retina_onnx_")
+    try:
+        prefix = os.path.join(tmp, MODEL_PREFIX)
+        _trace_and_save(onnx_deploy, prefix, input_spec(1, height, width))
+        # optimize_tool="None": the default ("polygraphy") tries to pip-install packages at run time.
+        paddle2onnx.export(prefix + ".json", prefix + ".pdiparams", save_file=onnx_file, opset_version=int(opset),
+                           auto_upgrade_opset=True, verbose=False, enable_onnx_checker=True,
+                           optimize_tool="None")
+        entry: Dict[str, Any] = {"file": os.path.basename(onnx_file), "input_size": [height, width],
+                                 "opset": int(opset), "batch": 1, "outputs": onnx_deploy.output_names(),
+                                 "nms_inside": False}
+        if onnx_deploy.mode == "no_nms":
+            entry["nms"] = _anchor_settings(deploy.model)["nms"]
+        if check:
+            entry["check"] = check_onnx_against_paddle(onnx_file, prefix, height, width)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    if not os.path.isfile(onnx_file):
+        raise RuntimeError(f"paddle2onnx wrote no file at {onnx_file}; run it with verbose=True to see why")
+    logger.info(f"export: ONNX model (opset {opset}, input 1x3x{height}x{width}) written to {onnx_file}")
+    return entry
+
+
+def check_onnx_against_paddle(onnx_file: str, paddle_prefix: str, height: int, width: int,
+                              seed: int = 0) -> str:
+    """Run the ONNX file and the Paddle predictor on one random input; returns a one-line verdict.
+
+    'skipped: ...' when onnxruntime is missing; raises RuntimeError when the outputs differ.
+    """
+    try:
+        import onnxruntime as ort
+    except ImportError:
+        return "skipped: onnxruntime is not installed"
+    feeds = _random_feeds(height, width, seed)
+    predictor = load_exported(paddle_prefix + ".json", paddle_prefix + ".pdiparams", use_mkldnn=False)
+    expected = run_predictor(predictor, feeds)
+    options = ort.SessionOptions()
+    options.log_severity_level = 3  # paddle2onnx leaves unused initialisers; ORT warns about each one
+    try:
+        session = ort.InferenceSession(onnx_file, options, providers=["CPUExecutionProvider"])
+    except Exception as err:  # noqa: BLE001 - onnxruntime raises its own untyped failures
+        raise RuntimeError(
+            f"onnxruntime cannot load {onnx_file}: {err}. A 'TopK ... less than the requested k' error means "
+            f"the graph keeps an If over the head's per-level nms_pre top-k whose untaken branch asks for more "
+            f"anchors than a small level has at {height}x{width}; the head must pick that branch from the "
+            f"static level size when the input size is fixed (see the export report), or use a larger "
+            f"--onnx_input_size") from None
+    names = [i.name for i in session.get_inputs()]
+    got = session.run(None, {n: feeds[n] for n in names if n in feeds})
+    worst = compare_outputs(expected, got)
+    return f"ok: max abs difference {worst:.3g} against the Paddle predictor at {height}x{width}"
+
+
+def _random_feeds(height: int, width: int, seed: int) -> Dict[str, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    return {"image": rng.normal(size=(1, 3, height, width)).astype(np.float32),
+            "im_shape": np.array([[height, width]], np.float32),
+            "scale_factor": np.ones((1, 2), np.float32)}
+
+
+def compare_outputs(expected: Sequence[np.ndarray], got: Sequence[np.ndarray], atol: float = 1e-2) -> float:
+    """Max abs difference of two output lists; RuntimeError on a shape mismatch or one above ``atol``."""
+    if len(expected) != len(got):
+        raise RuntimeError(f"ONNX model has {len(got)} outputs, the Paddle model {len(expected)}")
+    worst = 0.0
+    for i, (a, b) in enumerate(zip(expected, got)):
+        a, b = np.asarray(a), np.asarray(b)
+        if a.shape != b.shape:
+            raise RuntimeError(f"output {i}: ONNX shape {b.shape} differs from Paddle's {a.shape}")
+        if a.ndim == 2 and a.shape[1] == 6:
+            # Detection rows: runtimes may order equal-score rows differently.
+            a, b = _canonical_rows(a), _canonical_rows(b)
+        if a.size:
+            diff = float(np.abs(a.astype(np.float64) - b.astype(np.float64)).max())
+            if diff > atol:
+                raise RuntimeError(f"output {i}: ONNX differs from Paddle by {diff:.3g} (> {atol})")
+            worst = max(worst, diff)
+    return worst
+
+
+def _canonical_rows(rows: np.ndarray) -> np.ndarray:
+    """Detection rows ordered by class, then score descending, then x1."""
+    return rows[np.lexsort((rows[:, 2], -rows[:, 1], rows[:, 0]))]
+
+
+# --------------------------------------------------------------------------- running an export
+
+def load_exported(model_file: str, params_file: str, use_mkldnn: bool = True, bf16: bool = False,
+                  cpu_threads: int = 1, use_gpu: bool = False) -> Any:
+    """A ``paddle.inference`` predictor for an exported model (CPU oneDNN by default)."""
+    from paddle import inference
+
+    for path in (model_file, params_file):
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"exported model file '{path}' not found; run tools/export_model.py first")
+    config = inference.Config(model_file, params_file)
+    config.disable_glog_info()
+    if use_gpu:
+        config.enable_use_gpu(256, 0)
+    else:
+        config.disable_gpu()
+        config.set_cpu_math_library_num_threads(int(cpu_threads))
+        if use_mkldnn:
+            config.enable_mkldnn()
+            if bf16:
+                config.enable_mkldnn_bfloat16()
+            if graph_has_interp(model_file):
+                # Paddle 3.3.1 bug (Paddle issue #79749): a saved interp op's `scale`
+                # attribute cannot run as a oneDNN kernel. Without the placement pass,
+                # interp runs natively while the oneDNN fuse passes still turn every
+                # conv (+bias, +relu, +add) into a oneDNN kernel.
+                config.delete_pass("onednn_placement_pass")
+        else:
+            config.disable_mkldnn()
+    return inference.create_predictor(config)
+
+
+def graph_has_interp(model_file: str) -> bool:
+    """True when the saved graph resizes feature maps (FPN upsampling: nearest/bilinear interp)."""
+    with open(model_file, "r", encoding="utf-8", errors="ignore") as f:
+        text = f.read()
+    return "_interp\"" in text
+
+
+def run_predictor(predictor: Any, feeds: Dict[str, np.ndarray]) -> List[np.ndarray]:
+    """Feed ``feeds`` by input name, run, and return every output as numpy in graph order."""
+    for name in predictor.get_input_names():
+        if name not in feeds:
+            raise KeyError(f"the exported model needs input '{name}'; got {sorted(feeds)}")
+        handle = predictor.get_input_handle(name)
+        handle.reshape(feeds[name].shape)
+        handle.copy_from_cpu(np.ascontiguousarray(feeds[name]))
+    predictor.run()
+    return [predictor.get_output_handle(n).copy_to_cpu() for n in predictor.get_output_names()]

@@ -1,0 +1,118 @@
+"""COCO evaluation of an exported model through the Paddle Inference predictor.
+
+On CPU the predictor runs the convolutions with oneDNN (optionally in bf16), which
+dygraph cannot (see /work/shared/PADDLE_NOTES.md), so evaluating an export is the fast
+way to score a model on a CPU. Data and metric are the package's own: ``EvalDataset``,
+``EvalReader`` and :class:`~ppdet_retina.metrics.coco.COCOMetric`, so the numbers are
+comparable with ``tools/eval.py`` on the dygraph model.
+
+    from ppdet_retina.engine.exported_eval import evaluate_exported
+    stats = evaluate_exported(cfg, "output_inference/retinanet_r50_fpn_1x", bf16=True)
+    stats["bbox"][0]   # AP@[.50:.95]
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from typing import Any, Dict, List, Optional
+
+import paddle
+import yaml
+
+from ppdet_retina.core.workspace import ConfigError, create
+from ppdet_retina.engine.export import MODEL_PREFIX, load_exported, preprocess_entries, run_predictor
+from ppdet_retina.metrics.coco import COCOMetric
+from ppdet_retina.utils.logger import setup_logger
+
+__all__ = ["evaluate_exported", "read_infer_cfg", "cpu_supports_bf16"]
+
+logger = setup_logger("ppdet_retina")
+
+
+def cpu_supports_bf16(cpuinfo: str = "/proc/cpuinfo") -> bool:
+    """True when the CPU has native bf16 dot products (avx512_bf16); elsewhere bf16 is emulated and slow."""
+    try:
+        with open(cpuinfo, "r", encoding="utf-8", errors="ignore") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    return "avx512_bf16" in line.split(":", 1)[1].split()
+    except OSError:
+        return False
+    return False
+
+
+def read_infer_cfg(model_dir: str) -> Dict[str, Any]:
+    """``model_dir/infer_cfg.yml``; FileNotFoundError naming the folder when it is not an export."""
+    path = os.path.join(model_dir, "infer_cfg.yml")
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"'{path}' not found: --exported must be a folder written by "
+                                f"tools/export_model.py (model.json, model.pdiparams, infer_cfg.yml)")
+    with open(path, "r", encoding="utf-8") as f:
+        return yaml.safe_load(f) or {}
+
+
+def _check_export(infer_cfg: Dict[str, Any], cfg: dict, model_dir: str) -> None:
+    if not infer_cfg.get("nms_inside", False):
+        raise ConfigError(f"{model_dir}: the export returns {infer_cfg.get('outputs')} without NMS; evaluation "
+                          f"needs detections. Re-export with export.post_process=true export.nms=true")
+    arch = cfg.get("architecture")
+    if arch and infer_cfg.get("arch") and arch != infer_cfg["arch"]:
+        raise ConfigError(f"{model_dir} holds a {infer_cfg['arch']} but the config's architecture is {arch}; "
+                          f"pass the config the model was exported from")
+    try:
+        eval_pre = preprocess_entries(cfg, "EvalReader")
+    except ConfigError:
+        return
+    if eval_pre != infer_cfg.get("Preprocess"):
+        # The reader, not infer_cfg.yml, prepares the images here; say so when they differ.
+        logger.warning(f"exported eval: EvalReader preprocessing {eval_pre} differs from the export's "
+                       f"{infer_cfg.get('Preprocess')}; images are prepared by EvalReader")
+
+
+def evaluate_exported(cfg: dict, model_dir: str, use_mkldnn: bool = True, bf16: bool = False,
+                      cpu_threads: Optional[int] = None, use_gpu: bool = False, classwise: bool = False,
+                      output_eval: Optional[str] = None) -> Dict[str, List[float]]:
+    """COCO bbox mAP of the export in ``model_dir`` on ``cfg``'s EvalDataset: ``{'bbox': [12 stats]}``.
+
+    Args:
+        cfg: the loaded config (EvalDataset, EvalReader, worker_num, metric).
+        model_dir: folder written by tools/export_model.py (with NMS inside).
+        use_mkldnn: oneDNN kernels on CPU (the fast path).
+        bf16: oneDNN bf16 kernels; refused on CPUs without avx512_bf16.
+        cpu_threads: math threads of the predictor; default every core this process may use.
+        use_gpu: run the predictor on GPU 0 instead.
+        classwise: also log per-category AP.
+        output_eval: folder for bbox.json; default ``cfg['output_eval']`` or save_dir/<config name>.
+    """
+    from ppdet_retina.engine import env
+
+    if str(cfg.get("metric", "COCO")) != "COCO":
+        raise ConfigError(f"metric '{cfg.get('metric')}' is not supported; set metric: COCO")
+    if bf16 and not cpu_supports_bf16():
+        raise ConfigError("bf16 evaluation needs a CPU with avx512_bf16 (absent from /proc/cpuinfo flags); "
+                          "evaluate in fp32 instead")
+    infer_cfg = read_infer_cfg(model_dir)
+    _check_export(infer_cfg, cfg, model_dir)
+    threads = env.cpu_threads_per_process() if cpu_threads is None else int(cpu_threads)
+    predictor = load_exported(os.path.join(model_dir, MODEL_PREFIX + ".json"),
+                              os.path.join(model_dir, MODEL_PREFIX + ".pdiparams"),
+                              use_mkldnn=use_mkldnn, bf16=bf16, cpu_threads=threads, use_gpu=use_gpu)
+    dataset = create("EvalDataset", cfg)
+    reader = create("EvalReader", cfg)
+    sampler = paddle.io.BatchSampler(dataset, batch_size=reader.batch_size, shuffle=False, drop_last=False)
+    loader = reader(dataset, int(cfg.get("worker_num", 0)), batch_sampler=sampler)
+    default_out = os.path.join(str(cfg.get("save_dir", "output")), str(cfg.get("filename", "model")))
+    metric = COCOMetric(dataset.get_anno(), dataset.clsid2catid, classwise=classwise,
+                        output_eval=output_eval or cfg.get("output_eval") or default_out)
+    tic, images = time.time(), 0
+    for batch in loader:
+        feeds = {key: batch[key].numpy() for key in ("image", "im_shape", "scale_factor")}
+        bbox, bbox_num = run_predictor(predictor, feeds)[:2]
+        metric.update(batch, {"bbox": bbox, "bbox_num": bbox_num})
+        images += int(feeds["image"].shape[0])
+    cost = time.time() - tic
+    mode = "bf16" if bf16 else "fp32"
+    logger.info(f"exported eval ({mode}, {threads} thread(s)): {images} images in {cost:.2f} s "
+                f"({images / max(cost, 1e-9):.2f} images/s)")
+    return metric.accumulate()
