@@ -94,17 +94,39 @@ def median_of(samples: List[Dict[str, float]]) -> Dict[str, float]:
     return {k: round(statistics.median(s[k] for s in samples), 2) for k in samples[0]}
 
 
+def features(model, inputs: Dict):
+    feats = model.backbone(inputs)
+    return model.neck(feats) if getattr(model, "neck", None) is not None else feats
+
+
+def head_and_loss(model, feats, inputs: Dict) -> tuple:
+    """(head outputs, loss dict, head ms, loss ms) for a dense (RetinaNet) or two-stage model."""
+    if hasattr(model, "head"):
+        head_outs, t_head = timed(lambda: model.head(feats))
+        losses, t_loss = timed(lambda: model.head.get_loss(head_outs, inputs))
+        return losses, t_head, t_loss
+
+    # Two-stage: target assignment and losses happen inside each head's forward, so the RPN's and
+    # the box head's forward+loss are timed as `head`, and `loss` stays 0.
+    def heads():
+        rois, rois_valid, losses = model.rpn_head(feats, inputs)
+        losses = dict(losses)
+        losses.update(model.bbox_head(feats, rois, rois_valid, inputs))
+        return losses
+
+    losses, t_head = timed(heads)
+    return losses, t_head, 0.0
+
+
 def bench_train(model, optimizer, inputs: Dict, warmup: int, iters: int) -> Dict[str, float]:
     model.train()
     samples = []
     for i in range(warmup + iters):
-        feats, t_bb = timed(lambda: model.neck(model.backbone(inputs)))
-        head_outs, t_head = timed(lambda: model.head(feats))
-        losses, t_loss = timed(lambda: model.head.get_loss(head_outs, inputs))
+        feats, t_bb = timed(lambda: features(model, inputs))
+        losses, t_head, t_loss = head_and_loss(model, feats, inputs)
 
         def step():
-            loss = paddle.add_n([v for k, v in losses.items() if k != "loss"]) if "loss" not in losses \
-                else losses["loss"]
+            loss = losses["loss"] if "loss" in losses else paddle.add_n(list(losses.values()))
             loss.backward()
             optimizer.step()
             optimizer.clear_grad()
@@ -120,11 +142,13 @@ def bench_train(model, optimizer, inputs: Dict, warmup: int, iters: int) -> Dict
 
 def bench_infer(model, inputs: Dict, warmup: int, iters: int) -> Dict[str, float]:
     model.eval()
+    if not hasattr(model, "head"):
+        return bench_infer_two_stage(model, inputs, warmup, iters)
     head = model.head
     samples = []
     with paddle.no_grad():
         for i in range(warmup + iters):
-            head_outs, t_fwd = timed(lambda: head(model.neck(model.backbone(inputs))))
+            head_outs, t_fwd = timed(lambda: head(features(model, inputs)))
             _, t_post = timed(lambda: head.post_process(head_outs, inputs["im_shape"], inputs["scale_factor"]))
             if i >= warmup:
                 samples.append({"infer_ms": t_fwd + t_post, "infer_forward_ms": t_fwd, "postprocess_ms": t_post})
@@ -135,6 +159,32 @@ def bench_infer(model, inputs: Dict, warmup: int, iters: int) -> Dict[str, float
         for i in range(warmup + iters):
             _, t_dense = timed(lambda: head.post_process(dense, inputs["im_shape"], inputs["scale_factor"]))
             if i >= warmup:
+                dense_times.append(t_dense)
+    result = median_of(samples)
+    result["postprocess_dense_ms"] = round(statistics.median(dense_times), 2)
+    return result
+
+
+def bench_infer_two_stage(model, inputs: Dict, warmup: int, iters: int) -> Dict[str, float]:
+    """Faster R-CNN: forward = backbone, neck, RPN + proposals, box head; post-process = decode + NMS."""
+    samples, dense_times = [], []
+    post = model.bbox_post_process
+    with paddle.no_grad():
+        for i in range(warmup + iters):
+            def forward():
+                feats = features(model, inputs)
+                rois, rois_valid, _ = model.rpn_head(feats, inputs)
+                return model.bbox_head(feats, rois, rois_valid)
+
+            (head_out, (rois, rois_num)), t_fwd = timed(forward)
+            args = (rois, rois_num, inputs["im_shape"], inputs["scale_factor"])
+            _, t_post = timed(lambda: post(head_out, *args))
+            # Dense worst case: every class gets the same high probability.
+            probs, deltas = head_out
+            dense = (paddle.full_like(probs, 0.5), deltas)
+            _, t_dense = timed(lambda: post(dense, *args))
+            if i >= warmup:
+                samples.append({"infer_ms": t_fwd + t_post, "infer_forward_ms": t_fwd, "postprocess_ms": t_post})
                 dense_times.append(t_dense)
     result = median_of(samples)
     result["postprocess_dense_ms"] = round(statistics.median(dense_times), 2)

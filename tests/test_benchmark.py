@@ -1,0 +1,43 @@
+"""tools/benchmark.py prints one JSON object with the documented keys (values are not judged here)."""
+
+import json
+import os
+import subprocess
+import sys
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+KEYS = ["threads", "train_step_ms", "train_backbone_neck_ms", "train_head_ms", "train_loss_ms",
+        "train_backward_ms", "infer_ms", "postprocess_ms", "postprocess_dense_ms", "peak_rss_mb"]
+
+
+def run_benchmark(*args):
+    env = dict(os.environ, GLOG_minloglevel="2", PYTHONWARNINGS="ignore::UserWarning")
+    proc = subprocess.run([sys.executable, os.path.join(REPO, "tools", "benchmark.py"), *args],
+                          capture_output=True, text=True, timeout=120, cwd=REPO, env=env)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
+    assert len(lines) == 1, proc.stdout
+    return json.loads(lines[0])
+
+
+def test_retinanet_benchmark_json():
+    out = run_benchmark("--config", "configs/demo/retinanet_demo.yml", "--train-size", "64",
+                        "--infer-size", "64", "96", "--iters", "1", "--warmup", "0", "--threads", "1")
+    for key in KEYS:
+        assert key in out and out[key] >= 0, key
+    assert out["threads"] == 1 and out["num_classes"] == 3
+    assert out["train_input"] == [2, 3, 64, 64] and out["infer_input"] == [1, 3, 64, 96]
+    parts = sum(out[k] for k in ("train_backbone_neck_ms", "train_head_ms", "train_loss_ms", "train_backward_ms"))
+    assert abs(parts - out["train_step_ms"]) < 0.05 * out["train_step_ms"] + 1.0
+
+
+def test_faster_rcnn_benchmark_json(tmp_path):
+    cfg = tmp_path / "frcnn_small.yml"
+    cfg.write_text("_BASE_: ['%s']\npretrain_weights: ''\nResNet: {depth: 18, width_mult: 0.125}\n"
+                   "FPN: {out_channel: 16}\nTwoFCHead: {out_channel: 32}\n"
+                   % os.path.join(REPO, "configs", "faster_rcnn", "faster_rcnn_r50_fpn_1x.yml"))
+    out = run_benchmark("--config", str(cfg), "--num-classes", "4", "--train-size", "64", "--infer-size", "64",
+                        "--iters", "1", "--warmup", "0", "--threads", "1")
+    for key in KEYS:
+        assert key in out and out[key] >= 0, key
+    assert out["num_classes"] == 4
