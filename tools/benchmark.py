@@ -22,16 +22,17 @@ import os
 import resource
 import statistics
 import sys
-import time
-from typing import Callable, Dict, List
+from typing import Dict, List
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 os.environ.setdefault("GLOG_minloglevel", "2")
 
 import numpy as np  # noqa: E402
 import paddle  # noqa: E402
 
+from bench_common import build_parser, gt_boxes, hw, median_of, timed  # noqa: E402
 from ppdet_retina.core.workspace import create, load_config  # noqa: E402
 from ppdet_retina.engine.env import set_cpu_threads  # noqa: E402
 
@@ -39,39 +40,22 @@ DEFAULT_CONFIG = "configs/retinanet/retinanet_r50_fpn_1x.yml"
 
 
 def parse_args(argv: List[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--config", default=DEFAULT_CONFIG, help="model config (default: RetinaNet R50-FPN)")
-    p.add_argument("--num-classes", type=int, default=None, help="override num_classes (default: the config's)")
-    p.add_argument("--batch-size", type=int, default=2, help="train batch size")
-    p.add_argument("--train-size", type=int, nargs="+", default=[512], help="train H [W]")
-    p.add_argument("--infer-size", type=int, nargs="+", default=[800, 1216], help="inference H [W]")
-    p.add_argument("--iters", type=int, default=3, help="timed iterations (median reported)")
-    p.add_argument("--warmup", type=int, default=1, help="untimed iterations first")
-    p.add_argument("--threads", type=int, default=None, help="CPU threads (default: cores available)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--skip-train", action="store_true")
-    p.add_argument("--skip-infer", action="store_true")
-    p.add_argument("-o", "--opt", nargs="*", default=[], help="config overrides key=value")
-    return p.parse_args(argv)
-
-
-def _hw(size: List[int]) -> tuple:
-    return (size[0], size[0]) if len(size) == 1 else (size[0], size[1])
+    parser = build_parser(__doc__, DEFAULT_CONFIG)
+    parser.add_argument("-o", "--opt", nargs="*", default=[], help="config overrides key=value")
+    return parser.parse_args(argv)
 
 
 def random_batch(batch: int, h: int, w: int, rng: np.random.Generator, num_classes: int) -> Dict:
     """A batch dict as the reader makes it, with 3-8 random gts per image (padded with a mask)."""
-    counts = rng.integers(3, 9, size=batch)
-    g = int(counts.max())
+    gts = gt_boxes(rng, batch, h, w, num_classes)
+    g = max(len(b) for b, _ in gts)
     boxes = np.zeros((batch, g, 4), np.float32)
     classes = np.zeros((batch, g, 1), np.int32)
     mask = np.zeros((batch, g, 1), np.float32)
-    for i, n in enumerate(counts):
-        wh = rng.uniform(16, min(h, w) / 2, size=(n, 2))
-        xy = rng.uniform(0, 1, size=(n, 2)) * (np.array([w, h]) - wh)
-        boxes[i, :n] = np.concatenate([xy, xy + wh], axis=1)
-        classes[i, :n, 0] = rng.integers(0, num_classes, size=n)
-        mask[i, :n] = 1.0
+    for i, (b, c) in enumerate(gts):
+        boxes[i, :len(b)] = b
+        classes[i, :len(b), 0] = c
+        mask[i, :len(b)] = 1.0
     return {
         "image": paddle.to_tensor(rng.standard_normal((batch, 3, h, w)).astype(np.float32)),
         "im_shape": paddle.to_tensor(np.tile([[h, w]], (batch, 1)).astype(np.float32)),
@@ -82,16 +66,6 @@ def random_batch(batch: int, h: int, w: int, rng: np.random.Generator, num_class
         "is_crowd": paddle.zeros([batch, g, 1], dtype="int32"),
         "pad_gt_mask": paddle.to_tensor(mask),
     }
-
-
-def timed(fn: Callable[[], object]) -> tuple:
-    start = time.perf_counter()
-    out = fn()
-    return out, (time.perf_counter() - start) * 1000.0
-
-
-def median_of(samples: List[Dict[str, float]]) -> Dict[str, float]:
-    return {k: round(statistics.median(s[k] for s in samples), 2) for k in samples[0]}
 
 
 def features(model, inputs: Dict):
@@ -207,13 +181,13 @@ def main(argv: List[str] | None = None) -> Dict:
     result: Dict[str, object] = {"config": os.path.relpath(cfg["config_path"], ROOT), "threads": threads,
                                  "num_classes": num_classes, "paddle": paddle.__version__}
     if not args.skip_train:
-        h, w = _hw(args.train_size)
+        h, w = hw(args.train_size)
         inputs = random_batch(args.batch_size, h, w, rng, num_classes)
         optimizer = paddle.optimizer.Momentum(learning_rate=1e-4, momentum=0.9, parameters=model.parameters())
         result["train_input"] = [args.batch_size, 3, h, w]
         result.update(bench_train(model, optimizer, inputs, args.warmup, args.iters))
     if not args.skip_infer:
-        h, w = _hw(args.infer_size)
+        h, w = hw(args.infer_size)
         inputs = random_batch(1, h, w, rng, num_classes)
         result["infer_input"] = [1, 3, h, w]
         result.update(bench_infer(model, inputs, args.warmup, args.iters))

@@ -27,66 +27,36 @@ import os
 import resource
 import statistics
 import sys
-import time
-from typing import Callable, Dict, List
+from typing import Dict, List
 
 os.environ.setdefault("GLOG_minloglevel", "2")
 
 import numpy as np  # noqa: E402
 
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from bench_common import build_parser, gt_boxes, hw, median_of, timed  # noqa: E402
+
 DEFAULT_CONFIG = "/work/shared/reference/ppdet_configs/retinanet/retinanet_r50_fpn_1x_coco.yml"
 
 
 def parse_args(argv: List[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--config", default=DEFAULT_CONFIG, help="PaddleDetection config (default: RetinaNet R50-FPN)")
-    p.add_argument("--num-classes", type=int, default=None, help="override num_classes (default: the config's)")
-    p.add_argument("--batch-size", type=int, default=2, help="train batch size")
-    p.add_argument("--train-size", type=int, nargs="+", default=[512], help="train H [W]")
-    p.add_argument("--infer-size", type=int, nargs="+", default=[800, 1216], help="inference H [W]")
-    p.add_argument("--iters", type=int, default=3, help="timed iterations (median reported)")
-    p.add_argument("--warmup", type=int, default=1, help="untimed iterations first")
-    p.add_argument("--threads", type=int, default=None, help="CPU threads (default: cores available)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--skip-train", action="store_true")
-    p.add_argument("--skip-infer", action="store_true")
-    return p.parse_args(argv)
-
-
-def _hw(size: List[int]) -> tuple:
-    return (size[0], size[0]) if len(size) == 1 else (size[0], size[1])
+    return build_parser(__doc__, DEFAULT_CONFIG).parse_args(argv)
 
 
 def random_batch(batch: int, h: int, w: int, rng: np.random.Generator, num_classes: int) -> Dict:
-    """Our benchmark's random batch (same rng calls, same order), gts as PaddleDetection's per-image lists."""
+    """Our benchmark's random batch (same draws), gts as PaddleDetection's per-image lists."""
     import paddle
 
-    counts = rng.integers(3, 9, size=batch)
-    gt_bbox, gt_class = [], []
-    for n in counts:
-        wh = rng.uniform(16, min(h, w) / 2, size=(n, 2))
-        xy = rng.uniform(0, 1, size=(n, 2)) * (np.array([w, h]) - wh)
-        gt_bbox.append(paddle.to_tensor(np.concatenate([xy, xy + wh], axis=1).astype(np.float32)))
-        gt_class.append(paddle.to_tensor(rng.integers(0, num_classes, size=(n, 1)).astype(np.int32)))
+    gts = gt_boxes(rng, batch, h, w, num_classes)
     return {
         "image": paddle.to_tensor(rng.standard_normal((batch, 3, h, w)).astype(np.float32)),
         "im_shape": paddle.to_tensor(np.tile([[h, w]], (batch, 1)).astype(np.float32)),
         "scale_factor": paddle.ones([batch, 2], dtype="float32"),
         "im_id": paddle.arange(batch, dtype="int64").reshape([batch, 1]),
-        "gt_bbox": gt_bbox,
-        "gt_class": gt_class,
-        "is_crowd": [paddle.zeros([int(n), 1], dtype="int32") for n in counts],
+        "gt_bbox": [paddle.to_tensor(b) for b, _ in gts],
+        "gt_class": [paddle.to_tensor(c.reshape(-1, 1)) for _, c in gts],
+        "is_crowd": [paddle.zeros([len(b), 1], dtype="int32") for b, _ in gts],
     }
-
-
-def timed(fn: Callable[[], object]) -> tuple:
-    start = time.perf_counter()
-    out = fn()
-    return out, (time.perf_counter() - start) * 1000.0
-
-
-def median_of(samples: List[Dict[str, float]]) -> Dict[str, float]:
-    return {k: round(statistics.median(s[k] for s in samples), 2) for k in samples[0]}
 
 
 def _head_outputs(head, feats):
@@ -170,13 +140,13 @@ def main(argv: List[str] | None = None) -> Dict:
                                  "paddle": paddle.__version__,
                                  "ppdet": getattr(ppdet, "__version__", "unknown")}
     if not args.skip_train:
-        h, w = _hw(args.train_size)
+        h, w = hw(args.train_size)
         inputs = random_batch(args.batch_size, h, w, rng, num_classes)
         optimizer = paddle.optimizer.Momentum(learning_rate=1e-4, momentum=0.9, parameters=model.parameters())
         result["train_input"] = [args.batch_size, 3, h, w]
         result.update(bench_train(model, optimizer, inputs, args.warmup, args.iters))
     if not args.skip_infer:
-        h, w = _hw(args.infer_size)
+        h, w = hw(args.infer_size)
         inputs = random_batch(1, h, w, rng, num_classes)
         result["infer_input"] = [1, 3, h, w]
         result.update(bench_infer(model, inputs, args.warmup, args.iters))

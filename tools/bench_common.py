@@ -1,0 +1,63 @@
+"""What tools/benchmark.py and tools/dev/ppdet_benchmark.py share: flags, timing, medians.
+
+Only numpy and the standard library are imported here, so PaddleDetection's venv (numpy < 1.24,
+no ppdet_retina) can load it too and both tools measure with the same method.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+from typing import Callable, Dict, List, Optional, Tuple
+
+
+def build_parser(description: str, default_config: str) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", default=default_config, help="model config (default: RetinaNet R50-FPN)")
+    p.add_argument("--num-classes", type=int, default=None, help="override num_classes (default: the config's)")
+    p.add_argument("--batch-size", type=int, default=2, help="train batch size")
+    p.add_argument("--train-size", type=int, nargs="+", default=[512], help="train H [W]")
+    p.add_argument("--infer-size", type=int, nargs="+", default=[800, 1216], help="inference H [W]")
+    p.add_argument("--iters", type=int, default=3, help="timed iterations (median reported)")
+    p.add_argument("--warmup", type=int, default=1, help="untimed iterations first")
+    p.add_argument("--threads", type=int, default=None, help="CPU threads (default: cores available)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--skip-train", action="store_true")
+    p.add_argument("--skip-infer", action="store_true")
+    return p
+
+
+def hw(size: List[int]) -> Tuple[int, int]:
+    """`--train-size 512` or `--infer-size 800 1216` -> (h, w)."""
+    return (size[0], size[0]) if len(size) == 1 else (size[0], size[1])
+
+
+def timed(fn: Callable[[], object]) -> tuple:
+    """(fn's result, wall milliseconds)."""
+    start = time.perf_counter()
+    out = fn()
+    return out, (time.perf_counter() - start) * 1000.0
+
+
+def median_of(samples: List[Dict[str, float]]) -> Dict[str, float]:
+    """Per-key median of a list of timing dicts, rounded to 0.01 ms."""
+    return {k: round(statistics.median(s[k] for s in samples), 2) for k in samples[0]}
+
+
+def gt_boxes(rng, batch: int, h: int, w: int, num_classes: int,
+             counts: Optional[List[int]] = None) -> List[tuple]:
+    """3-8 random boxes (16 px to half the image) and classes per image, as numpy arrays.
+
+    Both benchmarks draw with these same calls in this order, so one seed gives both the same batch.
+    """
+    import numpy as np
+
+    counts = rng.integers(3, 9, size=batch) if counts is None else counts
+    out = []
+    for n in counts:
+        wh = rng.uniform(16, min(h, w) / 2, size=(n, 2))
+        xy = rng.uniform(0, 1, size=(n, 2)) * (np.array([w, h]) - wh)
+        boxes = np.concatenate([xy, xy + wh], axis=1).astype(np.float32)
+        out.append((boxes, rng.integers(0, num_classes, size=n).astype(np.int32)))
+    return out
