@@ -92,8 +92,7 @@ class ProposalGenerator:
             level_scores.append(kept_scores)
         boxes = paddle.concat(level_boxes, axis=1)
         all_scores = paddle.concat(level_scores, axis=1)
-        k = min(self.post_nms_top_n, all_scores.shape[1])
-        top_scores, order = paddle.topk(all_scores, k, axis=1)
+        top_scores, order = paddle.topk(all_scores, _capped(self.post_nms_top_n, all_scores), axis=1)
         rois = paddle.take_along_axis(boxes, order.unsqueeze(-1).expand([-1, -1, 4]), axis=1)
         valid = top_scores > -math.inf
         return rois, top_scores, valid
@@ -101,11 +100,10 @@ class ProposalGenerator:
     def _one_level(self, score: paddle.Tensor, delta: paddle.Tensor, anchor: paddle.Tensor,
                    im_shape: paddle.Tensor) -> Tuple[paddle.Tensor, paddle.Tensor]:
         """[B, k, 4] boxes and [B, k] scores, -inf where a candidate was dropped."""
-        batch = score.shape[0]
-        k = min(self.pre_nms_top_n, score.shape[1])
-        top_scores, order = paddle.topk(score, k, axis=1)  # sorted, highest first
+        top_scores, order = paddle.topk(score, _capped(self.pre_nms_top_n, score), axis=1)  # highest first
         top_deltas = paddle.take_along_axis(delta, order.unsqueeze(-1).expand([-1, -1, 4]), axis=1)
-        boxes = delta2bbox(top_deltas, paddle.gather(anchor, order.flatten()).reshape([batch, k, 4]))
+        top_anchors = _reshape_like(paddle.gather(anchor, order.flatten()), top_deltas)
+        boxes = delta2bbox(top_deltas, top_anchors)
         boxes = clip_boxes(boxes, im_shape)
         keep = self._nms_keep(boxes, top_scores, self._large_enough(boxes))
         # top_scores is sorted, so a running count of survivors is each one's rank.
@@ -120,13 +118,33 @@ class ProposalGenerator:
 
     def _nms_keep(self, boxes: paddle.Tensor, scores: paddle.Tensor, candidate: paddle.Tensor) -> paddle.Tensor:
         """[B, k] bool: candidates surviving NMS within their own image (one NMS call for the batch)."""
-        batch, k = scores.shape
         flat_idx = paddle.nonzero(candidate.flatten()).flatten()
-        if flat_idx.shape[0] == 0:
-            return paddle.zeros([batch, k], dtype="bool")
-        image_idx = paddle.floor_divide(flat_idx, paddle.full_like(flat_idx, k))
+        if paddle.in_dynamic_mode() and flat_idx.shape[0] == 0:
+            return paddle.zeros_like(candidate)
+        # Row width k: static in dygraph, read at run time in a graph traced with dynamic sizes.
+        if paddle.in_dynamic_mode():
+            width = paddle.full_like(flat_idx, scores.shape[1])
+        else:
+            width = paddle.shape(scores)[1:2].astype(flat_idx.dtype)
+        image_idx = paddle.floor_divide(flat_idx, width)
         kept = batched_nms(paddle.gather(boxes.reshape([-1, 4]), flat_idx),
                            paddle.gather(scores.flatten(), flat_idx), image_idx, self.nms_thresh)
-        mask = paddle.zeros([batch * k], dtype="int32")
-        mask = paddle.scatter(mask, paddle.gather(flat_idx, kept), paddle.ones([kept.shape[0]], dtype="int32"))
-        return mask.reshape([batch, k]) > 0
+        mask = paddle.zeros_like(candidate, dtype="int32").flatten()
+        mask = paddle.scatter(mask, paddle.gather(flat_idx, kept), paddle.ones_like(kept, dtype="int32"))
+        return _reshape_like(mask, candidate) > 0
+
+
+def _capped(limit: int, x: paddle.Tensor):
+    """min(limit, x.shape[1]): an int when the size is known, an int64 [1] tensor when a graph is
+    traced with dynamic sizes (the number of anchors is then only known at run time)."""
+    size = x.shape[1]
+    if isinstance(size, int) and size >= 0:
+        return min(limit, size)
+    return paddle.minimum(paddle.shape(x)[1:2].astype("int64"), paddle.full([1], limit, dtype="int64"))
+
+
+def _reshape_like(x: paddle.Tensor, ref: paddle.Tensor) -> paddle.Tensor:
+    """``x`` reshaped to ``ref``'s shape, read at run time when tracing (dims may be unknown)."""
+    if paddle.in_dynamic_mode():
+        return x.reshape(ref.shape)
+    return paddle.reshape(x, paddle.shape(ref))

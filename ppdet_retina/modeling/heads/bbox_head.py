@@ -24,7 +24,7 @@ from ppdet_retina.modeling.post_process import MultiClassNMS
 from ppdet_retina.modeling.proposal_generator import flatten_rois
 from ppdet_retina.modeling.roi_extractor import RoIAlign, RoIPool
 from ppdet_retina.modeling.samplers import BBoxAssigner, RoITargets, gt_masks
-from ppdet_retina.modeling.shape_spec import ShapeSpec
+from ppdet_retina.modeling.shape_spec import ShapeSpec, in_channel_kwargs
 
 __all__ = ["TwoFCHead", "BBoxHead", "RCNNBox", "BBoxPostProcess"]
 
@@ -59,10 +59,7 @@ class TwoFCHead(nn.Layer):
 
     @classmethod
     def from_config(cls, cfg: dict, input_shape: Optional[Sequence[ShapeSpec]] = None, **_: Any) -> dict:
-        if input_shape is None:
-            return {}
-        first = input_shape[0] if isinstance(input_shape, (list, tuple)) else input_shape
-        return {"in_channel": first.channels}
+        return in_channel_kwargs(input_shape)
 
     @property
     def out_shape(self) -> list:

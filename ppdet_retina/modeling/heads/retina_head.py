@@ -347,42 +347,102 @@ class RetinaHead(nn.Layer):
         out = self.nms(boxes, scores)
         return out[0], out[1]
 
+    # Every branch below is decided in Python from static shapes; kept out of
+    # dy2static's rewriting, whose early-return handling turns them into graph
+    # conditionals that fail to trace.
+    @paddle.jit.not_to_static
     def _decode_level(self, logits: paddle.Tensor, deltas: paddle.Tensor,
                       anchors: paddle.Tensor) -> Tuple[paddle.Tensor, paddle.Tensor]:
-        """One level: [B, A*C, h, w], [B, A*4, h, w], [N_l, 4] -> boxes [B, k, 4], scores [B, k, C]."""
-        num = anchors.shape[0]
-        if self.nms_pre is None or num < 0 or num <= self.nms_pre:
-            # Small level (or size unknown while tracing): keep every anchor.
-            boxes = delta2bbox(_flatten_level(deltas, 4), anchors.unsqueeze(0), self.weights)
-            return boxes, F.sigmoid(_flatten_level(logits, self.num_classes))
-        return self._decode_top_anchors(logits, deltas, anchors)
+        """One level: [B, A*C, h, w], [B, A*4, h, w], [N_l, 4] -> boxes [B, k, 4], scores [B, k, C].
 
-    def _decode_top_anchors(self, logits: paddle.Tensor, deltas: paddle.Tensor,
-                            anchors: paddle.Tensor) -> Tuple[paddle.Tensor, paddle.Tensor]:
-        """Keep the ``nms_pre`` anchors with the best class logit per image, then decode only those.
-
-        Works on the conv's own [B, A, C, h*w] layout: the class max reads the
-        logits once and only the k kept rows are gathered, instead of
-        transposing the whole map. Sigmoid is monotonic, so ranking logits
-        ranks scores.
+        The level size comes from the logits' static shape, so dygraph and a
+        fixed-size export choose in Python and trace no graph ``If``. With a
+        size unknown while tracing, the graph runs top-k with
+        k = min(nms_pre, h*w*A) computed at run time: a level no larger than
+        ``nms_pre`` then keeps every anchor, as in dygraph, only in score order
+        (the same detections; the NMS sorts by score anyway).
         """
-        num_a, num_c, k = self.num_anchors, self.num_classes, self.nms_pre
-        hw = int(logits.shape[2]) * int(logits.shape[3])
+        if self.nms_pre is None:
+            return self._decode_all(logits, deltas, anchors)
+        # While tracing, an unknown dimension reads as -1 or as a graph value.
+        height, width = logits.shape[2], logits.shape[3]
+        if _known(height) and _known(width):
+            if height * width * self.num_anchors <= self.nms_pre:
+                return self._decode_all(logits, deltas, anchors)
+            return self._decode_top_anchors(logits, deltas, anchors, height * width, self.nms_pre)
+        shape = paddle.shape(logits).astype("int64")
+        hw = shape[2:3] * shape[3:4]
+        k = paddle.minimum(_times(hw, self.num_anchors), paddle.full([1], self.nms_pre, dtype="int64"))
+        return self._decode_top_anchors(logits, deltas, anchors, hw, k)
+
+    def _decode_all(self, logits: paddle.Tensor, deltas: paddle.Tensor,
+                    anchors: paddle.Tensor) -> Tuple[paddle.Tensor, paddle.Tensor]:
+        """Every anchor of a level, in the generator's order."""
+        boxes = delta2bbox(_flatten_level(deltas, 4), anchors.unsqueeze(0), self.weights)
+        return boxes, F.sigmoid(_flatten_level(logits, self.num_classes))
+
+    def _decode_top_anchors(self, logits: paddle.Tensor, deltas: paddle.Tensor, anchors: paddle.Tensor,
+                            hw, k) -> Tuple[paddle.Tensor, paddle.Tensor]:
+        """Keep the ``k`` anchors with the best class logit per image, then decode only those.
+
+        ``hw`` (locations) and ``k`` are ints, or int64 [1] tensors when the
+        size is only known at run time. Works on the conv's own [B, A, C, h*w]
+        layout: the class max reads the logits once and only the k kept rows
+        are gathered, instead of transposing the whole map. Sigmoid is
+        monotonic, so ranking logits ranks scores.
+        """
+        num_a, num_c = self.num_anchors, self.num_classes
         # Max over classes as a (C, 1) max-pool: the pooling kernel is ~1.4x
         # faster on CPU than paddle.max over a middle axis, and this read of the
         # whole map is the largest cost of inference after the convs.
-        best = F.max_pool2d(logits.reshape([-1, 1, num_c, hw]), kernel_size=(num_c, 1))
-        best = best.reshape([-1, num_a * hw])
-        _, keep = paddle.topk(best, k=k, axis=1)  # [B, k], index a*hw + p
-        anchor_id, pos = keep // hw, keep % hw
-        # Flat offsets into one image's [A, K, h*w] map of entry (a, j, p): (a*K + j)*hw + p.
-        cls_idx = ((anchor_id * num_c).unsqueeze(-1) + paddle.arange(num_c, dtype=keep.dtype)) * hw
-        scores = _take_flat(logits, (cls_idx + pos.unsqueeze(-1)).reshape([0, -1])).reshape([0, k, num_c])
-        box_idx = ((anchor_id * 4).unsqueeze(-1) + paddle.arange(4, dtype=keep.dtype)) * hw
-        top_deltas = _take_flat(deltas, (box_idx + pos.unsqueeze(-1)).reshape([0, -1])).reshape([0, k, 4])
+        best = F.max_pool2d(logits.reshape([0, num_a, num_c, -1]), kernel_size=(num_c, 1))
+        _, keep = paddle.topk(best.reshape([0, -1]), k=k, axis=1)  # [B, k], index a*hw + p
+        anchor_id = keep // hw
+        # Entry (a, j, p) of one image's [A, K, h*w] map sits at (a*K + j)*hw + p
+        # = keep + a*(K-1)*hw + j*hw: one offset per kept anchor plus one per column.
+        scores = _take_flat(logits, _flat_index(keep, anchor_id, num_c, hw)).reshape([0, -1, num_c])
+        top_deltas = _take_flat(deltas, _flat_index(keep, anchor_id, 4, hw)).reshape([0, -1, 4])
         # The generator orders a level's anchors (y*w + x)*A + a.
-        top_anchors = paddle.gather(anchors, (pos * num_a + anchor_id).reshape([-1])).reshape([-1, k, 4])
+        rows = _times(keep % hw, num_a) + anchor_id
+        top_anchors = _reshape_like(paddle.gather(anchors, rows.reshape([-1])), top_deltas)
         return delta2bbox(top_deltas, top_anchors, self.weights), F.sigmoid(scores)
+
+
+def _times(x: paddle.Tensor, factor) -> paddle.Tensor:
+    """``x * factor`` for integer index tensors (``factor`` an int or a tensor).
+
+    While tracing, a multiply by a constant tensor instead of a ``scale`` op:
+    Paddle 3.3's inference pass operator_scale_onednn_fuse_pass folds a
+    ``scale`` that follows an add/sub/mul/div into that op, and the fused
+    integer kernel then ignores the scale -- fixed-size exports gathered
+    the wrong logits that way (classes > 0 came out wrong).
+    """
+    if paddle.in_dynamic_mode() or not isinstance(factor, int):
+        return x * factor
+    return paddle.multiply(x, paddle.full([1], factor, dtype=x.dtype))
+
+
+def _known(dim) -> bool:
+    return isinstance(dim, int) and dim >= 0
+
+
+def _flat_index(keep: paddle.Tensor, anchor_id: paddle.Tensor, width: int, hw) -> paddle.Tensor:
+    """[B, k] kept a*hw + p -> [B, k*width]: flat entries (a*width + j)*hw + p, j < width, of [A*width, hw]."""
+    base = keep + _times(anchor_id, _times_int(hw, width - 1))
+    columns = _times(paddle.arange(width, dtype=keep.dtype), hw)
+    return (base.unsqueeze(-1) + columns).reshape([0, -1])
+
+
+def _times_int(hw, factor: int):
+    """``hw * factor`` for an int or an int64 tensor (see :func:`_times`)."""
+    return hw * factor if isinstance(hw, int) else _times(hw, factor)
+
+
+def _reshape_like(x: paddle.Tensor, ref: paddle.Tensor) -> paddle.Tensor:
+    """``x`` reshaped to ``ref``'s shape, read at run time when tracing (dims may be unknown)."""
+    if paddle.in_dynamic_mode():
+        return x.reshape(ref.shape)
+    return paddle.reshape(x, paddle.shape(ref))
 
 
 def _xyxy_scale(scale_factor: paddle.Tensor, dtype) -> paddle.Tensor:

@@ -15,7 +15,7 @@ from ppdet_retina.modeling.anchors import AnchorGenerator
 from ppdet_retina.modeling.box_ops import bbox2delta
 from ppdet_retina.modeling.proposal_generator import ProposalGenerator, flatten_level_outputs
 from ppdet_retina.modeling.samplers import RPNTargetAssign, gt_masks
-from ppdet_retina.modeling.shape_spec import ShapeSpec
+from ppdet_retina.modeling.shape_spec import ShapeSpec, in_channel_kwargs
 
 __all__ = ["RPNHead"]
 
@@ -65,10 +65,7 @@ class RPNHead(nn.Layer):
 
     @classmethod
     def from_config(cls, cfg: dict, input_shape: Optional[Sequence[ShapeSpec]] = None, **_: Any) -> dict:
-        if input_shape is None:
-            return {}
-        first = input_shape[0] if isinstance(input_shape, (list, tuple)) else input_shape
-        return {"in_channel": first.channels}
+        return in_channel_kwargs(input_shape)
 
     def forward(self, feats: Sequence[paddle.Tensor],
                 inputs: Dict[str, paddle.Tensor]) -> Tuple[paddle.Tensor, paddle.Tensor, Optional[dict]]:
