@@ -11,6 +11,7 @@ import ast
 import importlib.util
 import json
 import os
+import re
 import textwrap
 
 import numpy as np
@@ -173,10 +174,9 @@ def test_plain_cpu_kernels_also_match(setup):
     _assert_same_detections(_dygraph(setup["model"], feeds), (got[0], got[1]))
 
 
-@pytest.mark.xfail(strict=True, reason="head bug: with static H/W the nms_pre top-k path (RetinaHead."
-                   "_decode_top_anchors) feeds the traced multiclass_nms3 wrongly (rows of classes > 0 differ); "
-                   "dynamic-size exports and nms_pre >= every level's anchors are exact")
 def test_fixed_size_export_equals_dygraph(setup):
+    # P3 at 96x128 has 1728 anchors > nms_pre 1000: the top-k path with static sizes, whose
+    # integer index arithmetic the oneDNN scale-fusion pass once broke (classes > 0 wrong).
     cfg, model = setup["cfg"], setup["model"]
     model_dir = E.export_model(cfg, str(setup["root"] / "fixed"), model=model, fixed_input_size=(96, 128))
     with open(os.path.join(model_dir, "infer_cfg.yml")) as f:
@@ -185,6 +185,23 @@ def test_fixed_size_export_equals_dygraph(setup):
     feeds = next(b for b in _batches(cfg) if b["image"].shape[2:] == (96, 128))
     got = E.run_predictor(_predictor(model_dir, cpu_threads=1), feeds)
     _assert_same_detections(_dygraph(model, feeds), (got[0], got[1]))
+
+
+def _graph_ops(model_dir: str) -> set:
+    with open(os.path.join(model_dir, "model.json"), encoding="utf-8") as f:
+        text = f.read()
+    return set(re.findall(r'"#":"1\.([a-z_0-9]+)"', text))
+
+
+def test_exported_graphs_have_no_conditionals(setup):
+    # The head decides keep-all vs top-k per level in Python (static sizes) or with a run-time
+    # k = min(nms_pre, h*w*A) (dynamic sizes): a graph If there cost ~140 ms of a 1.2 s bf16
+    # predictor run and broke onnxruntime on small levels.
+    dynamic = _graph_ops(setup["model_dir"])
+    assert {"topk", "multiclass_nms3", "take_along_axis"} <= dynamic and "if" not in dynamic
+    fixed = E.export_model(setup["cfg"], str(setup["root"] / "fixed_ops"), model=setup["model"],
+                           fixed_input_size=(96, 128))
+    assert "topk" in _graph_ops(fixed) and "if" not in _graph_ops(fixed)
 
 
 # ----------------------------------------------------------------------------- bf16
@@ -251,9 +268,11 @@ def test_onnx_equals_predictor_at_the_exported_size(setup):
     import onnxruntime as ort
 
     cfg, model = setup["cfg"], setup["model"]
-    # The head turns its per-level nms_pre choice into a graph If; onnxruntime shape-checks the
-    # untaken top-k branch too and rejects it on levels with fewer anchors than nms_pre. With
-    # nms_pre below the smallest level's 9 anchors (P7 at 96x128) every level takes the top-k path.
+    # The fixed-size graph has no If any more (the head picks top-k or keep-all per level from the
+    # static size). But export's check compares the candidates position by position on a random
+    # image, and where two anchors' best logits differ in the last bits the runtimes may rank
+    # them in either order (seen at P3 with nms_pre 1000). A small nms_pre keeps this check clear
+    # of such near-ties; the detections after the NMS do not depend on the order.
     saved, model.head.nms_pre = model.head.nms_pre, 8
     try:
         model_dir = E.export_model(cfg, str(setup["root"] / "onnx"), model=model, onnx=True)

@@ -294,3 +294,63 @@ def test_post_process_topk_keeps_best_per_image():
     np.testing.assert_array_equal(bbox_num.numpy(), [2, 1])
     np.testing.assert_allclose(bbox.numpy()[:, 2:], [[-4, -4, 4, 4], [20, 20, 28, 28], [4, 4, 12, 12]],
                                atol=1e-4)
+
+
+# --------------------------------------------------------------------------- top-k path details
+
+@pytest.mark.parametrize("num_classes", [3, 16, 80, 83])
+def test_max_over_classes_equals_numpy_max(num_classes):
+    # 80 takes two pooling passes (16 rows, then 5), 83 a partial last window (ceil_mode).
+    from ppdet_retina.modeling.heads.retina_head import _max_over_classes
+
+    x = np.random.default_rng(num_classes).normal(size=(2, 3, num_classes, 37)).astype("float32")
+    got = _max_over_classes(_t(x)).numpy()
+    assert got.shape == (2, 3, 1, 37)
+    np.testing.assert_array_equal(got[:, :, 0], x.max(axis=2))
+
+
+class _PostProcessOnly(paddle.nn.Layer):
+    """The head's post-processing on given head outputs, as a traceable layer."""
+
+    def __init__(self, head):
+        super().__init__()
+        self.head = head
+        # The predictor needs a parameter file; an exact 1.0 keeps the inputs unchanged.
+        self.one = self.create_parameter([1], default_initializer=paddle.nn.initializer.Constant(1.0))
+
+    def forward(self, logits0, logits1, deltas0, deltas1, scale_factor):
+        bbox, bbox_num = self.head.post_process(([logits0 * self.one, logits1], [deltas0, deltas1]),
+                                                scale_factor, scale_factor)
+        return bbox, bbox_num
+
+
+@pytest.mark.parametrize("fixed", [True, False], ids=["fixed_size", "dynamic_size"])
+def test_traced_post_process_equals_dygraph_in_the_predictor(tmp_path, fixed):
+    # 20 classes (two pooling passes) and nms_pre 50: level 0 (6x8x9 = 432 anchors) takes the
+    # top-k path, level 1 (3x4x9 = 108) too, at fixed size from Python, at dynamic size with a
+    # run-time k. The oneDNN predictor once dropped a scale fused into the integer index
+    # arithmetic at fixed size (wrong logits gathered for classes > 0).
+    from ppdet_retina.engine.export import load_exported, run_predictor
+
+    num_classes, sizes = 20, [(6, 8), (3, 4)]
+    head = _head(num_classes=num_classes, strides=(8.0, 16.0), one_anchor=False, nms_pre=50)
+    head.eval()
+    rng = np.random.default_rng(3)
+    logits = [rng.normal(-1.0, 1.5, size=(1, 9 * num_classes, h, w)).astype("float32") for h, w in sizes]
+    deltas = [rng.normal(0.0, 0.2, size=(1, 36, h, w)).astype("float32") for h, w in sizes]
+    feeds = dict(zip(["logits0", "logits1", "deltas0", "deltas1"], logits + deltas))
+    feeds["scale_factor"] = np.array([[2.0, 0.5]], "float32")
+    layer = _PostProcessOnly(head)
+    with paddle.no_grad():
+        bbox, bbox_num = layer(*[_t(v) for v in feeds.values()])
+    spec = [paddle.static.InputSpec([1, c, h if fixed else None, w if fixed else None], "float32", name)
+            for name, c, (h, w) in zip(feeds, [9 * num_classes] * 2 + [36] * 2, sizes * 2)]
+    spec.append(paddle.static.InputSpec([1, 2], "float32", "scale_factor"))
+    prefix = str(tmp_path / "post")
+    paddle.jit.save(paddle.jit.to_static(layer, input_spec=spec, full_graph=True), prefix)
+    got_bbox, got_num = run_predictor(load_exported(prefix + ".json", prefix + ".pdiparams"), feeds)[:2]
+    assert int(bbox_num.numpy()[0]) > 20 and len(set(bbox.numpy()[:, 0])) > 5
+    np.testing.assert_array_equal(got_num, bbox_num.numpy())
+    order = lambda r: r[np.lexsort((-r[:, 1], r[:, 0]))]  # noqa: E731
+    np.testing.assert_array_equal(order(got_bbox)[:, 0], order(bbox.numpy())[:, 0])
+    np.testing.assert_allclose(order(got_bbox)[:, 1:], order(bbox.numpy())[:, 1:], rtol=1e-5, atol=1e-3)

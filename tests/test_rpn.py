@@ -242,3 +242,49 @@ def test_rpn_head_loss_values():
     d = np.stack([(tgt[:, 0] + tw / 2 - pos[:, 0] - aw / 2) / aw, (tgt[:, 1] + th / 2 - pos[:, 1] - ah / 2) / ah,
                   np.log(tw / aw), np.log(th / ah)], 1)
     np.testing.assert_allclose(float(losses["loss_rpn_reg"]), np.abs(d).sum() / norm, rtol=1e-5)
+
+
+# ----------------------------------------------------------------------------- export
+
+def _match_rows(expected: np.ndarray, got: np.ndarray) -> None:
+    """Each expected detection row has its own got row of the same class within tolerance
+    (order-free: near-equal scores may come out in either order from different runtimes)."""
+    assert expected.shape == got.shape
+    free = np.ones(len(got), bool)
+    for row in expected:
+        cand = np.flatnonzero(free & (got[:, 0] == row[0]))
+        assert len(cand), f"no class {row[0]} row left for {row}"
+        err = np.abs(got[cand, 1:] - row[1:]).max(axis=1)
+        best = cand[int(np.argmin(err))]
+        assert abs(got[best, 1] - row[1]) < 1e-4 and np.abs(got[best, 2:] - row[2:]).max() < 1e-2, (row, got[best])
+        free[best] = False
+
+
+def test_faster_rcnn_dynamic_size_export_equals_dygraph(tmp_path):
+    # Traced with unknown H and W, the proposal top-k sizes min(pre_nms_top_n, anchors) are
+    # run-time values: P2 at 64x96 has 1152 anchors (> 100, capped), P6 only 18 (all kept).
+    from test_faster_rcnn import _tiny_config
+
+    from ppdet_retina.core.workspace import create
+    from ppdet_retina.engine import export as E
+
+    cfg = _tiny_config(tmp_path)
+    paddle.seed(0)
+    model = create(cfg["architecture"], cfg)
+    model.eval()
+    static = paddle.jit.to_static(E.DeployModel(model), input_spec=E.input_spec(), full_graph=True)
+    prefix = str(tmp_path / "model")
+    paddle.jit.save(static, prefix)
+    predictor = E.load_exported(prefix + ".json", prefix + ".pdiparams", cpu_threads=1)
+    rng = np.random.default_rng(0)
+    for h, w in ((64, 96), (96, 64)):
+        image = rng.random((1, 3, h, w)).astype("float32")
+        image[:, :, 10:40, 12:50] += 1.0
+        feeds = {"image": image, "im_shape": np.array([[h, w]], "float32"),
+                 "scale_factor": np.array([[1.0, 0.5]], "float32")}
+        with paddle.no_grad():
+            out = model({k: paddle.to_tensor(v) for k, v in feeds.items()})
+        bbox, bbox_num = E.run_predictor(predictor, feeds)[:2]
+        np.testing.assert_array_equal(bbox_num, out["bbox_num"].numpy())
+        assert bbox_num[0] > 10 and np.ptp(bbox[:, 1]) > 1e-3  # real, distinct detections
+        _match_rows(out["bbox"].numpy(), bbox)

@@ -336,13 +336,12 @@ class RetinaHead(nn.Layer):
         """
         cls_logits_list, deltas_list = head_outs
         anchors_list = self._anchors(cls_logits_list)
-        boxes, scores = [], []
-        for logits_l, deltas_l, anchors_l in zip(cls_logits_list, deltas_list, anchors_list):
-            level_boxes, level_scores = self._decode_level(logits_l, deltas_l, anchors_l)
-            boxes.append(level_boxes)
-            scores.append(level_scores)
-        boxes = paddle.concat(boxes, axis=1)  # [B, M, 4]
-        scores = paddle.concat(scores, axis=1).transpose([0, 2, 1])  # [B, C, M]
+        parts = [self._select_level(*level) for level in zip(cls_logits_list, deltas_list, anchors_list)]
+        # One decode and one sigmoid over every level's candidates: the same
+        # elementwise results as level by level, with a fifth of the small ops.
+        deltas, anchors, logits = (paddle.concat(list(group), axis=1) for group in zip(*parts))
+        boxes = delta2bbox(deltas, anchors, self.weights)  # [B, M, 4]
+        scores = F.sigmoid(logits).transpose([0, 2, 1])  # [B, C, M]
         boxes = boxes / _xyxy_scale(scale_factor, boxes.dtype)
         out = self.nms(boxes, scores)
         return out[0], out[1]
@@ -351,39 +350,42 @@ class RetinaHead(nn.Layer):
     # dy2static's rewriting, whose early-return handling turns them into graph
     # conditionals that fail to trace.
     @paddle.jit.not_to_static
-    def _decode_level(self, logits: paddle.Tensor, deltas: paddle.Tensor,
-                      anchors: paddle.Tensor) -> Tuple[paddle.Tensor, paddle.Tensor]:
-        """One level: [B, A*C, h, w], [B, A*4, h, w], [N_l, 4] -> boxes [B, k, 4], scores [B, k, C].
+    def _select_level(self, logits: paddle.Tensor, deltas: paddle.Tensor,
+                      anchors: paddle.Tensor) -> Tuple[paddle.Tensor, paddle.Tensor, paddle.Tensor]:
+        """One level's NMS candidates: [B, A*C, h, w], [B, A*4, h, w], [N_l, 4] ->
+        deltas [B, k, 4], anchors [B, k, 4], logits [B, k, C] (decoded later, all levels at once).
 
         The level size comes from the logits' static shape, so dygraph and a
         fixed-size export choose in Python and trace no graph ``If``. With a
         size unknown while tracing, the graph runs top-k with
         k = min(nms_pre, h*w*A) computed at run time: a level no larger than
         ``nms_pre`` then keeps every anchor, as in dygraph, only in score order
-        (the same detections; the NMS sorts by score anyway).
+        (the same detections unless two anchors tie exactly on a class score,
+        as the NMS sorts by score).
         """
         if self.nms_pre is None:
-            return self._decode_all(logits, deltas, anchors)
+            return self._all_anchors(logits, deltas, anchors)
         # While tracing, an unknown dimension reads as -1 or as a graph value.
         height, width = logits.shape[2], logits.shape[3]
         if _known(height) and _known(width):
             if height * width * self.num_anchors <= self.nms_pre:
-                return self._decode_all(logits, deltas, anchors)
-            return self._decode_top_anchors(logits, deltas, anchors, height * width, self.nms_pre)
+                return self._all_anchors(logits, deltas, anchors)
+            return self._top_anchors(logits, deltas, anchors, height * width, self.nms_pre)
         shape = paddle.shape(logits).astype("int64")
         hw = shape[2:3] * shape[3:4]
         k = paddle.minimum(_times(hw, self.num_anchors), paddle.full([1], self.nms_pre, dtype="int64"))
-        return self._decode_top_anchors(logits, deltas, anchors, hw, k)
+        return self._top_anchors(logits, deltas, anchors, hw, k)
 
-    def _decode_all(self, logits: paddle.Tensor, deltas: paddle.Tensor,
-                    anchors: paddle.Tensor) -> Tuple[paddle.Tensor, paddle.Tensor]:
+    def _all_anchors(self, logits: paddle.Tensor, deltas: paddle.Tensor,
+                     anchors: paddle.Tensor) -> Tuple[paddle.Tensor, paddle.Tensor, paddle.Tensor]:
         """Every anchor of a level, in the generator's order."""
-        boxes = delta2bbox(_flatten_level(deltas, 4), anchors.unsqueeze(0), self.weights)
-        return boxes, F.sigmoid(_flatten_level(logits, self.num_classes))
+        flat_deltas = _flatten_level(deltas, 4)
+        return flat_deltas, paddle.expand_as(anchors.unsqueeze(0), flat_deltas), \
+            _flatten_level(logits, self.num_classes)
 
-    def _decode_top_anchors(self, logits: paddle.Tensor, deltas: paddle.Tensor, anchors: paddle.Tensor,
-                            hw, k) -> Tuple[paddle.Tensor, paddle.Tensor]:
-        """Keep the ``k`` anchors with the best class logit per image, then decode only those.
+    def _top_anchors(self, logits: paddle.Tensor, deltas: paddle.Tensor, anchors: paddle.Tensor,
+                     hw, k) -> Tuple[paddle.Tensor, paddle.Tensor, paddle.Tensor]:
+        """The ``k`` anchors with the best class logit per image: their deltas, anchors and logits.
 
         ``hw`` (locations) and ``k`` are ints, or int64 [1] tensors when the
         size is only known at run time. Works on the conv's own [B, A, C, h*w]
@@ -392,20 +394,39 @@ class RetinaHead(nn.Layer):
         monotonic, so ranking logits ranks scores.
         """
         num_a, num_c = self.num_anchors, self.num_classes
-        # Max over classes as a (C, 1) max-pool: the pooling kernel is ~1.4x
-        # faster on CPU than paddle.max over a middle axis, and this read of the
-        # whole map is the largest cost of inference after the convs.
-        best = F.max_pool2d(logits.reshape([0, num_a, num_c, -1]), kernel_size=(num_c, 1))
+        best = _max_over_classes(logits.reshape([0, num_a, num_c, -1]))
         _, keep = paddle.topk(best.reshape([0, -1]), k=k, axis=1)  # [B, k], index a*hw + p
         anchor_id = keep // hw
         # Entry (a, j, p) of one image's [A, K, h*w] map sits at (a*K + j)*hw + p
         # = keep + a*(K-1)*hw + j*hw: one offset per kept anchor plus one per column.
-        scores = _take_flat(logits, _flat_index(keep, anchor_id, num_c, hw)).reshape([0, -1, num_c])
+        top_logits = _take_flat(logits, _flat_index(keep, anchor_id, num_c, hw)).reshape([0, -1, num_c])
         top_deltas = _take_flat(deltas, _flat_index(keep, anchor_id, 4, hw)).reshape([0, -1, 4])
         # The generator orders a level's anchors (y*w + x)*A + a.
         rows = _times(keep % hw, num_a) + anchor_id
         top_anchors = _reshape_like(paddle.gather(anchors, rows.reshape([-1])), top_deltas)
-        return delta2bbox(top_deltas, top_anchors, self.weights), F.sigmoid(scores)
+        return top_deltas, top_anchors, top_logits
+
+
+# Rows of the class axis one pooling pass reduces (see _max_over_classes).
+_CLASS_POOL_ROWS = 16
+
+
+def _max_over_classes(x: paddle.Tensor) -> paddle.Tensor:
+    """[B, A, C, L] -> [B, A, 1, L]: the max over classes, as max-pools down the class axis.
+
+    This read of the whole logit map is the largest cost of inference after
+    the convs. A (C, 1) max-pool is ~1.4x faster on CPU than paddle.max over a
+    middle axis, and two passes -- windows of 16 rows, then the rest -- are
+    another ~1.5x faster at C = 80 (16 ms -> 10 ms for P3 at 800x1216): each
+    output walks its window down rows L floats apart, and 80 such streams at
+    once defeat the hardware prefetcher where 16 do not. Max is exact in any
+    grouping; ``ceil_mode`` lets the last window be partial when 16 does not divide C.
+    """
+    rows = int(x.shape[2])
+    if rows > _CLASS_POOL_ROWS:
+        x = F.max_pool2d(x, kernel_size=(_CLASS_POOL_ROWS, 1), ceil_mode=True)
+        rows = -(-rows // _CLASS_POOL_ROWS)
+    return F.max_pool2d(x, kernel_size=(rows, 1)) if rows > 1 else x
 
 
 def _times(x: paddle.Tensor, factor) -> paddle.Tensor:
@@ -413,9 +434,10 @@ def _times(x: paddle.Tensor, factor) -> paddle.Tensor:
 
     While tracing, a multiply by a constant tensor instead of a ``scale`` op:
     Paddle 3.3's inference pass operator_scale_onednn_fuse_pass folds a
-    ``scale`` that follows an add/sub/mul/div into that op, and the fused
-    integer kernel then ignores the scale -- fixed-size exports gathered
-    the wrong logits that way (classes > 0 came out wrong).
+    ``scale`` (bias 0) that follows an add/sub/mul/div into that op, and the
+    fused integer kernel then ignores the scale -- fixed-size exports once
+    gathered the wrong logits that way (``((a*C + j) * hw``: classes > 0 came
+    out wrong). The index formulas below also avoid that op order on their own.
     """
     if paddle.in_dynamic_mode() or not isinstance(factor, int):
         return x * factor
