@@ -25,8 +25,9 @@ $(STAMP): requirements.txt pyproject.toml
 test: $(STAMP)
 	$(PY) -m pytest -q tests
 
+# 1200 train images: on 400 the demo RetinaNet over-fits (val mAP 0.68 vs 0.73 after the same 1500 steps).
 demo-data: $(STAMP)
-	$(PY) tools/make_demo_data.py --output dataset/shapes
+	$(PY) tools/make_demo_data.py --output dataset/shapes --num-train 1200 --num-val 100
 
 demo: demo-data
 	$(PY) tools/demo.py --config $(DEMO_CFG) --output $(DEMO_OUT)

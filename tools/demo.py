@@ -2,6 +2,12 @@
 
 Runs the same commands a user would (tools/train.py, tools/eval.py, tools/infer.py) so that the
 README's instructions are exercised, then plots loss and mAP from the training log.
+
+Training runs as two CPU processes (``python -m paddle.distributed.launch --nproc_per_node 2``, the
+cores split between them): on a 2-core machine that is about twice as fast as one process with two
+threads. The demo config's ``TrainReader.batch_size`` is per process and its LR is tuned for two
+processes (8 images per step); with ``--nproc 1`` the per-process batch is doubled so that the step,
+and so the LR, stays the same.
 """
 
 from __future__ import annotations
@@ -15,11 +21,43 @@ import sys
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# The number of processes the demo configs' per-process batch sizes and LRs were tuned for.
+TUNED_PROCS = 2
 
 
 def run(cmd: list[str]) -> None:
     print("$ " + " ".join(cmd), flush=True)
     subprocess.run(cmd, cwd=ROOT, check=True)
+
+
+def default_nproc() -> int:
+    """Two processes where there are two cores to run them on; one on a single-core machine."""
+    try:
+        cpus = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        cpus = os.cpu_count() or 1
+    return TUNED_PROCS if cpus >= TUNED_PROCS else 1
+
+
+def train_command(py: str, config: str, nproc: int, save_dir: str) -> list[str]:
+    """tools/train.py --eval, under the launcher when nproc > 1, keeping the tuned images per step."""
+    opts = []
+    if nproc != TUNED_PROCS:
+        # Imported here: loading the config imports paddle, which the 2-process path leaves to the workers.
+        sys.path.insert(0, ROOT)
+        from ppdet_retina.core.workspace import load_config
+
+        per_proc = int(load_config(os.path.join(ROOT, config))["TrainReader"]["batch_size"])
+        total = per_proc * TUNED_PROCS
+        if total % nproc:
+            raise SystemExit(f"--nproc {nproc} does not divide the demo's {total} images per step")
+        opts = ["-o", f"TrainReader.batch_size={total // nproc}"]
+    train = ["tools/train.py", "-c", config, "--eval"] + opts
+    if nproc == 1:
+        return [py] + train
+    # Worker logs go next to the checkpoints instead of a ./log folder in the checkout.
+    return [py, "-m", "paddle.distributed.launch", "--log_level", "WARNING", "--log_dir",
+            os.path.join(save_dir, "launch_log"), "--nproc_per_node", str(nproc)] + train
 
 
 def plot_curves(log_path: str, out_png: str) -> bool:
@@ -60,6 +98,8 @@ def main() -> int:
     parser.add_argument("--config", default="configs/demo/retinanet_demo.yml")
     parser.add_argument("--output", default="output/demo", help="pictures and curves go here")
     parser.add_argument("--num-images", type=int, default=6, help="val images to draw predictions on")
+    parser.add_argument("--nproc", type=int, default=default_nproc(),
+                        help="training processes (default: 2, or 1 on a single-core machine)")
     args = parser.parse_args()
 
     py = sys.executable
@@ -67,7 +107,9 @@ def main() -> int:
     save_dir = os.path.join("output", name)
     os.makedirs(os.path.join(ROOT, args.output), exist_ok=True)
     start = time.time()
-    run([py, "tools/train.py", "-c", args.config, "--eval"])
+    if args.nproc < 1:
+        parser.error("--nproc must be >= 1")
+    run(train_command(py, args.config, args.nproc, save_dir))
     train_s = time.time() - start
     weights = os.path.join(save_dir, "best_model")
     run([py, "tools/eval.py", "-c", args.config, "-o", f"weights={weights}"])

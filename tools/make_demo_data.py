@@ -1,6 +1,6 @@
 """Write the synthetic shapes dataset (COCO format) used by the demo configs.
 
-    python tools/make_demo_data.py --output dataset/shapes --num-train 400 --num-val 100 --size 128 --seed 0
+    python tools/make_demo_data.py --output dataset/shapes --num-train 1200 --num-val 100 --size 128 --seed 0
 
 Does nothing when the output is already complete for the same parameters.
 """
@@ -21,7 +21,7 @@ from ppdet_retina.data.shapes import ensure_demo_dataset, is_complete  # noqa: E
 def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--output", default="dataset/shapes", help="dataset root to write")
-    parser.add_argument("--num-train", type=int, default=400)
+    parser.add_argument("--num-train", type=int, default=1200)
     parser.add_argument("--num-val", type=int, default=100)
     parser.add_argument("--size", type=int, default=128, help="image side in pixels")
     parser.add_argument("--seed", type=int, default=0)

@@ -207,7 +207,7 @@ def _remove_outputs(path: str) -> None:
         os.remove(marker)
 
 
-def ensure_demo_dataset(path: str = "dataset/shapes", num_train: int = 400, num_val: int = 100,
+def ensure_demo_dataset(path: str = "dataset/shapes", num_train: int = 1200, num_val: int = 100,
                         size: int = 128, seed: int = 0, force: bool = False) -> str:
     """Make sure ``path`` holds the shapes dataset for these parameters; returns ``path``.
 
