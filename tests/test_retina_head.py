@@ -309,6 +309,24 @@ def test_max_over_classes_equals_numpy_max(num_classes):
     np.testing.assert_array_equal(got[:, :, 0], x.max(axis=2))
 
 
+def test_numpy_top_anchors_equal_the_graph_route(monkeypatch):
+    # Dygraph on CPU selects through zero-copy numpy views; the paddle-op route (used when
+    # tracing or on GPU) must pick the same anchors with the same values.
+    import ppdet_retina.modeling.heads.retina_head as rh
+
+    head = _head(num_classes=7, one_anchor=False, nms_pre=40)
+    rng = np.random.default_rng(5)
+    logits = _t(rng.normal(size=(2, 9 * 7, 5, 6)))
+    deltas = _t(rng.normal(size=(2, 9 * 4, 5, 6)))
+    anchors = head._anchors([logits])[0]
+    fast = head._top_anchors(logits, deltas, anchors, 30, 40)
+    monkeypatch.setattr(rh, "_numpy_view_ok", lambda x: False)
+    graph = head._top_anchors(logits, deltas, anchors, 30, 40)
+    for got, want in zip(fast, graph):
+        assert got.shape == want.shape == [2, 40, got.shape[-1]]
+        np.testing.assert_array_equal(got.numpy(), want.numpy())
+
+
 class _PostProcessOnly(paddle.nn.Layer):
     """The head's post-processing on given head outputs, as a traceable layer."""
 

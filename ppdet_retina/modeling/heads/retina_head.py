@@ -13,6 +13,7 @@ from __future__ import annotations
 import math
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
+import numpy as np
 import paddle
 import paddle.nn as nn
 import paddle.nn.functional as F
@@ -393,6 +394,8 @@ class RetinaHead(nn.Layer):
         are gathered, instead of transposing the whole map. Sigmoid is
         monotonic, so ranking logits ranks scores.
         """
+        if _numpy_view_ok(logits) and isinstance(hw, int):
+            return self._top_anchors_numpy(logits, deltas, anchors, hw, k)
         num_a, num_c = self.num_anchors, self.num_classes
         best = _max_over_classes(logits.reshape([0, num_a, num_c, -1]))
         _, keep = paddle.topk(best.reshape([0, -1]), k=k, axis=1)  # [B, k], index a*hw + p
@@ -406,9 +409,38 @@ class RetinaHead(nn.Layer):
         top_anchors = _reshape_like(paddle.gather(anchors, rows.reshape([-1])), top_deltas)
         return top_deltas, top_anchors, top_logits
 
+    def _top_anchors_numpy(self, logits: paddle.Tensor, deltas: paddle.Tensor, anchors: paddle.Tensor,
+                           hw: int, k: int) -> Tuple[paddle.Tensor, paddle.Tensor, paddle.Tensor]:
+        """:meth:`_top_anchors` for dygraph on CPU, reading the maps through zero-copy numpy views.
+
+        Same selection (the top-k itself stays ``paddle.topk``, so ties break
+        alike) and the same values. Paddle's CPU reductions and gathers over
+        the whole P3 map cost ~25 ms at 800x1216 with 80 classes; numpy's
+        vectorised max and fancy indexing do the same in a few ms.
+        """
+        num_a, num_c = self.num_anchors, self.num_classes
+        batch = int(logits.shape[0])
+        maps = np.from_dlpack(logits).reshape(batch, num_a, num_c, hw)
+        best = paddle.to_tensor(maps.max(axis=2).reshape(batch, num_a * hw))
+        keep = paddle.topk(best, k=k, axis=1)[1].numpy()  # [B, k], index a*hw + p
+        anchor_id, pos = keep // hw, keep % hw
+        image = np.arange(batch)[:, None, None]
+        a, p = anchor_id[:, :, None], pos[:, :, None]
+        top_logits = maps[image, a, np.arange(num_c), p]  # [B, k, C]
+        box_maps = np.from_dlpack(deltas).reshape(batch, num_a, 4, hw)
+        top_deltas = box_maps[image, a, np.arange(4), p]  # [B, k, 4]
+        # The generator orders a level's anchors (y*w + x)*A + a.
+        top_anchors = np.from_dlpack(anchors)[pos * num_a + anchor_id]  # [B, k, 4]
+        return tuple(paddle.to_tensor(np.ascontiguousarray(t)) for t in (top_deltas, top_anchors, top_logits))
+
 
 # Rows of the class axis one pooling pass reduces (see _max_over_classes).
 _CLASS_POOL_ROWS = 16
+
+
+def _numpy_view_ok(x: paddle.Tensor) -> bool:
+    """True where a tensor can be read as a zero-copy numpy array (dygraph, CPU, float32)."""
+    return paddle.in_dynamic_mode() and x.place.is_cpu_place() and x.dtype == paddle.float32
 
 
 def _max_over_classes(x: paddle.Tensor) -> paddle.Tensor:
