@@ -327,6 +327,27 @@ def test_numpy_top_anchors_equal_the_graph_route(monkeypatch):
         np.testing.assert_array_equal(got.numpy(), want.numpy())
 
 
+def test_stopping_the_top_k_at_the_score_threshold_keeps_the_detections(monkeypatch):
+    # Anchors whose best score is under the NMS threshold cannot become detections, so the
+    # dygraph selection stops there: same bbox rows as the full nms_pre top-k.
+    head = _head(num_classes=5, one_anchor=False, nms_pre=200)
+    rng = np.random.default_rng(11)
+    logits = _t(rng.normal(-6.0, 1.5, size=(2, 9 * 5, 8, 8)))  # a few dozen anchors pass 0.05
+    deltas = _t(rng.normal(0.0, 0.2, size=(2, 9 * 4, 8, 8)))
+    anchors = head._anchors([logits])[0]
+    best = np.from_dlpack(logits).reshape(2, 9, 5, 64).max(axis=2).reshape(2, -1)
+    needed = head._candidates_needed(best, 200)
+    assert 0 < needed < 200
+    assert needed == int((1 / (1 + np.exp(-best)) >= 0.05).sum(axis=1).max())
+    size = _t([[64, 64]] * 2)
+    short = head.post_process(([logits], [deltas]), size, _t([[1, 1]] * 2))
+    monkeypatch.setattr(type(head), "_candidates_needed", lambda self, best, k: k)
+    full = head.post_process(([logits], [deltas]), size, _t([[1, 1]] * 2))
+    assert int(full[1].sum()) > 10
+    np.testing.assert_array_equal(short[1].numpy(), full[1].numpy())
+    np.testing.assert_allclose(short[0].numpy(), full[0].numpy(), rtol=0, atol=1e-4)
+
+
 class _PostProcessOnly(paddle.nn.Layer):
     """The head's post-processing on given head outputs, as a traceable layer."""
 

@@ -409,6 +409,22 @@ class RetinaHead(nn.Layer):
         top_anchors = _reshape_like(paddle.gather(anchors, rows.reshape([-1])), top_deltas)
         return top_deltas, top_anchors, top_logits
 
+    def _candidates_needed(self, best: np.ndarray, k: int) -> int:
+        """How many of a level's top-``k`` anchors can still yield a detection, at least 1.
+
+        An anchor whose best class logit is below the NMS score threshold has
+        every class score below it, and the NMS drops such rows; so the top-k
+        can stop at the largest per-image count of anchors above it (the kept
+        ones are a prefix of the full top-k: same detections, less to gather
+        and suppress). A small margin keeps float32 sigmoid rounding on the safe side.
+        """
+        threshold = getattr(self.nms, "score_threshold", None)
+        if threshold is None or not 0.0 < float(threshold) < 1.0:
+            return k
+        min_logit = math.log(threshold / (1.0 - threshold)) - 1e-3
+        above = int((best >= min_logit).sum(axis=1).max())
+        return max(1, min(k, above))
+
     def _top_anchors_numpy(self, logits: paddle.Tensor, deltas: paddle.Tensor, anchors: paddle.Tensor,
                            hw: int, k: int) -> Tuple[paddle.Tensor, paddle.Tensor, paddle.Tensor]:
         """:meth:`_top_anchors` for dygraph on CPU, reading the maps through zero-copy numpy views.
@@ -421,8 +437,9 @@ class RetinaHead(nn.Layer):
         num_a, num_c = self.num_anchors, self.num_classes
         batch = int(logits.shape[0])
         maps = np.from_dlpack(logits).reshape(batch, num_a, num_c, hw)
-        best = paddle.to_tensor(maps.max(axis=2).reshape(batch, num_a * hw))
-        keep = paddle.topk(best, k=k, axis=1)[1].numpy()  # [B, k], index a*hw + p
+        best = maps.max(axis=2).reshape(batch, num_a * hw)
+        k = self._candidates_needed(best, k)
+        keep = paddle.topk(paddle.to_tensor(best), k=k, axis=1)[1].numpy()  # [B, k], index a*hw + p
         anchor_id, pos = keep // hw, keep % hw
         image = np.arange(batch)[:, None, None]
         a, p = anchor_id[:, :, None], pos[:, :, None]
