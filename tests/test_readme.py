@@ -43,9 +43,9 @@ def test_readme_opens_with_the_two_commands():
 
 def _tool_parser(name):
     module = runpy.run_path(os.path.join(REPO, "tools", name), run_name="readme_check")
-    if "build_parser" in module:
-        return module["build_parser"]().parse_args
-    return module["parse_args"]
+    if "parse_args" in module:
+        return module["parse_args"]
+    return module["build_parser"]().parse_args
 
 
 def _config_path(path):
