@@ -9,6 +9,7 @@ import paddle.nn as nn
 import paddle.nn.functional as F
 
 from ppdet_retina.core.workspace import ConfigError, register
+from ppdet_retina.modeling.layers import ConvNormReLU
 from ppdet_retina.modeling.shape_spec import ShapeSpec
 
 __all__ = ["VGG"]
@@ -18,19 +19,10 @@ _CONVS_PER_STAGE = {11: (1, 1, 2, 2, 2), 13: (2, 2, 2, 2, 2), 16: (2, 2, 3, 3, 3
 _DEFAULT_CHANNELS = (64, 128, 256, 512, 512)
 
 
-class _ConvReLU(nn.Layer):
+def _conv_relu(ch_in: int, ch_out: int, norm_type: Optional[str]) -> ConvNormReLU:
     """3x3 same-size conv (+ BatchNorm) + ReLU; sublayers ``conv`` and, with BN, ``norm``."""
-
-    def __init__(self, ch_in: int, ch_out: int, norm_type: Optional[str]):
-        super().__init__()
-        self.conv = nn.Conv2D(ch_in, ch_out, 3, padding=1, bias_attr=norm_type is None)
-        self.norm = nn.BatchNorm2D(ch_out) if norm_type == "bn" else None
-
-    def forward(self, x: paddle.Tensor) -> paddle.Tensor:
-        x = self.conv(x)
-        if self.norm is not None:
-            x = self.norm(x)
-        return F.relu(x)
+    conv = nn.Conv2D(ch_in, ch_out, 3, padding=1, bias_attr=norm_type is None)
+    return ConvNormReLU(conv, nn.BatchNorm2D(ch_out) if norm_type == "bn" else None)
 
 
 @register
@@ -62,7 +54,7 @@ class VGG(nn.Layer):
         stages = []
         ch_in = 3
         for num_convs, ch_out in zip(_CONVS_PER_STAGE[depth], self.channels):
-            stages.append(nn.Sequential(*[_ConvReLU(ch_in if i == 0 else ch_out, ch_out, norm_type)
+            stages.append(nn.Sequential(*[_conv_relu(ch_in if i == 0 else ch_out, ch_out, norm_type)
                                           for i in range(num_convs)]))
             ch_in = ch_out
         self.stages = nn.LayerList(stages)

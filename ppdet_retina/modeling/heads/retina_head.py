@@ -22,6 +22,7 @@ from paddle.nn.initializer import Constant, Normal
 
 from ppdet_retina.core.workspace import ConfigError, create, register
 from ppdet_retina.modeling.box_ops import bbox2delta, delta2bbox
+from ppdet_retina.modeling.layers import ConvNormReLU, make_norm
 
 __all__ = ["RetinaFeat", "RetinaHead"]
 
@@ -37,26 +38,8 @@ def _normal_conv(ch_in: int, ch_out: int, bias: float = 0.0) -> nn.Conv2D:
                      bias_attr=ParamAttr(initializer=Constant(bias)))
 
 
-class _ConvNormReLU(nn.Layer):
-    """conv -> optional norm -> ReLU; sublayers named ``conv`` and ``norm``."""
-
-    def __init__(self, ch_in: int, ch_out: int, norm_type: Optional[str]):
-        super().__init__()
-        self.conv = _normal_conv(ch_in, ch_out)
-        if norm_type == "gn":
-            self.norm = nn.GroupNorm(num_groups=32, num_channels=ch_out)
-        elif norm_type == "sync_bn":
-            self.norm = nn.SyncBatchNorm(ch_out)
-        elif norm_type == "bn":
-            self.norm = nn.BatchNorm2D(ch_out)
-        else:
-            self.norm = None
-
-    def forward(self, x: paddle.Tensor) -> paddle.Tensor:
-        x = self.conv(x)
-        if self.norm is not None:
-            x = self.norm(x)
-        return F.relu(x)
+def _tower_conv(ch_in: int, ch_out: int, norm_type: Optional[str]) -> ConvNormReLU:
+    return ConvNormReLU(_normal_conv(ch_in, ch_out), make_norm(norm_type, ch_out))
 
 
 @register
@@ -100,7 +83,7 @@ class RetinaFeat(nn.Layer):
 
     @staticmethod
     def _tower(feat_in: int, feat_out: int, num_convs: int, norm_type: Optional[str]) -> nn.LayerList:
-        return nn.LayerList([_ConvNormReLU(feat_in if i == 0 else feat_out, feat_out, norm_type)
+        return nn.LayerList([_tower_conv(feat_in if i == 0 else feat_out, feat_out, norm_type)
                              for i in range(num_convs)])
 
     def forward(self, feats: Sequence[paddle.Tensor]) -> Tuple[List[paddle.Tensor], List[paddle.Tensor]]:
