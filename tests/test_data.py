@@ -226,6 +226,13 @@ def test_train_reader_builds_reference_reader_config(tiny_coco):
     _check_batch(batches[0], 2, batches[0]["gt_bbox"].shape[1])
 
 
+def test_reader_refuses_a_setup_that_makes_no_batch(tiny_coco):
+    reader = create({"name": "TrainReader", "sample_transforms": [{"Decode": {}}], "batch_size": 8,
+                     "drop_last": True})
+    with pytest.raises(ValueError, match="make no batch of batch_size 8 with drop_last: true"):
+        reader(_dataset(tiny_coco), 0)
+
+
 def test_reader_bad_op_or_key_raises_config_error():
     with pytest.raises(ConfigError, match=r"sample_transforms\[1\].*Resize.*target_sz"):
         create({"name": "TrainReader", "sample_transforms": [{"Decode": {}}, {"Resize": {"target_sz": 5}}]})

@@ -109,3 +109,26 @@ def test_repeated_image_counts_once(tmp_path):
     twice.update(*batch)
     assert len(twice.results) == len(once.results) == 8
     assert twice.accumulate() == once.accumulate()
+
+
+def test_repeated_image_in_one_batch_counts_once_and_unrun_images_do_not_count(tmp_path):
+    anno_file = str(tmp_path / "gt.json")
+    annos = write_gt(anno_file)
+    rng = np.random.RandomState(2)
+    metric = COCOMetric(anno_file, CLSID2CATID, output_eval=str(tmp_path / "out"))
+    inputs, outputs = batch_from(annos, [11, 11, 12], jitter=2.0, rng=rng)
+    metric.update(inputs, outputs)
+    per_image = {11: 4, 12: 4}  # 3 gts + 1 false positive each, image 11's second copy dropped
+    dets = metric.results
+    assert {i: sum(d["image_id"] == i for d in dets) for i in per_image} == per_image
+    stats = metric.accumulate()["bbox"]
+    # Image 13 was never run (e.g. sample_num): it is not scored as all misses.
+    coco_gt = COCO(anno_file)
+    with contextlib.redirect_stdout(io.StringIO()):
+        ev = COCOeval(coco_gt, coco_gt.loadRes(dets), "bbox")
+        ev.params.imgIds = [11, 12]
+        ev.evaluate()
+        ev.accumulate()
+        ev.summarize()
+    np.testing.assert_allclose(stats, ev.stats, atol=1e-9)
+    assert stats[8] > 0.5  # AR@100 over images 11 and 12 only

@@ -327,6 +327,18 @@ def test_numpy_top_anchors_equal_the_graph_route(monkeypatch):
         np.testing.assert_array_equal(got.numpy(), want.numpy())
 
 
+def test_post_process_outside_no_grad():
+    # An eval-mode forward without paddle.no_grad(): the head outputs track gradients, which
+    # DLPack refuses; the selection must read detached views.
+    head = _head(num_classes=3, one_anchor=False, nms_pre=20)
+    head.eval()
+    feats = [_t(np.random.default_rng(3).normal(size=(1, 8, 6, 6)))]
+    outs = head(feats)
+    assert not outs[0][0].stop_gradient
+    bbox, bbox_num = head.post_process(outs, _t([[48, 48]]), _t([[1, 1]]))
+    assert bbox.shape[1] == 6 and int(bbox_num.sum()) == bbox.shape[0]
+
+
 def test_stopping_the_top_k_at_the_score_threshold_keeps_the_detections(monkeypatch):
     # Anchors whose best score is under the NMS threshold cannot become detections, so the
     # dygraph selection stops there: same bbox rows as the full nms_pre top-k.

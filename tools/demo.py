@@ -119,8 +119,9 @@ def main() -> int:
     os.makedirs(os.path.join(ROOT, infer_dir), exist_ok=True)
     for img in val_images:
         link = os.path.join(ROOT, infer_dir, os.path.basename(img))
-        if not os.path.exists(link):
-            os.symlink(img, link)
+        if os.path.lexists(link):  # also a link left dangling by a regenerated dataset
+            os.remove(link)
+        os.symlink(img, link)
     run([py, "tools/infer.py", "-c", args.config, "-o", f"weights={weights}", "--infer_dir", infer_dir,
          "--output_dir", pictures, "--draw_threshold", "0.5", "--save_results"])
     curve = os.path.join(ROOT, args.output, "training_curves.png")

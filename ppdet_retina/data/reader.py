@@ -8,10 +8,9 @@ Batch keys, shapes and dtypes (the gt keys only when the dataset has boxes)::
 
 Distributed runs (``paddle.distributed.get_world_size() > 1``) use
 ``paddle.io.DistributedBatchSampler``: each rank reads a disjoint strided
-share of the (shuffled, for training) indices. For evaluation the sampler pads
-the index list with indices from its start so every rank gets the same number
-of batches; every image is therefore seen at least once, and the few repeated
-at the end carry the same ``im_id`` so the evaluator keeps one result per id.
+share of the (shuffled, for training) indices. Evaluation is run by rank 0
+alone over the whole set with a plain sampler (the engine passes it), so every
+image is seen exactly once; the metric still keeps one result per ``im_id``.
 Errors in the sample or batch ops (a corrupt image, say) are carried to the
 main process inside the batch and raised there as ``ValueError`` naming the
 file: paddle's loader threads would otherwise replace them with a bare
@@ -175,14 +174,17 @@ class BaseReader:
                  return_list: bool = True) -> DetDataLoader:
         if len(dataset) == 0:
             raise ValueError(f"{type(self).__name__}: the dataset is empty")
-        if self.drop_last and len(dataset) < self.batch_size and batch_sampler is None:
-            raise ValueError(f"{type(self).__name__}: {len(dataset)} image(s) is fewer than batch_size "
-                             f"{self.batch_size} with drop_last: true, so no batch would be made; "
-                             f"lower batch_size or set drop_last: false")
+        sampler = batch_sampler or self.make_batch_sampler(dataset)
+        if len(sampler) == 0:
+            ranks = paddle.distributed.get_world_size()
+            raise ValueError(f"{type(self).__name__}: {len(dataset)} image(s) make no batch of batch_size "
+                             f"{self.batch_size} with drop_last: true" + (f" on each of {ranks} processes"
+                                                                          if ranks > 1 else "")
+                             + "; lower batch_size or set drop_last: false")
         dataset.set_transform(Compose(self.sample_ops))
         return DetDataLoader(
             _ErrorCatchingDataset(dataset),
-            batch_sampler=batch_sampler or self.make_batch_sampler(dataset),
+            batch_sampler=sampler,
             collate_fn=BatchCollator(self.batch_ops),
             num_workers=max(0, int(worker_num)),
             use_shared_memory=self.use_shared_memory,

@@ -62,14 +62,20 @@ def detections_to_coco(bbox: np.ndarray, bbox_num: np.ndarray, im_ids: np.ndarra
     return results
 
 
-def coco_bbox_eval(coco_gt, results: List[dict], verbose: bool = True):
-    """Run COCOeval (bbox) on ``results``; returns the evaluator after ``summarize``."""
+def coco_bbox_eval(coco_gt, results: List[dict], verbose: bool = True, img_ids: Optional[List[int]] = None):
+    """Run COCOeval (bbox) on ``results``; returns the evaluator after ``summarize``.
+
+    ``img_ids`` limits the evaluation to the images that were run (e.g. ``sample_num``); by
+    default every image of the annotation file counts, as pycocotools does.
+    """
     from pycocotools.cocoeval import COCOeval
 
     # pycocotools prints progress lines; only the summary is worth showing.
     with contextlib.redirect_stdout(io.StringIO()):
         coco_dt = coco_gt.loadRes(results)
         evaluator = COCOeval(coco_gt, coco_dt, "bbox")
+        if img_ids is not None:
+            evaluator.params.imgIds = sorted(img_ids)
         evaluator.evaluate()
         evaluator.accumulate()
     summary = io.StringIO()
@@ -148,13 +154,17 @@ class COCOMetric:
 
     def update(self, inputs: Mapping, outputs: Mapping) -> None:
         im_ids = _numpy(inputs["im_id"]).reshape(-1)
-        results = detections_to_coco(_numpy(outputs["bbox"]), _numpy(outputs["bbox_num"]), im_ids,
-                                     self.clsid2catid)
-        # A distributed sampler pads its last batches with repeated images; an
-        # image already scored must not add a second copy of its detections.
-        fresh = {int(i) for i in im_ids} - self.seen_ids
-        self.results.extend(r for r in results if r["image_id"] in fresh)
-        self.seen_ids |= fresh
+        bbox, bbox_num = _numpy(outputs["bbox"]), _numpy(outputs["bbox_num"]).reshape(-1)
+        # An image met again (a repeated dataset, a padded sampler) must not add a second
+        # copy of its detections, whether the copy is in an earlier batch or in this one.
+        first = np.zeros(len(im_ids), bool)
+        for j, image_id in enumerate(int(i) for i in im_ids):
+            first[j] = image_id not in self.seen_ids
+            self.seen_ids.add(image_id)
+        rows = np.repeat(first, bbox_num.astype(np.int64))
+        bbox = np.asarray(bbox).reshape(-1, 6)[:len(rows)][rows]
+        self.results.extend(detections_to_coco(bbox, np.where(first, bbox_num, 0), im_ids,
+                                               self.clsid2catid))
 
     def _write_results(self) -> str:
         folder = self.output_eval or tempfile.mkdtemp(prefix="ppdet_retina_eval_")
@@ -173,7 +183,7 @@ class COCOMetric:
             self.stats = {"bbox": [0.0] * 12}
             return self.stats
         coco_gt = _load_coco(self.anno_file)
-        evaluator = coco_bbox_eval(coco_gt, self.results)
+        evaluator = coco_bbox_eval(coco_gt, self.results, img_ids=list(self.seen_ids))
         self.stats = {"bbox": [float(v) for v in evaluator.stats]}
         if self.classwise:
             self.classwise_ap = per_class_ap(evaluator, coco_gt)

@@ -419,7 +419,8 @@ class RetinaHead(nn.Layer):
         """
         num_a, num_c = self.num_anchors, self.num_classes
         batch = int(logits.shape[0])
-        maps = np.from_dlpack(logits).reshape(batch, num_a, num_c, hw)
+        # detach(): a view of the same memory; DLPack refuses tensors that track gradients.
+        maps = np.from_dlpack(logits.detach()).reshape(batch, num_a, num_c, hw)
         best = maps.max(axis=2).reshape(batch, num_a * hw)
         k = self._candidates_needed(best, k)
         keep = paddle.topk(paddle.to_tensor(best), k=k, axis=1)[1].numpy()  # [B, k], index a*hw + p
@@ -427,10 +428,10 @@ class RetinaHead(nn.Layer):
         image = np.arange(batch)[:, None, None]
         a, p = anchor_id[:, :, None], pos[:, :, None]
         top_logits = maps[image, a, np.arange(num_c), p]  # [B, k, C]
-        box_maps = np.from_dlpack(deltas).reshape(batch, num_a, 4, hw)
+        box_maps = np.from_dlpack(deltas.detach()).reshape(batch, num_a, 4, hw)
         top_deltas = box_maps[image, a, np.arange(4), p]  # [B, k, 4]
         # The generator orders a level's anchors (y*w + x)*A + a.
-        top_anchors = np.from_dlpack(anchors)[pos * num_a + anchor_id]  # [B, k, 4]
+        top_anchors = np.from_dlpack(anchors.detach())[pos * num_a + anchor_id]  # [B, k, 4]
         return tuple(paddle.to_tensor(np.ascontiguousarray(t)) for t in (top_deltas, top_anchors, top_logits))
 
 
