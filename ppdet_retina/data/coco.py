@@ -128,7 +128,7 @@ class COCODataSet(_TransformMixin):
     def parse_dataset(self) -> None:
         """Read the json, map categories, build and filter records. Called once by the constructor."""
         anno_file = self._checked_anno_file()
-        coco = _load_coco(anno_file)
+        coco = load_coco(anno_file)
         self.catid2clsid, self.clsid2catid, self.label_names = _category_maps(coco, anno_file)
         image_root = self.get_image_root()
         img_ids = sorted(coco.getImgIds())
@@ -253,7 +253,7 @@ def _check_fields(data_fields: Sequence[str]) -> List[str]:
     return fields
 
 
-def _load_coco(anno_file: str):
+def load_coco(anno_file: str):
     """Read and validate ``anno_file`` before pycocotools sees it (its own errors are bare KeyErrors)."""
     from pycocotools.coco import COCO
     try:

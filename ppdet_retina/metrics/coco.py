@@ -11,6 +11,7 @@ from typing import Dict, List, Mapping, Optional
 
 import numpy as np
 
+from ppdet_retina.data.coco import load_coco
 from ppdet_retina.utils.logger import setup_logger
 
 __all__ = ["COCOMetric", "detections_to_coco", "coco_bbox_eval", "STAT_NAMES"]
@@ -87,13 +88,10 @@ def coco_bbox_eval(coco_gt, results: List[dict], verbose: bool = True, img_ids: 
 
 
 def _load_coco(anno_file: str):
-    from pycocotools.coco import COCO
-
     if not os.path.isfile(anno_file):
         raise FileNotFoundError(f"COCO annotation file '{anno_file}' not found; check EvalDataset "
                                 f"dataset_dir / anno_path")
-    with contextlib.redirect_stdout(io.StringIO()):
-        return COCO(anno_file)
+    return load_coco(anno_file)
 
 
 def per_class_ap(evaluator, coco_gt) -> List[tuple]:
