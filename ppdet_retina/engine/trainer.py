@@ -23,7 +23,7 @@ import json
 import math
 import os
 import time
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import cv2
 import numpy as np
@@ -194,29 +194,37 @@ class Trainer:
         outputs = self.train_model(batch)
         if "loss" not in outputs:
             raise ValueError(f"the model's training output has no 'loss' key (got {sorted(outputs)})")
-        values = {k: float(v) for k, v in outputs.items()}
-        self._check_finite(values, epoch, it)
+        values, bad = self._loss_values(outputs)
+        if bad:
+            self._stop_on_non_finite(values, epoch, it)
         outputs["loss"].backward()
         self.optimizer.step()
         self.optimizer.clear_grad()
         self.lr.step()
         return values
 
-    def _check_finite(self, values: Dict[str, float], epoch: int, it: int) -> None:
-        bad = not all(math.isfinite(v) for v in values.values())
+    def _loss_values(self, outputs: Dict[str, paddle.Tensor]) -> Tuple[Dict[str, float], bool]:
+        """The loss terms as floats and whether any rank saw a non-finite one, in one host copy.
+
+        Every rank must stop together, or the others hang in the gradient all-reduce, so the
+        flag is all-reduced before it is read.
+        """
+        names = list(outputs)
+        stacked = paddle.stack([outputs[k].astype("float32").reshape([]) for k in names])
+        flag = paddle.logical_not(paddle.isfinite(stacked)).any().astype("float32").reshape([1])
         if self.world_size > 1:
-            # Every rank must stop together, or the others hang in the gradient all-reduce.
-            flag = paddle.to_tensor([1.0 if bad else 0.0])
             paddle.distributed.all_reduce(flag, op=paddle.distributed.ReduceOp.MAX)
-            bad = float(flag.numpy().max()) > 0
-        if bad:
-            terms = ", ".join(f"{k}={v:.6g}" for k, v in values.items())
-            where = f" on some rank (rank {self.rank} had {terms})" if self.world_size > 1 else f": {terms}"
-            raise FloatingPointError(
-                f"non-finite loss at epoch {epoch}, iteration {it} (global step {self.lr.last_epoch}){where}. "
-                f"Training stopped before the update, so the last saved checkpoint in "
-                f"{self.output_dir} is intact. Lower LearningRate.base_lr, lengthen LinearWarmup, or "
-                f"check the data (degenerate boxes).")
+        host = paddle.concat([stacked.detach(), flag]).numpy()
+        return {k: float(v) for k, v in zip(names, host[:-1])}, bool(host[-1] > 0)
+
+    def _stop_on_non_finite(self, values: Dict[str, float], epoch: int, it: int) -> None:
+        terms = ", ".join(f"{k}={v:.6g}" for k, v in values.items())
+        where = f" on some rank (rank {self.rank} had {terms})" if self.world_size > 1 else f": {terms}"
+        raise FloatingPointError(
+            f"non-finite loss at epoch {epoch}, iteration {it} (global step {self.lr.last_epoch}){where}. "
+            f"Training stopped before the update, so the last saved checkpoint in "
+            f"{self.output_dir} is intact. Lower LearningRate.base_lr, lengthen LinearWarmup, or "
+            f"check the data (degenerate boxes).")
 
     def _log_step(self, journal: JsonlWriter, stats: TrainingStats, lr: float, epoch: int, end_epoch: int,
                   it: int, steps_per_epoch: int, batch: dict, batch_cost: float, data_cost: float,
