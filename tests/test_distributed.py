@@ -35,3 +35,34 @@ def test_two_process_launch_keeps_ranks_identical(tmp_path, tiny_coco):
     assert [r["type"] for r in records] == ["train", "eval"]
     # The global throughput counts both ranks' images: batch 2 per rank.
     assert "images/s" in logs[0]
+
+
+_FAILING_RANK0 = """
+import sys
+sys.path.insert(0, {repo!r})
+from ppdet_retina.engine import env
+
+env.init_distributed()
+def work():
+    raise OSError("disk full while saving")
+try:
+    env.run_on_main_then_sync(work)
+except Exception as err:
+    print(f"rank {{env.rank()}} stopped: {{type(err).__name__}}: {{err}}", flush=True)
+    sys.exit(3)
+print("rank continued", flush=True)
+"""
+
+
+def test_rank0_failure_stops_every_rank_instead_of_hanging(tmp_path):
+    script, log_dir = tmp_path / "fail.py", str(tmp_path / "log")
+    script.write_text(_FAILING_RANK0.format(repo=REPO))
+    env = dict(os.environ, GLOG_minloglevel="2", PYTHONWARNINGS="ignore::UserWarning")
+    cmd = [sys.executable, "-m", "paddle.distributed.launch", "--log_level", "WARNING", "--log_dir", log_dir,
+           "--nproc_per_node", "2", str(script)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=60, env=env)
+    assert proc.returncode != 0
+    logs = {r: open(os.path.join(log_dir, f"workerlog.{r}")).read() for r in (0, 1)}
+    assert "rank 0 stopped: OSError: disk full while saving" in logs[0]
+    assert "rank 1 stopped: RuntimeError: rank 0 failed" in logs[1]
+    assert "rank continued" not in logs[0] + logs[1]

@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import os
 import random
-from typing import Optional
+from typing import Any, Callable, Optional
 
 import numpy as np
 import paddle
@@ -21,6 +21,7 @@ __all__ = [
     "select_device",
     "init_distributed",
     "barrier",
+    "run_on_main_then_sync",
     "set_random_seed",
     "setup_environment",
 ]
@@ -115,6 +116,30 @@ def barrier() -> None:
     """Wait for every process (no-op in a single process)."""
     if world_size() > 1 and _PARALLEL_READY:
         paddle.distributed.barrier()
+
+
+def run_on_main_then_sync(fn: Callable[[], Any]) -> Any:
+    """Run ``fn`` on rank 0 only, then let every rank continue together, or fail together.
+
+    A plain barrier after rank-0-only work would leave the other ranks waiting for ever when
+    rank 0 raises; here the ranks agree on a failure flag first, and every rank raises.
+    Returns ``fn``'s result on rank 0 and None elsewhere.
+    """
+    result, error = None, None
+    if is_main_process():
+        try:
+            result = fn()
+        except Exception as err:  # noqa: BLE001 - re-raised below, after the other ranks know
+            error = err
+    if world_size() > 1 and _PARALLEL_READY:
+        flag = paddle.to_tensor([1.0 if error is not None else 0.0])
+        paddle.distributed.all_reduce(flag, op=paddle.distributed.ReduceOp.MAX)
+        if error is None and float(flag.numpy()[0]) > 0:
+            raise RuntimeError("rank 0 failed while working alone (evaluation or saving); see its log "
+                               "(log/workerlog.0 under paddle.distributed.launch)")
+    if error is not None:
+        raise error
+    return result
 
 
 def set_random_seed(seed: int) -> None:

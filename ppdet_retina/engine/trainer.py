@@ -153,9 +153,9 @@ class Trainer:
         journal = JsonlWriter(os.path.join(self.output_dir, "train_log.jsonl"), append=self.start_epoch > 0)
         if self.start_epoch >= end_epoch:
             logger.warning(f"nothing to train: start epoch {self.start_epoch} >= epoch {end_epoch}")
-        if validate and env.is_main_process():
+        if validate:
             # A wrong EvalDataset should fail now, not after the first epoch of training.
-            self._build_eval_loader()
+            env.run_on_main_then_sync(self._build_eval_loader)
         self._run_epochs(end_epoch, log_iter, snapshot, validate, journal)
         self._write_weights_hash()
 
@@ -243,17 +243,18 @@ class Trainer:
                        "time": time.time()})
 
     def _snapshot(self, epoch: int, last: bool, validate: bool, journal: JsonlWriter) -> None:
-        """Rank 0 evaluates (with ``validate``) and then saves, so the saved best mAP is current."""
-        if env.is_main_process():
-            improved = self._validate(epoch, journal) if validate else False
-            path = self._save("model_final" if last else str(epoch), epoch)
-            logger.info(f"saved checkpoint {path}")
-            if improved:
-                logger.info(f"new best model saved to {self._save('best_model', epoch)}")
-            if validate:
-                logger.info(f"best bbox mAP so far: {self.best_ap:.4f}")
+        """Rank 0 evaluates (with ``validate``) and then saves, so the saved best mAP is current;
+        the other ranks wait for it, and stop with it if it fails."""
+        env.run_on_main_then_sync(lambda: self._evaluate_and_save(epoch, last, validate, journal))
+
+    def _evaluate_and_save(self, epoch: int, last: bool, validate: bool, journal: JsonlWriter) -> None:
+        improved = self._validate(epoch, journal) if validate else False
+        path = self._save("model_final" if last else str(epoch), epoch)
+        logger.info(f"saved checkpoint {path}")
+        if improved:
+            logger.info(f"new best model saved to {self._save('best_model', epoch)}")
         if validate:
-            env.barrier()
+            logger.info(f"best bbox mAP so far: {self.best_ap:.4f}")
 
     def _save(self, name: str, epoch: int) -> str:
         extra = {"epoch": epoch + 1, "lr_step": int(self.lr.last_epoch), "best_ap": self.best_ap}
