@@ -17,11 +17,11 @@ import os
 import time
 from typing import Any, Dict, List, Optional
 
-import paddle
 import yaml
 
-from ppdet_retina.core.workspace import ConfigError, create
+from ppdet_retina.core.workspace import ConfigError
 from ppdet_retina.engine.export import MODEL_PREFIX, load_exported, preprocess_entries, run_predictor
+from ppdet_retina.engine.trainer import build_eval_loader, output_dir_of
 from ppdet_retina.metrics.coco import COCOMetric
 from ppdet_retina.utils.logger import setup_logger
 
@@ -98,13 +98,9 @@ def evaluate_exported(cfg: dict, model_dir: str, use_mkldnn: bool = True, bf16: 
     predictor = load_exported(os.path.join(model_dir, MODEL_PREFIX + ".json"),
                               os.path.join(model_dir, MODEL_PREFIX + ".pdiparams"),
                               use_mkldnn=use_mkldnn, bf16=bf16, cpu_threads=threads, use_gpu=use_gpu)
-    dataset = create("EvalDataset", cfg)
-    reader = create("EvalReader", cfg)
-    sampler = paddle.io.BatchSampler(dataset, batch_size=reader.batch_size, shuffle=False, drop_last=False)
-    loader = reader(dataset, int(cfg.get("worker_num", 0)), batch_sampler=sampler)
-    default_out = os.path.join(str(cfg.get("save_dir", "output")), str(cfg.get("filename", "model")))
+    loader, dataset = build_eval_loader(cfg)
     metric = COCOMetric(dataset.get_anno(), dataset.clsid2catid, classwise=classwise,
-                        output_eval=output_eval or cfg.get("output_eval") or default_out)
+                        output_eval=output_eval or cfg.get("output_eval") or output_dir_of(cfg))
     tic, images = time.time(), 0
     for batch in loader:
         feeds = {key: batch[key].numpy() for key in ("image", "im_shape", "scale_factor")}

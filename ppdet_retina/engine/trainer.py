@@ -23,7 +23,7 @@ import json
 import math
 import os
 import time
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import cv2
 import numpy as np
@@ -60,6 +60,23 @@ def weights_digest(model: paddle.nn.Layer) -> str:
     return digest.hexdigest()
 
 
+def output_dir_of(cfg: dict) -> str:
+    """``save_dir/<config name>``: where a config's checkpoints, logs and eval results go."""
+    return os.path.join(str(cfg.get("save_dir", "output")), str(cfg.get("filename", "model")))
+
+
+def build_eval_loader(cfg: dict, dataset: Any = None) -> Tuple[Any, Any]:
+    """(EvalReader loader, dataset) over ``dataset`` or the config's EvalDataset.
+
+    Evaluation runs in one process over every image, so the loader must not shard the set
+    across ranks even under the launcher.
+    """
+    dataset = create("EvalDataset", cfg) if dataset is None else dataset
+    reader = create("EvalReader", cfg)
+    sampler = paddle.io.BatchSampler(dataset, batch_size=reader.batch_size, shuffle=False, drop_last=False)
+    return reader(dataset, int(cfg.get("worker_num", 0)), batch_sampler=sampler), dataset
+
+
 class Trainer:
     """Builds dataset, reader and model from ``cfg`` for one ``mode`` and runs the loops.
 
@@ -85,7 +102,7 @@ class Trainer:
         self.rank = env.rank()
         threads = f", {env.cpu_threads_per_process()} CPU thread(s) per process" if self.device == "cpu" else ""
         logger.info(f"device {self.device}, {self.world_size} process(es){threads}")
-        self.output_dir = os.path.join(str(cfg.get("save_dir", "output")), str(cfg.get("filename", "model")))
+        self.output_dir = output_dir_of(cfg)
         self.start_epoch = 0
         self.best_ap = -1.0
         self.lr = None
@@ -282,14 +299,8 @@ class Trainer:
     # ------------------------------------------------------------------ evaluation
     def _build_eval_loader(self):
         if self._eval_loader is None:
-            dataset = self.dataset if self.mode == "eval" else create("EvalDataset", self.cfg)
-            reader = create("EvalReader", self.cfg)
-            # Evaluation runs in one process over every image, so the loader must
-            # not shard the set across ranks even under the launcher.
-            sampler = paddle.io.BatchSampler(dataset, batch_size=reader.batch_size, shuffle=False,
-                                             drop_last=False)
-            self._eval_loader = reader(dataset, int(self.cfg.get("worker_num", 0)), batch_sampler=sampler)
-            self._eval_dataset = dataset
+            dataset = self.dataset if self.mode == "eval" else None
+            self._eval_loader, self._eval_dataset = build_eval_loader(self.cfg, dataset)
         return self._eval_loader
 
     def _build_metric(self, dataset) -> COCOMetric:
