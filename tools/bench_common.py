@@ -90,3 +90,31 @@ def post_process_variants(run: Callable[[list], object], cls_logits: list, warmu
         times = [timed(lambda: run(logits))[1] for _ in range(warmup + iters)][warmup:]
         out[key] = round(statistics.median(times), 2)
     return out
+
+
+def measure(model, args: argparse.Namespace, rng, num_classes: int, random_batch: Callable,
+            bench_infer: Callable, bench_train: Callable, result: Dict[str, object]) -> Dict[str, object]:
+    """Both tools' measuring sequence: inference, then a train step, then peak RSS; prints the JSON.
+
+    Inference comes first, on the freshly initialised model: a few training steps on random data
+    drive a randomly initialised R50 with frozen BN to huge activations, which would skew it.
+    """
+    import json
+    import resource
+
+    import paddle
+
+    if not args.skip_infer:
+        h, w = hw(args.infer_size)
+        inputs = random_batch(1, h, w, rng, num_classes)
+        result["infer_input"] = [1, 3, h, w]
+        result.update(bench_infer(model, inputs, args.warmup, args.iters))
+    if not args.skip_train:
+        h, w = hw(args.train_size)
+        inputs = random_batch(args.batch_size, h, w, rng, num_classes)
+        optimizer = paddle.optimizer.Momentum(learning_rate=1e-4, momentum=0.9, parameters=model.parameters())
+        result["train_input"] = [args.batch_size, 3, h, w]
+        result.update(bench_train(model, optimizer, inputs, args.warmup, args.iters))
+    result["peak_rss_mb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0, 1)
+    print(json.dumps(result))
+    return result

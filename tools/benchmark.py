@@ -18,9 +18,7 @@ memory. Usage:
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import resource
 import statistics
 import sys
 from typing import Dict, List
@@ -33,7 +31,8 @@ os.environ.setdefault("GLOG_minloglevel", "2")
 import numpy as np  # noqa: E402
 import paddle  # noqa: E402
 
-from bench_common import build_parser, gt_boxes, hw, median_of, post_process_variants, timed  # noqa: E402
+from bench_common import (build_parser, gt_boxes, measure, median_of, post_process_variants,  # noqa: E402
+                          timed)
 from ppdet_retina.core.workspace import create, load_config  # noqa: E402
 from ppdet_retina.engine.env import set_cpu_threads  # noqa: E402
 
@@ -177,22 +176,7 @@ def main(argv: List[str] | None = None) -> Dict:
     num_classes = int(cfg.get("num_classes", 80))
     result: Dict[str, object] = {"config": os.path.relpath(cfg["config_path"], ROOT), "threads": threads,
                                  "num_classes": num_classes, "paddle": paddle.__version__}
-    # Inference first, on the freshly initialised model: a few training steps on random data
-    # drive a randomly initialised R50 with frozen BN to huge activations, which would skew it.
-    if not args.skip_infer:
-        h, w = hw(args.infer_size)
-        inputs = random_batch(1, h, w, rng, num_classes)
-        result["infer_input"] = [1, 3, h, w]
-        result.update(bench_infer(model, inputs, args.warmup, args.iters))
-    if not args.skip_train:
-        h, w = hw(args.train_size)
-        inputs = random_batch(args.batch_size, h, w, rng, num_classes)
-        optimizer = paddle.optimizer.Momentum(learning_rate=1e-4, momentum=0.9, parameters=model.parameters())
-        result["train_input"] = [args.batch_size, 3, h, w]
-        result.update(bench_train(model, optimizer, inputs, args.warmup, args.iters))
-    result["peak_rss_mb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0, 1)
-    print(json.dumps(result))
-    return result
+    return measure(model, args, rng, num_classes, random_batch, bench_infer, bench_train, result)
 
 
 if __name__ == "__main__":

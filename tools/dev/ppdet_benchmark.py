@@ -22,9 +22,7 @@ timed by switching that (norm-free) head to eval for the forward alone.
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import resource
 import sys
 from typing import Dict, List
 
@@ -33,7 +31,8 @@ os.environ.setdefault("GLOG_minloglevel", "2")
 import numpy as np  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from bench_common import build_parser, gt_boxes, hw, median_of, post_process_variants, timed  # noqa: E402
+from bench_common import (build_parser, gt_boxes, measure, median_of, post_process_variants,  # noqa: E402
+                          timed)
 
 DEFAULT_CONFIG = "/work/shared/reference/ppdet_configs/retinanet/retinanet_r50_fpn_1x_coco.yml"
 
@@ -133,22 +132,7 @@ def main(argv: List[str] | None = None) -> Dict:
     result: Dict[str, object] = {"config": args.config, "threads": threads, "num_classes": num_classes,
                                  "paddle": paddle.__version__,
                                  "ppdet": getattr(ppdet, "__version__", "unknown")}
-    # Inference first, on the freshly initialised model: a few training steps on random data
-    # drive a randomly initialised R50 with frozen BN to huge activations, which would skew it.
-    if not args.skip_infer:
-        h, w = hw(args.infer_size)
-        inputs = random_batch(1, h, w, rng, num_classes)
-        result["infer_input"] = [1, 3, h, w]
-        result.update(bench_infer(model, inputs, args.warmup, args.iters))
-    if not args.skip_train:
-        h, w = hw(args.train_size)
-        inputs = random_batch(args.batch_size, h, w, rng, num_classes)
-        optimizer = paddle.optimizer.Momentum(learning_rate=1e-4, momentum=0.9, parameters=model.parameters())
-        result["train_input"] = [args.batch_size, 3, h, w]
-        result.update(bench_train(model, optimizer, inputs, args.warmup, args.iters))
-    result["peak_rss_mb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0, 1)
-    print(json.dumps(result))
-    return result
+    return measure(model, args, rng, num_classes, random_batch, bench_infer, bench_train, result)
 
 
 if __name__ == "__main__":
