@@ -9,8 +9,8 @@ import pytest
 
 from ppdet_retina.core.workspace import load_config, create
 from ppdet_retina.engine import checkpoint as ckpt
-from ppdet_retina.engine.checkpoint import (convert_ppdet_state_dict, detect_key_style, load_pretrain_weights,
-                                            load_weights, resume_checkpoint, save_checkpoint)
+from ppdet_retina.engine.checkpoint import load_pretrain_weights, load_weights, resume_checkpoint, save_checkpoint
+from ppdet_retina.engine.ppdet_names import convert_ppdet_state_dict, detect_key_style
 from ppdet_retina.modeling.backbones.resnet import ResNet
 
 REF = "/work/shared/reference"

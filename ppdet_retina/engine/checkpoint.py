@@ -1,26 +1,22 @@
-"""Checkpoints: atomic save, strict and partial weight loading, resume, PaddleDetection name conversion.
+"""Checkpoints: atomic save, strict and partial weight loading, resume.
 
 Files: ``<prefix>.pdparams`` holds the model's state dict (our parameter names); ``<prefix>.pdopt``
 holds the optimizer's state dict plus our ``extra`` dict (epoch, step, ...) under ``EXTRA_KEY``.
 
-Weight files in three key styles are accepted, detected from their names:
-
-* ``ours``: the model's own names (``backbone.res2.0.conv1.conv.weight``);
-* ``ppdet``: a PaddleDetection model (``backbone.res2.res2a.branch2a.conv.weight``, ``neck.fpn_6.weight``,
-  ``head.retina_cls.weight``);
-* ``ppdet_backbone``: a PaddleDetection ImageNet backbone (the backbone names without ``backbone.``).
-
-PaddleDetection names are translated by :func:`convert_ppdet_state_dict`, driven by ``_PPDET_RULES``.
+Weight files in our names, a PaddleDetection model's or its ImageNet backbone's are accepted; the names
+are translated by :mod:`ppdet_retina.engine.ppdet_names`.
 """
 
 from __future__ import annotations
 
 import os
 import re
-from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import paddle
+
+from ppdet_retina.engine.ppdet_names import convert_ppdet_state_dict, detect_key_style
 
 __all__ = [
     "EXTRA_KEY",
@@ -28,8 +24,6 @@ __all__ = [
     "load_weights",
     "load_pretrain_weights",
     "resume_checkpoint",
-    "convert_ppdet_state_dict",
-    "detect_key_style",
 ]
 
 EXTRA_KEY = "__ppdet_retina_extra__"
@@ -45,107 +39,6 @@ _OPT_PASSTHROUGH = ("LR_Scheduler",)
 
 # Parameters whose first (conv) or last (linear) dimension depends on the number of classes.
 _CLASS_DEPENDENT = re.compile(r"^(head\.cls_logits|bbox_head\.cls_score|bbox_head\.bbox_pred)\.")
-
-# A name matching this comes from PaddleDetection, not from our model.
-_PPDET_MARKER = re.compile(
-    r"(^|\.)conv1\.conv1(_\d)?\.|(^|\.)res\d\.res\d[a-z]\d*\.|(^|\.)fpn_(inner_)?res\d_sum|^neck\.fpn_\d+\."
-    r"|fcos_head_(cls|reg)_tower|(^|\.)retina_(cls|reg)\.|^rpn_head\.rpn_(feat|rois_)|^bbox_head\.bbox_(score|delta)\.")
-
-_BRANCH_TO_OURS = {"branch2a": "conv1", "branch2b": "conv2", "branch2c": "conv3"}
-
-
-def _block_index(letter: str, digits: str) -> int:
-    """PaddleDetection block suffix -> index: 'a' 0, 'b' 1, 'c' 2 ...; deep stages 'a' 0, 'b1' 1, 'b22' 22."""
-    return int(digits) if digits else ord(letter) - ord("a")
-
-
-# (PaddleDetection name pattern, builder of our name). First match wins; unmatched names pass unchanged.
-# ``ctx['fpn_levels']`` is the number of FPN input levels of the model (its last one is res5).
-_Rule = Tuple["re.Pattern[str]", Callable[["re.Match[str]", Dict[str, int]], str]]
-_PPDET_RULES: List[_Rule] = [
-    (re.compile(r"^backbone\.conv1\.conv1\.(.+)$"),
-     lambda m, c: f"backbone.stem.0.{m[1]}"),
-    (re.compile(r"^backbone\.conv1\.conv1_(\d)\.(.+)$"),
-     lambda m, c: f"backbone.stem.{int(m[1]) - 1}.{m[2]}"),
-    (re.compile(r"^backbone\.res(\d)\.res\d([a-z])(\d*)\.(branch2[abc])\.(.+)$"),
-     lambda m, c: f"backbone.res{m[1]}.{_block_index(m[2], m[3])}.{_BRANCH_TO_OURS[m[4]]}.{m[5]}"),
-    # variant d nests the shortcut's conv+norm under 'conv' after an avg pool: short.conv.conv.weight
-    (re.compile(r"^backbone\.res(\d)\.res\d([a-z])(\d*)\.short\.(?:conv\.)?((?:conv|norm)\..+)$"),
-     lambda m, c: f"backbone.res{m[1]}.{_block_index(m[2], m[3])}.shortcut.{m[4]}"),
-    (re.compile(r"^neck\.fpn_inner_res(\d)_sum(?:_lateral)?\.(.+)$"),
-     lambda m, c: f"neck.lateral_convs.{int(m[1]) - 6 + c['fpn_levels']}.{m[2]}"),
-    (re.compile(r"^neck\.fpn_res(\d)_sum\.(.+)$"),
-     lambda m, c: f"neck.output_convs.{int(m[1]) - 6 + c['fpn_levels']}.{m[2]}"),
-    (re.compile(r"^neck\.fpn_(\d+)\.(.+)$"),
-     lambda m, c: f"neck.extra_convs.{int(m[1]) - 6}.{m[2]}"),
-    (re.compile(r"^head\.conv_feat\.fcos_head_cls_tower_conv_(\d+)\.(.+)$"),
-     lambda m, c: f"head.conv_feat.cls_tower.{m[1]}.{m[2]}"),
-    (re.compile(r"^head\.conv_feat\.fcos_head_reg_tower_conv_(\d+)\.(.+)$"),
-     lambda m, c: f"head.conv_feat.box_tower.{m[1]}.{m[2]}"),
-    (re.compile(r"^head\.retina_cls\.(.+)$"), lambda m, c: f"head.cls_logits.{m[1]}"),
-    (re.compile(r"^head\.retina_reg\.(.+)$"), lambda m, c: f"head.bbox_deltas.{m[1]}"),
-    # Faster R-CNN: same tensor layouts (cls_score background last, bbox_pred 4 columns per class)
-    (re.compile(r"^rpn_head\.rpn_feat\.rpn_conv\.(.+)$"), lambda m, c: f"rpn_head.rpn_conv.{m[1]}"),
-    (re.compile(r"^rpn_head\.rpn_rois_score\.(.+)$"), lambda m, c: f"rpn_head.objectness.{m[1]}"),
-    (re.compile(r"^rpn_head\.rpn_rois_delta\.(.+)$"), lambda m, c: f"rpn_head.deltas.{m[1]}"),
-    (re.compile(r"^bbox_head\.bbox_score\.(.+)$"), lambda m, c: f"bbox_head.cls_score.{m[1]}"),
-    (re.compile(r"^bbox_head\.bbox_delta\.(.+)$"), lambda m, c: f"bbox_head.bbox_pred.{m[1]}"),
-]
-
-
-# --------------------------------------------------------------------------- key styles and conversion
-
-def detect_key_style(keys: Iterable[str]) -> str:
-    """'ppdet' (full PaddleDetection model), 'ppdet_backbone' (its ImageNet backbone file) or 'ours'."""
-    keys = list(keys)
-    if not any(_PPDET_MARKER.search(k) for k in keys):
-        return "ours"
-    if any(k.startswith(("backbone.", "neck.", "head.")) for k in keys):
-        return "ppdet"
-    return "ppdet_backbone"
-
-
-def _fpn_levels(model_keys: Iterable[str]) -> int:
-    levels = {m[1] for m in (re.match(r"^(?:.*\.)?lateral_convs\.(\d+)\.", k) for k in model_keys) if m}
-    return len(levels) if levels else 3
-
-
-def convert_ppdet_state_dict(state: Dict[str, Any], model_keys: Iterable[str]) -> Dict[str, Any]:
-    """Rename a PaddleDetection state dict (full model or ImageNet backbone) to our parameter names.
-
-    ``model_keys`` (the target model's state-dict names) give the context the names need: how many FPN
-    input levels there are, and whether the model is a bare backbone (no ``backbone.`` prefix). Names
-    of our own style and names no rule knows are kept as they are. Values are not touched.
-    """
-    model_keys = list(model_keys)
-    style = detect_key_style(state)
-    if style == "ours":
-        return dict(state)
-    ctx = {"fpn_levels": _fpn_levels(model_keys)}
-    prefix = "backbone." if style == "ppdet_backbone" else ""
-    out: Dict[str, Any] = {}
-    for key, value in state.items():
-        new_key = _rename(prefix + key, ctx)
-        if new_key in out:
-            raise ValueError(f"two PaddleDetection keys map to '{new_key}' (second: '{key}'); the file mixes "
-                             f"naming schemes and cannot be converted")
-        out[new_key] = value
-    return _align_backbone_prefix(out, model_keys)
-
-
-def _rename(key: str, ctx: Dict[str, int]) -> str:
-    for pattern, build in _PPDET_RULES:
-        m = pattern.match(key)
-        if m:
-            return build(m, ctx)
-    return key
-
-
-def _align_backbone_prefix(state: Dict[str, Any], model_keys: List[str]) -> Dict[str, Any]:
-    """A bare backbone model has no ``backbone.`` prefix: drop it from the converted names."""
-    if any(k.startswith("backbone.") for k in model_keys):
-        return state
-    return {k[len("backbone."):] if k.startswith("backbone.") else k: v for k, v in state.items()}
 
 
 # --------------------------------------------------------------------------- files
