@@ -202,11 +202,11 @@ def test_eval_reader_yields_design_batch(tiny_coco):
     _check_batch(second, 2, 1)
     assert first["im_id"].numpy()[:, 0].tolist() == [1, 2]
     assert second["im_id"].numpy()[:, 0].tolist() == [3, 5]
-    # Image 1 is 96x128: keep-ratio scale min(64/96, 96/128) = 0.667 -> 64x85.
-    np.testing.assert_allclose(first["im_shape"].numpy()[0], [64, 85])
-    np.testing.assert_allclose(first["scale_factor"].numpy()[0], [64 / 96, 85 / 128], rtol=1e-6)
-    np.testing.assert_allclose(first["gt_bbox"].numpy()[0, 0],
-                               np.array([10, 20, 40, 60]) * np.array([85 / 128, 64 / 96] * 2), rtol=1e-5)
+    # Image 1 is 96x128: keep-ratio scale min(64/96, 96/128) = 2/3 -> 64x85 pixels, im_shape the
+    # unrounded 64x85.33 and scale_factor the nominal 2/3 (PaddleDetection's Resize).
+    np.testing.assert_allclose(first["im_shape"].numpy()[0], [64, 128 * 2 / 3], rtol=1e-6)
+    np.testing.assert_allclose(first["scale_factor"].numpy()[0], [2 / 3, 2 / 3], rtol=1e-6)
+    np.testing.assert_allclose(first["gt_bbox"].numpy()[0, 0], np.array([10, 20, 40, 60]) * 2 / 3, rtol=1e-5)
     assert second["pad_gt_mask"].numpy()[:, :, 0].tolist() == [[0.0], [1.0]]  # image 3 is empty
 
 

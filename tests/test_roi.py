@@ -178,10 +178,26 @@ def test_rcnn_box_decode_clip_and_rescale():
                            paddle.to_tensor([[40.0, 45.0]]), paddle.to_tensor([[2.0, 2.5]]))
     assert boxes.shape == [2, 2, 4]
     np.testing.assert_allclose(scores.numpy(), [[0.1, 0.7], [0.6, 0.1]])
-    # roi 0 class 1 shifted by 2 px -> [12, 10, 32, 30]; divided by (sx, sy) = (2.5, 2).
-    np.testing.assert_allclose(boxes.numpy()[0, 1], [12 / 2.5, 10 / 2, 32 / 2.5, 30 / 2], rtol=1e-5)
-    # roi 1 class 0 grows to [10, 0, 50, 10], clipped at width 45 before rescaling.
-    np.testing.assert_allclose(boxes.numpy()[1, 0], [10 / 2.5, 0, 45 / 2.5, 10 / 2], rtol=1e-5)
+    # Boxes stay in the resized frame (the NMS runs there; BBoxPostProcess rescales after it).
+    # roi 0 class 1 shifted by 2 px -> [12, 10, 32, 30].
+    np.testing.assert_allclose(boxes.numpy()[0, 1], [12, 10, 32, 30], rtol=1e-5)
+    # roi 1 class 0 grows to [10, 0, 50, 10], clipped at width 45.
+    np.testing.assert_allclose(boxes.numpy()[1, 0], [10, 0, 45, 10], rtol=1e-5)
+
+
+def test_bbox_post_process_rescales_after_nms_and_marks_emptied_boxes():
+    post = BBoxPostProcess(num_classes=2, decode=RCNNBox(num_classes=2),
+                           nms=MultiClassNMS(score_threshold=0.3, keep_top_k=10, nms_threshold=0.5))
+    probs = paddle.to_tensor([[0.1, 0.8, 0.1], [0.7, 0.1, 0.2]])
+    # im_shape 40 x 45.9 at scale 2.5: the original is floor(45.9 / 2.5 + 0.5) = 18 px wide, so the RoI
+    # at x 45.5..45.9 (inside the resized image) lands at 18.2..18.36 and is clipped to nothing.
+    rois = paddle.to_tensor([[5, 5, 25, 30], [45.5, 0, 45.9, 10]], dtype="float32")
+    bbox, bbox_num = post((probs, paddle.zeros([2, 8])), rois, paddle.to_tensor([2], "int32"),
+                          paddle.to_tensor([[40.0, 45.9]]), paddle.to_tensor([[2.5, 2.5]]))
+    # Rows come class by class. The emptied one keeps its place (bbox_num counts it) with class -1, as in
+    # PaddleDetection's output.
+    assert bbox_num.numpy().tolist() == [2]
+    np.testing.assert_allclose(bbox.numpy(), [[-1, 0.7, 18, 0, 18, 4], [1, 0.8, 2, 2, 10, 12]], rtol=1e-6)
 
 
 def test_bbox_post_process_rows_and_counts():

@@ -84,21 +84,56 @@ def test_resize_image_boxes_scale_factor():
 def test_resize_no_keep_ratio_and_int_target():
     out = Resize(target_size=[30, 40], keep_ratio=False)(_sample())
     assert out["image"].shape == (30, 40, 3)
+    np.testing.assert_array_equal(out["im_shape"], [30, 40])
     np.testing.assert_allclose(out["scale_factor"], [0.5, 0.4])
     np.testing.assert_allclose(out["gt_bbox"], [[4, 10, 20, 20]])
     assert Resize(target_size=32, keep_ratio=False)(_sample())["image"].shape == (32, 32, 3)
+    # 60x100 -> 70x45: sy = 7/6, sx = 0.45; the box [10,20,50,40] -> [4.5, 23.33, 22.5, 46.67].
+    odd = Resize(target_size=[70, 45], keep_ratio=False)(_sample())
+    assert odd["image"].shape == (70, 45, 3)
+    np.testing.assert_array_equal(odd["im_shape"], [70, 45])
+    np.testing.assert_allclose(odd["scale_factor"], [70 / 60, 0.45], rtol=1e-6)
+    np.testing.assert_allclose(odd["gt_bbox"], [[4.5, 70 / 3, 22.5, 140 / 3]], rtol=1e-6)
 
 
-def test_resize_rounding_uses_real_scale_and_composes():
-    # 60x100 to short 37: scale 0.6167 -> 37x62; scale_factor must be the real 62/100.
-    out = Resize(target_size=[37, 1000])(_sample())
+def test_resize_keeps_the_nominal_scale_and_unrounded_im_shape():
+    # 60x100 to short side 37: scale 37/60 = 0.61667. OpenCV rounds the width 61.67 up to 62 pixels but
+    # samples at the nominal scale; im_shape keeps 61.67 and scale_factor the scale itself (PaddleDetection).
+    sample = _sample()
+    pixels = sample["image"].copy()
+    out = Resize(target_size=[37, 1000])(sample)
+    scale = 37 / 60
     assert out["image"].shape == (37, 62, 3)
-    np.testing.assert_allclose(out["scale_factor"], [37 / 60, 62 / 100], rtol=1e-6)
+    np.testing.assert_array_equal(out["image"], cv2.resize(pixels, None, None, fx=scale, fy=scale,
+                                                           interpolation=cv2.INTER_LINEAR))
+    # A resize to the rounded size samples elsewhere: the pixels differ (the cause of the old mismatch).
+    assert not np.array_equal(out["image"], cv2.resize(pixels, (62, 37), interpolation=cv2.INTER_LINEAR))
+    np.testing.assert_allclose(out["im_shape"], [37, 100 * scale], rtol=1e-6)
+    assert out["im_shape"].dtype == np.float32
+    np.testing.assert_allclose(out["scale_factor"], [scale, scale], rtol=1e-6)
+    np.testing.assert_allclose(out["gt_bbox"], [[10 * scale, 20 * scale, 50 * scale, 40 * scale]], rtol=1e-6)
+    # A second resize reads the 37x62 pixels: min(74/37, 1000/62) = 2, and the factors multiply.
     again = Resize(target_size=[74, 1000])(out)
-    np.testing.assert_allclose(again["scale_factor"], [74 / 60, 124 / 100], rtol=1e-6)
+    assert again["image"].shape == (74, 124, 3)
+    np.testing.assert_allclose(again["im_shape"], [74, 124], rtol=1e-6)
+    np.testing.assert_allclose(again["scale_factor"], [2 * scale, 2 * scale], rtol=1e-6)
     # Dividing boxes by scale_factor gets back the original pixels.
     np.testing.assert_allclose(again["gt_bbox"] / np.tile(again["scale_factor"][::-1], 2),
                                [[10, 20, 50, 40]], rtol=1e-5)
+
+
+def test_resize_clips_boxes_to_the_unrounded_size():
+    # A box reaching past the right edge ends at w * scale = 61.67, not at the 62-pixel border.
+    out = Resize(target_size=[37, 1000])(_sample(boxes=((50, 10, 130, 30),)))
+    np.testing.assert_allclose(out["gt_bbox"], [[50 * 37 / 60, 10 * 37 / 60, 100 * 37 / 60, 30 * 37 / 60]],
+                               rtol=1e-6)
+
+
+def test_resize_to_nothing_names_the_file():
+    sample = _sample(h=1, w=3000, boxes=())
+    sample["im_file"] = "thin.png"
+    with pytest.raises(ValueError, match="thin.png.*no pixel"):
+        Resize(target_size=[10, 100])(sample)
 
 
 def test_resize_bad_config():
@@ -113,6 +148,12 @@ def test_random_resize_picks_from_list_and_range():
     op = RandomResize(target_size=[[30, 1000], [45, 1000]], keep_ratio=True)
     shorts = {op(_sample())["image"].shape[0] for _ in range(20)}
     assert shorts == {30, 45}
+    # Each pick resizes as Resize does: nominal scale short/60, unrounded width 100 * short/60.
+    for _ in range(4):
+        out = op(_sample())
+        scale = out["image"].shape[0] / 60
+        np.testing.assert_allclose(out["scale_factor"], [scale, scale], rtol=1e-6)
+        np.testing.assert_allclose(out["im_shape"], [60 * scale, 100 * scale], rtol=1e-6)
     ranged = RandomResize(target_size=[[30, 1000], [45, 1000]], random_range=True)
     shorts = {ranged(_sample())["image"].shape[0] for _ in range(30)}
     assert min(shorts) >= 30 and max(shorts) <= 45 and len(shorts) > 2

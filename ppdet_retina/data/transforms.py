@@ -147,20 +147,28 @@ def _clip_boxes(boxes: np.ndarray, h: float, w: float) -> np.ndarray:
 
 
 def resize_sample(sample: dict, target_size: Sequence[int], keep_ratio: bool, interp: int) -> dict:
-    """Resize ``image`` and ``gt_bbox``; multiply ``scale_factor`` by the applied (sy, sx)."""
+    """Resize ``image`` and ``gt_bbox`` by the nominal (sy, sx) of :func:`resize_scale`.
+
+    As PaddleDetection: the pixels go through ``cv2.resize(fx=sx, fy=sy)`` (OpenCV rounds the
+    output size but samples at the nominal scale), ``im_shape`` is the unrounded
+    (h * sy, w * sx), ``scale_factor`` the previous one times (sy, sx), and boxes are scaled
+    by (sx, sy) and clipped to ``im_shape``. Published weights see exactly these inputs.
+    """
     image = _need(sample, "image", "Resize")
     h, w = image.shape[:2]
     sy, sx = resize_scale(h, w, target_size, keep_ratio)
-    new_h, new_w = max(1, int(round(h * sy))), max(1, int(round(w * sx)))
-    sample["image"] = cv2.resize(image, (new_w, new_h), interpolation=interp)
-    # The rounded size, not the nominal scale, is what the pixels went through.
-    ry, rx = new_h / h, new_w / w
+    # Without keep_ratio the target itself is the size (h * (t / h) can miss t by an ulp).
+    resized_h, resized_w = (h * sy, w * sx) if keep_ratio else (float(target_size[0]), float(target_size[1]))
+    if round(resized_h) < 1 or round(resized_w) < 1:
+        raise ValueError(f"{sample.get('im_file', 'image')}: {h}x{w} (h x w) resized by ({sy:.4g}, {sx:.4g}) "
+                         f"leaves no pixel on one side; drop this image or change Resize.target_size")
+    sample["image"] = cv2.resize(image, None, None, fx=sx, fy=sy, interpolation=interp)
     if "gt_bbox" in sample and len(sample["gt_bbox"]):
-        boxes = sample["gt_bbox"] * np.array([rx, ry, rx, ry], np.float32)
-        sample["gt_bbox"] = _clip_boxes(boxes, new_h, new_w).astype(np.float32)
-    sample["im_shape"] = np.array([new_h, new_w], np.float32)
-    prev = sample.get("scale_factor", np.ones(2, np.float32))
-    sample["scale_factor"] = (np.asarray(prev, np.float32) * np.array([ry, rx], np.float32)).astype(np.float32)
+        boxes = sample["gt_bbox"] * np.array([sx, sy, sx, sy], np.float32)
+        sample["gt_bbox"] = _clip_boxes(boxes, resized_h, resized_w).astype(np.float32)
+    sample["im_shape"] = np.array([resized_h, resized_w], np.float32)
+    prev = np.asarray(sample.get("scale_factor", np.ones(2, np.float32)), np.float32)
+    sample["scale_factor"] = np.array([prev[0] * sy, prev[1] * sx], np.float32)
     return sample
 
 
@@ -175,8 +183,9 @@ class Resize(BaseOperator):
         keep_ratio: keep the aspect ratio (default True).
         interp: cv2 interpolation flag (1 = linear).
 
-    Output: image [round(h*sy), round(w*sx), 3]; ``scale_factor`` is (new_h/h, new_w/w)
-    times the previous one; ``im_shape`` the new (h, w); boxes scaled and clipped.
+    Output: image [round(h*sy), round(w*sx), 3] resampled at the nominal scale (cv2 fx/fy);
+    ``im_shape`` the unrounded (h*sy, w*sx); ``scale_factor`` (sy, sx) times the previous
+    one; boxes scaled by (sx, sy) and clipped to ``im_shape``.
     """
 
     def __init__(self, target_size: int | Sequence[int], keep_ratio: bool = True, interp: int = 1):

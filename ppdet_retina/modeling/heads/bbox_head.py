@@ -198,17 +198,19 @@ class BBoxHead(nn.Layer):
 
 @register
 class RCNNBox:
-    """Decode class-specific deltas of the RoI head into boxes in original-image pixels.
+    """Decode class-specific deltas of the RoI head into boxes in resized-image pixels.
 
     boxes = delta2bbox(deltas / prior_box_var, roi) per class, clipped to the resized
-    image (im_shape), then divided by scale_factor. The background score column is dropped.
+    image (im_shape). They stay in the resized frame: PaddleDetection runs the NMS there and
+    rescales afterwards (:class:`BBoxPostProcess`). The background score column is dropped.
 
     Config keys: prior_box_var ([10, 10, 5, 5]; must equal BBoxHead.bbox_weight),
     num_classes (shared); code_type, box_normalized, export_onnx are accepted for
     PaddleDetection configs (only centre-size decoding in pixels exists).
 
     Call: ``decode((probs [R, C+1], deltas [R, 4C]), rois [R, 4], rois_num [B], im_shape [B, 2],
-    scale_factor [B, 2])`` -> (boxes [R, C, 4], scores [R, C]).
+    scale_factor [B, 2])`` -> (boxes [R, C, 4], scores [R, C]); scale_factor is not read
+    (kept for PaddleDetection's call signature).
     """
 
     __shared__ = ["num_classes", "export_onnx"]
@@ -232,15 +234,17 @@ class RCNNBox:
         image_idx = paddle.repeat_interleave(paddle.arange(rois_num.shape[0], dtype="int64"),
                                              rois_num.astype("int64"))
         roi_shape = paddle.gather(im_shape.astype(boxes.dtype), image_idx)  # [R, 2]
-        boxes = clip_boxes(boxes, roi_shape)
-        scale = paddle.gather(scale_factor.astype(boxes.dtype), image_idx)  # [R, 2] as (sy, sx)
-        scale_xyxy = paddle.concat([scale[:, 1:2], scale[:, 0:1], scale[:, 1:2], scale[:, 0:1]], axis=1)
-        return boxes / scale_xyxy.unsqueeze(1), probs[:, :-1]
+        return clip_boxes(boxes, roi_shape), probs[:, :-1]
 
 
 @register
 class BBoxPostProcess:
-    """Decode the RoI head's output and run class-aware NMS per image.
+    """Decode the RoI head's output, run class-aware NMS per image, rescale to the original image.
+
+    PaddleDetection's order, which its weights are judged with: decode and clip in the resized
+    image, NMS there, then divide by scale_factor and clip to the original size (see
+    :func:`rescale_to_original`). A row that the clipping leaves with no width or height
+    keeps its place with class -1 (every consumer skips negative classes).
 
     Config keys: decode (RCNNBox), nms (MultiClassNMS), num_classes (shared);
     export_onnx / export_eb accepted for PaddleDetection configs.
@@ -264,20 +268,27 @@ class BBoxPostProcess:
                  scale_factor: paddle.Tensor) -> Tuple[paddle.Tensor, paddle.Tensor]:
         boxes, scores = self.decode(head_out, rois, rois_num, im_shape, scale_factor)
         bbox, bbox_num = self.nms(boxes, scores, rois_num.astype("int32"))
-        return clip_to_original_size(bbox, bbox_num, im_shape, scale_factor), bbox_num
+        return rescale_to_original(bbox, bbox_num, im_shape, scale_factor), bbox_num
 
 
-def clip_to_original_size(bbox: paddle.Tensor, bbox_num: paddle.Tensor, im_shape: paddle.Tensor,
-                          scale_factor: paddle.Tensor) -> paddle.Tensor:
-    """Clip NMS rows [K, 6] of each image to its original size, rounded to whole pixels.
+def rescale_to_original(bbox: paddle.Tensor, bbox_num: paddle.Tensor, im_shape: paddle.Tensor,
+                        scale_factor: paddle.Tensor) -> paddle.Tensor:
+    """NMS rows [K, 6] in resized pixels -> original pixels, clipped; emptied rows get class -1.
 
-    PaddleDetection bounds the rescaled boxes by floor(im_shape / scale_factor + 0.5), the
-    original image size, after NMS; its published weights are judged with that bound.
+    Boxes are divided by (sx, sy, sx, sy) and clipped to the original size, taken as
+    floor(im_shape / scale_factor + 0.5) (whole pixels, as PaddleDetection). A box that
+    ends up with zero width or height (it lay beyond the original border) is marked class -1
+    in place, so ``bbox_num`` still counts it, as in PaddleDetection's output.
     """
     if bbox.shape[0] == 0:
         return bbox
-    original = paddle.floor(im_shape.astype(bbox.dtype) / scale_factor.astype(bbox.dtype) + 0.5)  # [B, 2]
     image_idx = paddle.repeat_interleave(paddle.arange(bbox_num.shape[0], dtype="int64"),
                                          bbox_num.astype("int64"))
+    scale = paddle.gather(scale_factor.astype(bbox.dtype), image_idx)  # [K, 2] as (sy, sx)
+    original = paddle.floor(im_shape.astype(bbox.dtype) / scale_factor.astype(bbox.dtype) + 0.5)  # [B, 2]
     limits = paddle.gather(original, image_idx)  # [K, 2] as (h, w)
-    return paddle.concat([bbox[:, :2], clip_boxes(bbox[:, 2:], limits)], axis=1)
+    scale_xyxy = paddle.concat([scale[:, 1:2], scale[:, 0:1], scale[:, 1:2], scale[:, 0:1]], axis=1)
+    boxes = clip_boxes(bbox[:, 2:] / scale_xyxy, limits)
+    kept = paddle.logical_and(boxes[:, 2:3] > boxes[:, 0:1], boxes[:, 3:4] > boxes[:, 1:2])
+    labels = paddle.where(kept, bbox[:, 0:1], paddle.full_like(bbox[:, 0:1], -1.0))
+    return paddle.concat([labels, bbox[:, 1:2], boxes], axis=1)
