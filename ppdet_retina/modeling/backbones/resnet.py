@@ -17,10 +17,10 @@ import paddle
 import paddle.nn as nn
 import paddle.nn.functional as F
 from paddle import ParamAttr
-from paddle.nn.initializer import Constant, KaimingNormal
-from paddle.regularizer import L2Decay
+from paddle.nn.initializer import KaimingNormal
 
 from ppdet_retina.core.workspace import ConfigError, register, serializable
+from ppdet_retina.modeling import layers
 from ppdet_retina.modeling.shape_spec import ShapeSpec
 
 __all__ = ["ResNet", "ConvNorm", "BasicBlock", "BottleneckBlock"]
@@ -43,27 +43,10 @@ _NORM_TYPES = ("bn", "sync_bn")
 warnings.filterwarnings("ignore", message="When training, we now always track global mean and variance")
 
 
-def _make_norm(channels: int, norm_type: str, norm_decay: float, freeze_norm: bool, lr: float) -> nn.Layer:
-    """BatchNorm whose affine params get ``norm_decay`` weight decay; frozen: fixed stats and params."""
-    param_lr = 0.0 if freeze_norm else lr
-    weight_attr = ParamAttr(learning_rate=param_lr, regularizer=L2Decay(norm_decay), initializer=Constant(1.0))
-    bias_attr = ParamAttr(learning_rate=param_lr, regularizer=L2Decay(norm_decay), initializer=Constant(0.0))
-    # A frozen BN never updates or uses batch stats, so syncing it across cards is pointless;
-    # SyncBatchNorm also has no CPU kernel, hence the fallback to plain BN there.
-    use_sync = norm_type == "sync_bn" and not freeze_norm and paddle.is_compiled_with_cuda()
-    if use_sync:
-        norm = nn.SyncBatchNorm(channels, weight_attr=weight_attr, bias_attr=bias_attr)
-    else:
-        norm = nn.BatchNorm2D(channels, weight_attr=weight_attr, bias_attr=bias_attr,
-                              use_global_stats=True if freeze_norm else None)
-    if freeze_norm:
-        norm.weight.stop_gradient = True
-        norm.bias.stop_gradient = True
-    return norm
-
-
-class ConvNorm(nn.Layer):
-    """Conv (no bias) followed by a norm layer and an optional ReLU.
+class ConvNorm(layers.ConvNorm):
+    """ResNet's conv block: :class:`ppdet_retina.modeling.layers.ConvNorm` with a Kaiming-normal conv
+    without bias, a BatchNorm whose scale and shift get ``norm_decay`` weight decay (frozen by
+    default), and the stage's learning-rate multiplier ``lr`` on every parameter.
 
     Input [B, ch_in, H, W] -> output [B, ch_out, ceil(H / stride), ceil(W / stride)].
     Parameters: ``conv.weight``, ``norm.{weight,bias,_mean,_variance}``.
@@ -72,16 +55,9 @@ class ConvNorm(nn.Layer):
     def __init__(self, ch_in: int, ch_out: int, kernel: int, stride: int = 1, groups: int = 1,
                  relu: bool = True, norm_type: str = "bn", norm_decay: float = 0.0,
                  freeze_norm: bool = True, lr: float = 1.0):
-        super().__init__()
-        self.conv = nn.Conv2D(ch_in, ch_out, kernel, stride=stride, padding=(kernel - 1) // 2, groups=groups,
-                              weight_attr=ParamAttr(learning_rate=lr, initializer=KaimingNormal()),
-                              bias_attr=False)
-        self.norm = _make_norm(ch_out, norm_type, norm_decay, freeze_norm, lr)
-        self.relu = relu
-
-    def forward(self, x: paddle.Tensor) -> paddle.Tensor:
-        x = self.norm(self.conv(x))
-        return F.relu(x) if self.relu else x
+        super().__init__(ch_in, ch_out, kernel, stride, groups, norm_type=norm_type, relu=relu,
+                         weight_attr=ParamAttr(learning_rate=lr, initializer=KaimingNormal()), bias_attr=False,
+                         norm_decay=norm_decay, freeze_norm=freeze_norm, norm_lr=lr)
 
 
 class AvgPoolShortcut(ConvNorm):

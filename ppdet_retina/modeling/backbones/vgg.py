@@ -9,7 +9,7 @@ import paddle.nn as nn
 import paddle.nn.functional as F
 
 from ppdet_retina.core.workspace import ConfigError, register
-from ppdet_retina.modeling.layers import ConvNormReLU
+from ppdet_retina.modeling.layers import ConvNorm
 from ppdet_retina.modeling.shape_spec import ShapeSpec
 
 __all__ = ["VGG"]
@@ -19,10 +19,9 @@ _CONVS_PER_STAGE = {11: (1, 1, 2, 2, 2), 13: (2, 2, 2, 2, 2), 16: (2, 2, 3, 3, 3
 _DEFAULT_CHANNELS = (64, 128, 256, 512, 512)
 
 
-def _conv_relu(ch_in: int, ch_out: int, norm_type: Optional[str]) -> ConvNormReLU:
-    """3x3 same-size conv (+ BatchNorm) + ReLU; sublayers ``conv`` and, with BN, ``norm``."""
-    conv = nn.Conv2D(ch_in, ch_out, 3, padding=1, bias_attr=norm_type is None)
-    return ConvNormReLU(conv, nn.BatchNorm2D(ch_out) if norm_type == "bn" else None)
+def _conv_relu(ch_in: int, ch_out: int, norm_type: Optional[str]) -> ConvNorm:
+    """3x3 same-size conv (+ BatchNorm) + ReLU with Paddle's default init; a bias only without a norm."""
+    return ConvNorm(ch_in, ch_out, 3, norm_type=norm_type, bias_attr=None if norm_type is None else False)
 
 
 @register
@@ -33,7 +32,7 @@ class VGG(nn.Layer):
     512 channels) is the single feature level; RoI pooling then stands in for pool5.
 
     Config keys: depth (16; 11/13/19 also exist), channels (per-stage widths,
-    [64, 128, 256, 512, 512]; narrow them for tests), norm_type (None or 'bn'),
+    [64, 128, 256, 512, 512]; narrow them for tests), norm_type (None, 'bn' or 'sync_bn'),
     freeze_at (-1: train everything; k: stages 0..k get no gradient, the paper
     freezes conv1-conv2, i.e. 1).
 
@@ -48,8 +47,8 @@ class VGG(nn.Layer):
             raise ConfigError(f"VGG.depth must be one of {sorted(_CONVS_PER_STAGE)}, got {depth}")
         if len(channels) != 5:
             raise ConfigError(f"VGG.channels needs 5 stage widths, got {list(channels)}")
-        if norm_type not in (None, "bn"):
-            raise ConfigError(f"VGG.norm_type must be null or 'bn', got {norm_type!r}")
+        if norm_type not in (None, "bn", "sync_bn"):
+            raise ConfigError(f"VGG.norm_type must be null, 'bn' or 'sync_bn', got {norm_type!r}")
         self.channels = [int(c) for c in channels]
         stages = []
         ch_in = 3

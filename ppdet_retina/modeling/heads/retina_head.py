@@ -22,13 +22,11 @@ from paddle.nn.initializer import Constant, Normal
 
 from ppdet_retina.core.workspace import ConfigError, create, register
 from ppdet_retina.modeling.box_ops import bbox2delta, delta2bbox
-from ppdet_retina.modeling.layers import ConvNormReLU, make_norm
+from ppdet_retina.modeling.layers import NORM_TYPES, ConvNorm
 
 __all__ = ["RetinaFeat", "RetinaHead"]
 
 HeadOutputs = Tuple[List[paddle.Tensor], List[paddle.Tensor]]
-
-_NORM_TYPES = (None, "gn", "bn", "sync_bn")
 
 
 def _normal_conv(ch_in: int, ch_out: int, bias: float = 0.0) -> nn.Conv2D:
@@ -38,8 +36,11 @@ def _normal_conv(ch_in: int, ch_out: int, bias: float = 0.0) -> nn.Conv2D:
                      bias_attr=ParamAttr(initializer=Constant(bias)))
 
 
-def _tower_conv(ch_in: int, ch_out: int, norm_type: Optional[str]) -> ConvNormReLU:
-    return ConvNormReLU(_normal_conv(ch_in, ch_out), make_norm(norm_type, ch_out))
+def _tower_conv(ch_in: int, ch_out: int, norm_type: Optional[str]) -> ConvNorm:
+    """3x3 conv (N(0, 0.01) weights, zero bias) [+ norm] + ReLU."""
+    return ConvNorm(ch_in, ch_out, 3, norm_type=norm_type,
+                    weight_attr=ParamAttr(initializer=Normal(mean=0.0, std=0.01)),
+                    bias_attr=ParamAttr(initializer=Constant(0.0)))
 
 
 @register
@@ -52,7 +53,8 @@ class RetinaFeat(nn.Layer):
     norm, ``.norm.*``.
 
     Config keys: ``feat_in`` (256), ``feat_out`` (256), ``num_convs`` (4),
-    ``norm_type`` (null; 'gn' = GroupNorm(32), 'bn'/'sync_bn' = BatchNorm),
+    ``norm_type`` (null; 'gn' = GroupNorm(32), 'bn' = BatchNorm, 'sync_bn' = BatchNorm synchronised
+    across GPU processes),
     ``use_dcn`` (false; deformable convs are not supported).
 
     forward(feats: list of [B, feat_in, h_l, w_l]) ->
@@ -64,8 +66,8 @@ class RetinaFeat(nn.Layer):
         super().__init__()
         if use_dcn:
             raise ConfigError("RetinaFeat.use_dcn: deformable conv is not supported; set use_dcn: false")
-        if norm_type not in _NORM_TYPES:
-            raise ConfigError(f"RetinaFeat.norm_type: '{norm_type}' is not one of {list(_NORM_TYPES)}")
+        if norm_type not in NORM_TYPES:
+            raise ConfigError(f"RetinaFeat.norm_type: '{norm_type}' is not one of {list(NORM_TYPES)}")
         if num_convs < 0:
             raise ConfigError(f"RetinaFeat.num_convs must be >= 0, got {num_convs}")
         if norm_type == "gn" and feat_out % 32 != 0:

@@ -21,50 +21,22 @@ import paddle.nn as nn
 import paddle.nn.functional as F
 from paddle import ParamAttr
 from paddle.nn.initializer import Constant, XavierUniform
-from paddle.regularizer import L2Decay
 
 from ppdet_retina.core.workspace import ConfigError, register, serializable
+from ppdet_retina.modeling.layers import NORM_TYPES, ConvNorm
 from ppdet_retina.modeling.shape_spec import ShapeSpec
 
 __all__ = ["FPN"]
 
-_NORM_TYPES = (None, "bn", "sync_bn", "gn")
-_GN_GROUPS = 32
-
-
-class _ConvNorm(nn.Layer):
-    """Conv without bias + BN/GN; [B, ch_in, H, W] -> [B, ch_out, H/stride, W/stride]."""
-
-    def __init__(self, ch_in: int, ch_out: int, kernel: int, stride: int, fan_out: int,
-                 norm_type: str, norm_decay: float, freeze_norm: bool):
-        super().__init__()
-        self.conv = nn.Conv2D(ch_in, ch_out, kernel, stride=stride, padding=(kernel - 1) // 2,
-                              weight_attr=ParamAttr(initializer=XavierUniform(fan_out=fan_out)), bias_attr=False)
-        lr = 0.0 if freeze_norm else 1.0
-        w_attr = ParamAttr(learning_rate=lr, regularizer=L2Decay(norm_decay), initializer=Constant(1.0))
-        b_attr = ParamAttr(learning_rate=lr, regularizer=L2Decay(norm_decay), initializer=Constant(0.0))
-        if norm_type == "gn":
-            self.norm = nn.GroupNorm(_GN_GROUPS, ch_out, weight_attr=w_attr, bias_attr=b_attr)
-        elif norm_type == "sync_bn" and not freeze_norm and paddle.is_compiled_with_cuda():
-            self.norm = nn.SyncBatchNorm(ch_out, weight_attr=w_attr, bias_attr=b_attr)
-        else:
-            self.norm = nn.BatchNorm2D(ch_out, weight_attr=w_attr, bias_attr=b_attr,
-                                       use_global_stats=True if freeze_norm else None)
-        if freeze_norm:
-            self.norm.weight.stop_gradient = True
-            self.norm.bias.stop_gradient = True
-
-    def forward(self, x: paddle.Tensor) -> paddle.Tensor:
-        return self.norm(self.conv(x))
-
 
 def _conv(ch_in: int, ch_out: int, kernel: int, stride: int, fan_out: int, norm_type: Optional[str],
           norm_decay: float, freeze_norm: bool) -> nn.Layer:
-    """A plain conv with bias, or conv + norm when ``norm_type`` is set; Xavier-uniform init."""
+    """A plain conv with bias, or conv without bias + norm when ``norm_type`` is set; Xavier-uniform init."""
+    weight_attr = ParamAttr(initializer=XavierUniform(fan_out=fan_out))
     if norm_type is not None:
-        return _ConvNorm(ch_in, ch_out, kernel, stride, fan_out, norm_type, norm_decay, freeze_norm)
-    return nn.Conv2D(ch_in, ch_out, kernel, stride=stride, padding=(kernel - 1) // 2,
-                     weight_attr=ParamAttr(initializer=XavierUniform(fan_out=fan_out)),
+        return ConvNorm(ch_in, ch_out, kernel, stride, norm_type=norm_type, relu=False, weight_attr=weight_attr,
+                        bias_attr=False, norm_decay=norm_decay, freeze_norm=freeze_norm)
+    return nn.Conv2D(ch_in, ch_out, kernel, stride=stride, padding=(kernel - 1) // 2, weight_attr=weight_attr,
                      bias_attr=ParamAttr(initializer=Constant(0.0)))
 
 
@@ -171,5 +143,5 @@ def _check_config(in_channels: List[int], spatial_scales: Sequence[float], extra
         raise ConfigError(f"FPN.spatial_scales={list(spatial_scales)} must be 1/stride values in (0, 1]")
     if extra_stage < 0:
         raise ConfigError(f"FPN.extra_stage={extra_stage} must be >= 0")
-    if norm_type not in _NORM_TYPES:
+    if norm_type not in NORM_TYPES:
         raise ConfigError(f"FPN.norm_type='{norm_type}' is not supported; use null, 'bn', 'sync_bn' or 'gn'")
