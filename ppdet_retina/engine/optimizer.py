@@ -18,7 +18,7 @@ restores the schedule exactly on resume.
 from __future__ import annotations
 
 import math
-from typing import Callable, List, Optional, Sequence, Union
+from typing import Callable, List, Optional, Sequence, Tuple, Union
 
 import paddle
 
@@ -31,6 +31,7 @@ __all__ = [
     "LearningRate",
     "OptimizerBuilder",
     "ScheduledLR",
+    "build_optimizer",
 ]
 
 
@@ -295,3 +296,17 @@ class OptimizerBuilder:
                                                    grad_clip=self._grad_clip(), **args)
         except TypeError as err:
             raise ConfigError(f"OptimizerBuilder.optimizer: bad key for {kind}: {err}") from None
+
+
+def build_optimizer(cfg: dict, model: paddle.nn.Layer,
+                    steps_per_epoch: int) -> Tuple[ScheduledLR, paddle.optimizer.Optimizer]:
+    """The LR schedule and optimizer a config's ``LearningRate`` / ``OptimizerBuilder`` describe.
+
+    The trainer builds both through here, so a test that calls it trains with what ``tools/train.py``
+    trains with. Step order per iteration: ``optimizer.step()``, ``optimizer.clear_grad()``,
+    ``lr.step()``.
+    """
+    from ppdet_retina.core.workspace import create
+
+    lr = create("LearningRate", cfg)(int(steps_per_epoch))
+    return lr, create("OptimizerBuilder", cfg)(lr, model)

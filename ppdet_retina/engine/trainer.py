@@ -30,7 +30,9 @@ import numpy as np
 import paddle
 
 from ppdet_retina.core.workspace import ConfigError, create
+from ppdet_retina.data.transforms import decode_image
 from ppdet_retina.engine import checkpoint, env
+from ppdet_retina.engine.optimizer import build_optimizer
 from ppdet_retina.metrics.coco import COCOMetric, detections_to_coco
 from ppdet_retina.utils.logger import JsonlWriter, TrainingStats, format_eta, setup_logger
 from ppdet_retina.utils.visualize import draw_detections
@@ -126,9 +128,7 @@ class Trainer:
 
     # ------------------------------------------------------------------ setup
     def _build_optimizer(self) -> None:
-        steps_per_epoch = len(self.loader)
-        self.lr = create("LearningRate", self.cfg)(steps_per_epoch)
-        self.optimizer = create("OptimizerBuilder", self.cfg)(self.lr, self.model)
+        self.lr, self.optimizer = build_optimizer(self.cfg, self.model, len(self.loader))
 
     def load_weights(self, path: str, skip_mismatch_head: bool = False) -> None:
         """Load model weights (``weights:`` for eval / test) through the checkpoint API."""
@@ -198,9 +198,17 @@ class Trainer:
                     self._log_step(journal, stats, step_lr, epoch, end_epoch, it, steps_per_epoch, batch,
                                    batch_cost, data_cost, eta)
                 tic = time.time()
+            self._log_bad_images(epoch, end_epoch)
             last = epoch == end_epoch - 1
             if (epoch + 1) % snapshot == 0 or last:
                 self._snapshot(epoch, last, validate, journal)
+
+    def _log_bad_images(self, epoch: int, end_epoch: int) -> None:
+        """The epoch's count of broken images the reader replaced (each was named in a warning)."""
+        bad = getattr(self.loader, "bad_images", [])
+        if bad:
+            logger.warning(f"Epoch: [{epoch}/{end_epoch}] done; {len(bad)} broken image(s) were replaced by "
+                           f"others this epoch")
 
     def _set_epoch(self, epoch: int) -> None:
         sampler = getattr(self.loader, "batch_sampler", None)
@@ -325,6 +333,9 @@ class Trainer:
                 images += int(batch["image"].shape[0])
         cost = time.time() - tic
         logger.info(f"evaluated {images} images in {cost:.2f} s ({images / max(cost, 1e-9):.2f} images/s)")
+        if loader.bad_images:
+            logger.warning(f"{len(loader.bad_images)} broken image(s) were left out of the evaluation; their "
+                           f"ground truth counts as missed")
         stats = metric.accumulate()
         if self.mode == "train":
             self.model.train()
@@ -338,7 +349,13 @@ class Trainer:
         Returns one dict per image: ``im_file``, ``im_id`` and ``bbox`` [N, 6]
         (class, score, x1, y1, x2, y2 in original pixels). With ``save_results``
         also writes ``output_dir/bbox.json``: COCO results (xywh, original
-        category ids) with each image's ``file_name``.
+        category ids) with each image's ``file_name``; ``image_id`` is the id
+        ``TestDataset.anno_path`` gives the file (see ImageFolder).
+
+        Each picture is written as soon as its batch is done. A file that cannot be
+        read is skipped with a warning naming it, and once every other image is
+        written a ValueError lists the skipped ones (tools/infer.py exits non-zero).
+        A picture that cannot be written is an error at once.
         """
         dataset = copy.copy(self.dataset) if self.mode == "test" else create("TestDataset", self.cfg)
         dataset.set_images(images)
@@ -347,30 +364,30 @@ class Trainer:
         labels = dataset.get_label_list() if hasattr(dataset, "get_label_list") else []
         os.makedirs(output_dir, exist_ok=True)
         self.model.eval()
-        results = []
+        results, coco, used = [], [], set()
+        catmap = getattr(dataset, "clsid2catid", None) or {}
         with paddle.no_grad():
             for batch in loader:
                 outputs = self.model(batch)
-                results.extend(_split_per_image(batch, outputs, imid2path))
-        coco, used = [], set()
-        catmap = getattr(dataset, "clsid2catid", None) or {}
-        for res in results:
-            image = _read_image(res["im_file"])
-            drawn = draw_detections(image, res["bbox"], labels, threshold=draw_threshold)
-            out_path = _unique_output(output_dir, res["im_file"], used)
-            cv2.imwrite(out_path, drawn)
-            kept = sum(1 for r in res["bbox"] if r[1] >= draw_threshold and r[0] >= 0)
-            logger.info(f"{res['im_file']}: {kept} detection(s) >= {draw_threshold} -> {out_path}")
-            if save_results:
-                mapping = catmap or _identity_map(res["bbox"])
-                for det in detections_to_coco(res["bbox"], [len(res["bbox"])], [res["im_id"]], mapping):
-                    det["file_name"] = os.path.basename(res["im_file"])
-                    coco.append(det)
+                for res in _split_per_image(batch, outputs, imid2path):
+                    image = decode_image(res["im_file"])[:, :, ::-1]  # as Decode saw it, in BGR
+                    drawn = draw_detections(image, res["bbox"], labels, threshold=draw_threshold)
+                    out_path = _unique_output(output_dir, res["im_file"], used)
+                    write_picture(out_path, drawn)
+                    kept = sum(1 for r in res["bbox"] if r[1] >= draw_threshold and r[0] >= 0)
+                    logger.info(f"{res['im_file']}: {kept} detection(s) >= {draw_threshold} -> {out_path}")
+                    if save_results:
+                        mapping = catmap or _identity_map(res["bbox"])
+                        for det in detections_to_coco(res["bbox"], [len(res["bbox"])], [res["im_id"]], mapping):
+                            det["file_name"] = os.path.basename(res["im_file"])
+                            coco.append(det)
+                    results.append(res)
         if save_results:
             path = os.path.join(output_dir, "bbox.json")
             with open(path, "w", encoding="utf-8") as f:
                 json.dump(coco, f)
             logger.info(f"{len(coco)} detections saved to {path}")
+        _raise_if_skipped(loader.bad_images, len(results), output_dir)
         return results
 
 
@@ -391,11 +408,27 @@ def _identity_map(rows: np.ndarray) -> Dict[int, int]:
     return {int(c): int(c) for c in np.asarray(rows).reshape(-1, 6)[:, 0] if c >= 0}
 
 
-def _read_image(path: str) -> np.ndarray:
-    image = cv2.imread(path, cv2.IMREAD_COLOR)
-    if image is None:
-        raise ValueError(f"cannot read image '{path}' (missing or not an image)")
-    return image
+def write_picture(path: str, image_bgr: np.ndarray) -> None:
+    """Encode and write ``image_bgr``; ValueError naming ``path`` when that fails (full disk, no
+    permission), since cv2.imwrite only returns False."""
+    ok, data = cv2.imencode(os.path.splitext(path)[1] or ".jpg", np.ascontiguousarray(image_bgr))
+    if not ok:
+        raise ValueError(f"cannot encode the picture for {path}")
+    try:
+        with open(path, "wb") as f:
+            f.write(data.tobytes())
+    except OSError as err:
+        raise ValueError(f"cannot write {path}: {err.strerror or err}; check the free space and "
+                         f"permissions of the output folder") from None
+
+
+def _raise_if_skipped(bad: List[dict], done: int, output_dir: str) -> None:
+    if not bad:
+        return
+    shown = "; ".join(f"{r['im_file']}: {r['reason']}" for r in bad[:5])
+    more = f" and {len(bad) - 5} more" if len(bad) > 5 else ""
+    raise ValueError(f"{len(bad)} image(s) could not be read and were skipped ({done} written to "
+                     f"{output_dir}): {shown}{more}")
 
 
 def _unique_output(output_dir: str, im_file: str, used: set) -> str:
