@@ -53,7 +53,12 @@ def resize_scale(h: int, w: int, target_size: Sequence[int], keep_ratio: bool) -
 
 
 class Resize:
-    """Resize to ``target_size`` like the training reader; updates im_shape and scale_factor."""
+    """Resize to ``target_size`` as the training reader (and PaddleDetection) does.
+
+    The pixels go through ``cv2.resize`` at the nominal scale (fx/fy; OpenCV rounds the output
+    size), ``im_shape`` is the unrounded (h * sy, w * sx) and ``scale_factor`` (sy, sx): the
+    exported model's weights expect exactly these inputs.
+    """
 
     def __init__(self, target_size: Sequence[int], keep_ratio: bool = True, interp: int = 1):
         self.target_size = [int(s) for s in target_size]
@@ -65,11 +70,14 @@ class Resize:
     def __call__(self, image: np.ndarray, info: Dict[str, np.ndarray]) -> np.ndarray:
         h, w = image.shape[:2]
         sy, sx = resize_scale(h, w, self.target_size, self.keep_ratio)
-        new_h, new_w = max(1, int(round(h * sy))), max(1, int(round(w * sx)))
-        image = cv2.resize(image, (new_w, new_h), interpolation=self.interp)
-        # The rounded size is what the pixels went through, so it defines the scale.
-        info["im_shape"] = np.array([new_h, new_w], np.float32)
-        info["scale_factor"] = np.array([new_h / h, new_w / w], np.float32)
+        resized = (h * sy, w * sx) if self.keep_ratio else (float(self.target_size[0]), float(self.target_size[1]))
+        if round(resized[0]) < 1 or round(resized[1]) < 1:
+            raise DeployError(f"a {h}x{w} (h x w) image resized by ({sy:.4g}, {sx:.4g}) leaves no pixel on one "
+                              f"side; leave it out")
+        image = cv2.resize(image, None, None, fx=sx, fy=sy, interpolation=self.interp)
+        info["im_shape"] = np.array(resized, np.float32)
+        prev = info["scale_factor"]
+        info["scale_factor"] = np.array([prev[0] * sy, prev[1] * sx], np.float32)
         return image
 
 

@@ -21,6 +21,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 import numpy as np
 
 from ppdet_retina.core.workspace import ConfigError, register, serializable
+from ppdet_retina.data.labels import default_label_set
 
 __all__ = ["COCODataSet", "ImageFolder", "IMAGE_EXTENSIONS"]
 
@@ -347,18 +348,26 @@ class ImageFolder(_TransformMixin):
         image_dir: a folder (or one file) of images used when ``set_images`` is not called.
         anno_path: optional label source (see above).
         sample_num: keep only the first N images (-1: all).
-        use_default_label: accepted for PaddleDetection configs; without labels the
-            class index is its own category id.
+        use_default_label: accepted for PaddleDetection configs (the default set below is
+            used whenever there is no annotation file).
+        metric, num_classes (shared): with no readable ``anno_path`` the labels are the
+            metric's default set (:func:`ppdet_retina.data.labels.default_label_set`: COCO's
+            80 names and category ids, VOC's 20), else the class indices, with a warning.
     """
+
+    __shared__ = ["metric", "num_classes"]
 
     def __init__(self, dataset_dir: Optional[str] = None, image_dir: Optional[str] = None,
                  anno_path: Optional[str] = None, sample_num: int = -1,
-                 use_default_label: Optional[bool] = None):
+                 use_default_label: Optional[bool] = None, metric: Optional[str] = None,
+                 num_classes: Optional[int] = None):
         self.dataset_dir = dataset_dir
         self.image_dir = image_dir
         self.anno_path = anno_path
         self.sample_num = int(sample_num)
         self.use_default_label = use_default_label
+        self.metric = metric
+        self.num_classes = None if num_classes is None else int(num_classes)
         self.catid2clsid, self.clsid2catid, self.label_names = self._read_labels()
         self.roidbs: List[dict] = []
         if image_dir:
@@ -373,10 +382,13 @@ class ImageFolder(_TransformMixin):
     def _read_labels(self) -> Tuple[Dict[int, int], Dict[int, int], List[str]]:
         path = self.get_anno()
         if path is None:
-            return {}, {}, []
+            labels = default_label_set(self.metric, self.num_classes, where="TestDataset")
+            return labels.catid2clsid, labels.clsid2catid, labels.names
         if path.endswith(".txt"):
             with open(path, "r", encoding="utf-8") as f:
                 names = [line.strip() for line in f if line.strip()]
+            if names[:1] == ["background"]:
+                names = names[1:]  # VOC-style lists may name the background first; it is no class here
             return {i: i for i in range(len(names))}, {i: i for i in range(len(names))}, names
         with open(path, "r", encoding="utf-8") as f:
             try:

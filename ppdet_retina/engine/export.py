@@ -236,22 +236,27 @@ def _batch_entry(op: Any, reader: str) -> List[Dict[str, Any]]:
 
 
 def label_info(cfg: dict) -> Tuple[List[str], List[int]]:
-    """(label names, COCO category id per class) from the test (else eval) dataset's annotation file.
+    """(label names, category id per class) for ``infer_cfg.yml``, as inference labels pictures.
 
-    Read through ImageFolder, so the class order is the datasets' (category ids ascending).
-    Returns two empty lists when no annotation file is present.
+    From the test (else eval) dataset's annotation file, read through ImageFolder (class order
+    = category ids ascending). Without a readable one, the default label set of the config's
+    ``metric`` (COCO's 80 names and ids, VOC's 20), else the class indices, with a warning
+    (:func:`ppdet_retina.data.labels.default_label_set`).
     """
-    from ppdet_retina.data.coco import ImageFolder
+    from ppdet_retina.data.coco import ImageFolder, _join
+    from ppdet_retina.data.labels import default_label_set
 
     for key in ("TestDataset", "EvalDataset"):
         section = cfg.get(key)
         if not isinstance(section, dict) or not section.get("anno_path"):
             continue
-        labels = ImageFolder(dataset_dir=section.get("dataset_dir"), anno_path=section["anno_path"])
-        if labels.label_names:
-            names = labels.get_label_list()
-            return names, [int(labels.clsid2catid[i]) for i in range(len(names))]
-    return [], []
+        if os.path.isfile(_join(section.get("dataset_dir"), section["anno_path"])):
+            folder = ImageFolder(dataset_dir=section.get("dataset_dir"), anno_path=section["anno_path"])
+            names = folder.get_label_list()
+            return names, [int(folder.clsid2catid[i]) for i in range(len(names))]
+    num_classes = cfg.get("num_classes")
+    labels = default_label_set(cfg.get("metric"), None if num_classes is None else int(num_classes))
+    return labels.names, labels.catids
 
 
 def _anchor_settings(model: nn.Layer) -> Dict[str, Any]:
