@@ -1,4 +1,6 @@
-"""Shared test fixtures: a tiny COCO dataset with known boxes (``tiny_coco``) and a json writer.
+"""Shared test fixtures: a tiny COCO dataset with known boxes (``tiny_coco``) and a json writer;
+tiny RetinaNet / Faster R-CNN configs; PaddleDetection's parameter tables (``tests/data``); and the
+one place that finds PaddleDetection's own config files (:func:`ppdet_config`).
 
 ``tiny_coco`` layout (all under a tmp dir)::
 
@@ -18,7 +20,7 @@ from __future__ import annotations
 import json
 import os
 from types import SimpleNamespace
-from typing import List, Sequence
+from typing import Dict, List, Optional, Sequence
 
 import cv2
 import numpy as np
@@ -100,3 +102,124 @@ def tiny_coco(tmp_path) -> SimpleNamespace:
     ns.categories = TINY_CATEGORIES
     ns.catid2clsid = {3: 0, 7: 1, 12: 2}
     return ns
+
+
+# --------------------------------------------------------------------------- repository files
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+DATA_DIR = os.path.join(REPO, "tests", "data")
+RETINANET_CONFIG = os.path.join(REPO, "configs", "retinanet", "retinanet_r50_fpn_1x.yml")
+FASTER_RCNN_BASE = os.path.join(REPO, "configs", "faster_rcnn", "_base_", "faster_rcnn_r50_fpn.yml")
+
+
+def read_param_table(arch: str) -> Dict[str, List[int]]:
+    """PaddleDetection's R50-FPN state dict for ``arch`` ('retinanet' or 'faster_rcnn'): {name: shape}.
+
+    The tables live in tests/data and are written by tools/dev/ppdet_param_table.py, in
+    PaddleDetection's order (one ``name<TAB>[shape]<TAB>dtype`` line per entry).
+    """
+    rows = {}
+    with open(os.path.join(DATA_DIR, f"ppdet_{arch}_r50_fpn_params.tsv"), encoding="utf-8") as f:
+        for line in f:
+            name, shape, _ = line.rstrip("\n").split("\t")
+            rows[name] = [int(d) for d in shape.strip("[]").split(",") if d.strip()]
+    return rows
+
+
+# --------------------------------------------------------------------------- PaddleDetection's own configs
+
+# Not part of this repository. The default is where a development checkout keeps them beside the clone.
+PPDET_CONFIGS_ENV = "PPDET_CONFIGS"
+_PPDET_CONFIGS_DEFAULT = os.path.join(os.path.dirname(REPO), "shared", "reference", "ppdet_configs")
+
+
+def ppdet_configs_dir() -> Optional[str]:
+    """PaddleDetection's ``configs/`` folder: ``$PPDET_CONFIGS``, else ../shared/reference/ppdet_configs
+    beside the clone; None when that folder does not exist."""
+    root = os.environ.get(PPDET_CONFIGS_ENV) or _PPDET_CONFIGS_DEFAULT
+    return root if os.path.isdir(root) else None
+
+
+def ppdet_configs_missing_reason(what: str = "PaddleDetection's config files") -> str:
+    return (f"{what} not found: set {PPDET_CONFIGS_ENV} to a PaddleDetection checkout's configs/ folder "
+            f"(git clone https://github.com/PaddlePaddle/PaddleDetection) to run this check")
+
+
+def ppdet_config(relative: str) -> str:
+    """Path of PaddleDetection's ``configs/<relative>``; skips the calling test when it is not there."""
+    root = ppdet_configs_dir()
+    path = os.path.join(root, relative) if root else None
+    if path is None or not os.path.isfile(path):
+        pytest.skip(ppdet_configs_missing_reason(f"PaddleDetection's configs/{relative}"))
+    return path
+
+
+# --------------------------------------------------------------------------- tiny model configs
+
+_TINY_RETINANET = """
+_BASE_: ['{base}']
+use_gpu: false
+num_classes: 3
+epoch: {epoch}
+log_iter: 1
+snapshot_epoch: 1
+save_dir: {save_dir}
+worker_num: 0
+pretrain_weights: ''
+ResNet: {{depth: 18, width_mult: 0.125, freeze_at: -1, freeze_norm: false, return_idx: [1, 2, 3]}}
+FPN: {{out_channel: 16}}
+RetinaHead:
+  conv_feat: {{name: RetinaFeat, feat_in: 16, feat_out: 16, num_convs: 1}}
+LearningRate:
+  base_lr: {base_lr}
+  schedulers:
+  - !PiecewiseDecay {{gamma: 0.1, milestones: [1]}}
+  - !LinearWarmup {{start_factor: 0.5, steps: 2}}
+TrainDataset: {{name: COCODataSet, dataset_dir: {root}, image_dir: {image_dir}, anno_path: {anno}}}
+EvalDataset: {{name: COCODataSet, dataset_dir: {root}, image_dir: {image_dir}, anno_path: {anno}, allow_empty: true}}
+TestDataset: {{name: ImageFolder, dataset_dir: {root}, anno_path: {anno}}}
+TrainReader:
+  sample_transforms: &ops
+  - Decode: {{}}
+  - Resize: {{target_size: [64, 64], keep_ratio: false}}
+  - NormalizeImage: {{is_scale: true, mean: [0.5, 0.5, 0.5], std: [0.25, 0.25, 0.25]}}
+  - Permute: {{}}
+  batch_transforms: [PadBatch: {{pad_to_stride: 32}}]
+  batch_size: {batch_size}
+  shuffle: false
+EvalReader: {{sample_transforms: *ops, batch_transforms: [PadBatch: {{pad_to_stride: 32}}], batch_size: 2}}
+TestReader: {{sample_transforms: *ops, batch_transforms: [PadBatch: {{pad_to_stride: 32}}], batch_size: 1}}
+"""
+
+
+def write_tiny_config(tmp_path, coco, epoch=2, base_lr=0.01, batch_size=2, name="tiny_retina.yml") -> str:
+    """A tiny RetinaNet config over the ``tiny_coco`` fixture (64x64 images, 1/8-width ResNet-18)."""
+    path = os.path.join(str(tmp_path), name)
+    with open(path, "w") as f:
+        f.write(_TINY_RETINANET.format(base=RETINANET_CONFIG, epoch=epoch,
+                                       save_dir=os.path.join(str(tmp_path), "output"), base_lr=base_lr,
+                                       root=coco.dataset_dir, image_dir=coco.image_dir, anno=coco.anno_path,
+                                       batch_size=batch_size))
+    return path
+
+
+def tiny_faster_rcnn_config(tmp_path, extra: str = ""):
+    """Our Faster R-CNN R50-FPN base narrowed to a 1/8-width ResNet-18, loaded (returns the config)."""
+    from ppdet_retina.core.workspace import load_config
+
+    path = tmp_path / "tiny_faster_rcnn.yml"
+    path.write_text(f"""
+_BASE_: ['{FASTER_RCNN_BASE}']
+num_classes: 3
+ResNet: {{depth: 18, width_mult: 0.125, freeze_at: -1, freeze_norm: false}}
+FPN: {{out_channel: 32}}
+RPNHead:
+  anchor_generator: {{anchor_sizes: [[8], [16], [32], [64], [128]]}}
+  rpn_target_assign: {{batch_size_per_im: 64, use_random: false}}
+  train_proposal: {{pre_nms_top_n: 1000, post_nms_top_n: 1000}}
+  test_proposal: {{pre_nms_top_n: 100, post_nms_top_n: 100}}
+BBoxAssigner: {{batch_size_per_im: 64, use_random: false}}
+TwoFCHead: {{out_channel: 64}}
+{extra}
+""")
+    return load_config(str(path))

@@ -13,21 +13,17 @@ from ppdet_retina.engine.checkpoint import load_pretrain_weights, load_weights, 
 from ppdet_retina.engine.ppdet_names import convert_ppdet_state_dict, detect_key_style
 from ppdet_retina.modeling.backbones.resnet import ResNet
 
-REF = "/work/shared/reference"
-RETINA_CFG = f"{REF}/ppdet_configs/retinanet/retinanet_r50_fpn_1x_coco.yml"
-TSV = f"{REF}/ppdet_retinanet_r50_fpn_state_dict.tsv"
+from conftest import REPO, read_param_table
+
+# Our R50-FPN configs build PaddleDetection's published models (test_retinanet, test_faster_rcnn).
+RETINA_CFG = os.path.join(REPO, "configs", "retinanet", "retinanet_r50_fpn_1x.yml")
+FRCNN_CFG = os.path.join(REPO, "configs", "faster_rcnn", "faster_rcnn_r50_fpn_1x.yml")
 
 
-def _tsv_state(path=TSV, seed=0):
-    """PaddleDetection names and shapes from the reference list, filled with random numbers."""
+def _tsv_state(arch="retinanet", seed=0):
+    """PaddleDetection names and shapes from its parameter table, filled with random numbers."""
     rng = np.random.default_rng(seed)
-    state = {}
-    with open(path) as f:
-        for line in f:
-            name, shape, _ = line.rstrip("\n").split("\t")
-            dims = [int(d) for d in shape.strip("[]").split(",")]
-            state[name] = rng.standard_normal(dims, dtype=np.float32)
-    return state
+    return {name: rng.standard_normal(dims, dtype=np.float32) for name, dims in read_param_table(arch).items()}
 
 
 def _save_state(state, path):
@@ -37,7 +33,7 @@ def _save_state(state, path):
 
 @pytest.fixture(scope="module")
 def r50(tmp_path_factory):
-    """The full RetinaNet R50-FPN built from PaddleDetection's own config, and a ppdet file for it."""
+    """The full RetinaNet R50-FPN built from our config, and a PaddleDetection-named file for it."""
     cfg = load_config(RETINA_CFG)
     model = create(cfg.architecture, cfg)
     state = _tsv_state()
@@ -291,13 +287,9 @@ def test_resume_paddledetection_pdopt_epoch(tmp_path):
 
 def test_full_paddledetection_faster_rcnn_names_convert():
     """C2..C5 FPN inputs, max-pool P6, RPN and RoI heads: every name lands on a same-shaped tensor."""
-    cfg = load_config(f"{REF}/ppdet_configs/faster_rcnn/faster_rcnn_r50_fpn_1x_coco.yml")
+    cfg = load_config(FRCNN_CFG)
     model_state = create(cfg.architecture, cfg).state_dict()
-    shapes = {}
-    with open(f"{REF}/ppdet_faster_rcnn_r50_fpn_state_dict.tsv") as f:
-        for line in f:
-            name, shape, _ = line.split("\t")
-            shapes[name] = np.empty([int(d) for d in shape.strip("[]").split(",")], np.float32)
+    shapes = {name: np.empty(dims, np.float32) for name, dims in read_param_table("faster_rcnn").items()}
     assert detect_key_style(shapes) == "ppdet"
     converted = convert_ppdet_state_dict(shapes, model_state.keys())
     assert set(converted) == set(model_state)

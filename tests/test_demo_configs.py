@@ -56,7 +56,8 @@ def test_demo_config_trains_one_step_and_evaluates(config):
     trainable = [p for p in model.parameters() if not p.stop_gradient]
     before = [p.numpy().copy() for p in trainable]
     losses["loss"].backward()
-    # Multi-process training needs every trainable parameter in every step's graph (PADDLE_NOTES).
+    # Multi-process training needs every trainable parameter in every step's graph (else the gradient
+    # all-reduce waits for a parameter one rank never produces).
     assert [p.name for p in trainable if p.grad is None] == []
     optimizer.step()
     optimizer.clear_grad()

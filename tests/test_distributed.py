@@ -5,7 +5,7 @@ import os
 import subprocess
 import sys
 
-from test_trainer import REPO, write_tiny_config
+from conftest import REPO, write_tiny_config
 
 
 def test_two_process_launch_keeps_ranks_identical(tmp_path, tiny_coco):

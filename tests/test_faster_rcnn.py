@@ -9,49 +9,54 @@ import paddle
 import pytest
 
 from ppdet_retina.core.workspace import create, load_config
-from ppdet_retina.modeling.architectures.faster_rcnn import PPDET_NAME_MAP, FasterRCNN
+from ppdet_retina.engine.ppdet_names import convert_ppdet_state_dict
+from ppdet_retina.modeling.architectures.faster_rcnn import FasterRCNN
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-REFERENCE = "/work/shared/reference"
-PPDET_CONFIG = os.path.join(REFERENCE, "ppdet_configs/faster_rcnn/faster_rcnn_r50_fpn_1x_coco.yml")
-PPDET_TSV = os.path.join(REFERENCE, "ppdet_faster_rcnn_r50_fpn_state_dict.tsv")
-OUR_BASE = os.path.join(ROOT, "configs/faster_rcnn/_base_/faster_rcnn_r50_fpn.yml")
+from conftest import REPO, ppdet_config, read_param_table, tiny_faster_rcnn_config
+
+OUR_CONFIG = os.path.join(REPO, "configs/faster_rcnn/faster_rcnn_r50_fpn_1x.yml")
+PPDET_CONFIG = "faster_rcnn/faster_rcnn_r50_fpn_1x_coco.yml"
 MODEL_SECTIONS = ("architecture", "FasterRCNN", "ResNet", "FPN", "RPNHead", "BBoxHead", "BBoxAssigner",
                   "TwoFCHead", "BBoxPostProcess")
-
-needs_reference = pytest.mark.skipif(not os.path.isfile(PPDET_CONFIG), reason="reference files not present")
-
-
-def _read_tsv(path):
-    rows = {}
-    with open(path, encoding="utf-8") as f:
-        for line in f:
-            name, shape, _ = line.rstrip("\n").split("\t")
-            rows[name] = [int(v) for v in shape.strip("[]").split(",") if v.strip()]
-    return rows
-
-
-def _to_ours(name):
-    for theirs, ours in PPDET_NAME_MAP.items():
-        if name.startswith(theirs):
-            return ours + name[len(theirs):]
-    return None
+# PaddleDetection's RPN / RoI head parameters -> ours, written out by hand (fc6 / fc7 keep their names).
+HEAD_NAMES = {
+    "rpn_head.rpn_feat.rpn_conv": "rpn_head.rpn_conv",
+    "rpn_head.rpn_rois_score": "rpn_head.objectness",
+    "rpn_head.rpn_rois_delta": "rpn_head.deltas",
+    "bbox_head.head.fc6": "bbox_head.head.fc6",
+    "bbox_head.head.fc7": "bbox_head.head.fc7",
+    "bbox_head.bbox_score": "bbox_head.cls_score",
+    "bbox_head.bbox_delta": "bbox_head.bbox_pred",
+}
 
 
-@needs_reference
-def test_ppdet_config_builds_with_matching_head_parameters():
-    cfg = load_config(PPDET_CONFIG)
+def _shapes(model):
+    return {k: list(v.shape) for k, v in model.state_dict().items()}
+
+
+def test_loader_converts_paddledetection_head_names_onto_our_r50_fpn():
+    """The names load_weights converts with: PaddleDetection's table onto our config's model."""
+    cfg = load_config(OUR_CONFIG)
+    ours = _shapes(create(cfg.architecture, cfg))
+    theirs = read_param_table("faster_rcnn")
+    converted = convert_ppdet_state_dict(theirs, ours.keys())
+    assert len(theirs) == len(ours) == 295
+    assert converted == ours  # every name lands on a tensor of the same shape
+    heads = [k for k in theirs if k.startswith(("rpn_head.", "bbox_head."))]
+    assert len(heads) == 14
+    expected = {f"{theirs_}.{leaf}": f"{ours_}.{leaf}" for theirs_, ours_ in HEAD_NAMES.items()
+                for leaf in ("weight", "bias")}
+    assert sorted(heads) == sorted(expected)
+    for theirs_name, ours_name in expected.items():
+        # A rename keeps the value object: the table's shape list itself arrives under our name.
+        assert converted[ours_name] is theirs[theirs_name], theirs_name
+
+
+def test_ppdet_config_builds_with_the_published_parameters_and_settings():
+    cfg = load_config(ppdet_config(PPDET_CONFIG))
     model = create(cfg.architecture)
     assert isinstance(model, FasterRCNN)
-    ours = {k: list(v.shape) for k, v in model.state_dict().items()}
-    reference = _read_tsv(PPDET_TSV)
-    assert len(ours) == len(reference)
-    heads = {k: v for k, v in reference.items() if k.startswith(("rpn_head.", "bbox_head."))}
-    assert len(heads) == 14
-    for name, shape in heads.items():
-        mapped = _to_ours(name)
-        assert mapped is not None, f"{name} has no entry in PPDET_NAME_MAP"
-        assert ours.get(mapped) == shape, f"{name} -> {mapped}: {ours.get(mapped)} != {shape}"
+    assert convert_ppdet_state_dict(read_param_table("faster_rcnn"), _shapes(model).keys()) == _shapes(model)
     rpn = model.rpn_head
     assert (rpn.train_proposal.pre_nms_top_n, rpn.train_proposal.post_nms_top_n) == (2000, 1000)
     assert rpn.train_proposal.topk_after_collect and not rpn.test_proposal.topk_after_collect
@@ -59,10 +64,9 @@ def test_ppdet_config_builds_with_matching_head_parameters():
     assert model.bbox_head.bbox_assigner.batch_size_per_im == 512
 
 
-@needs_reference
 def test_our_r50_fpn_config_matches_ppdet_model_sections():
-    theirs = load_config(PPDET_CONFIG)
-    ours = load_config(os.path.join(ROOT, "configs/faster_rcnn/faster_rcnn_r50_fpn_1x.yml"))
+    theirs = load_config(ppdet_config(PPDET_CONFIG))
+    ours = load_config(OUR_CONFIG)
     for key in MODEL_SECTIONS:
         assert ours[key] == theirs[key], key
     assert ours.LearningRate.base_lr == theirs.LearningRate.base_lr
@@ -71,25 +75,6 @@ def test_our_r50_fpn_config_matches_ppdet_model_sections():
 
 
 # ----------------------------------------------------------------------------- a tiny model
-
-def _tiny_config(tmp_path, extra=""):
-    path = tmp_path / "tiny_faster_rcnn.yml"
-    path.write_text(f"""
-_BASE_: ['{OUR_BASE}']
-num_classes: 3
-ResNet: {{depth: 18, width_mult: 0.125, freeze_at: -1, freeze_norm: false}}
-FPN: {{out_channel: 32}}
-RPNHead:
-  anchor_generator: {{anchor_sizes: [[8], [16], [32], [64], [128]]}}
-  rpn_target_assign: {{batch_size_per_im: 64, use_random: false}}
-  train_proposal: {{pre_nms_top_n: 1000, post_nms_top_n: 1000}}
-  test_proposal: {{pre_nms_top_n: 100, post_nms_top_n: 100}}
-BBoxAssigner: {{batch_size_per_im: 64, use_random: false}}
-TwoFCHead: {{out_channel: 64}}
-{extra}
-""")
-    return load_config(str(path))
-
 
 def _batch(num_images=1, empty_second=False):
     rng = np.random.RandomState(0)
@@ -116,7 +101,7 @@ LOSS_KEYS = ("loss_rpn_cls", "loss_rpn_reg", "loss_bbox_cls", "loss_bbox_reg")
 
 def test_tiny_faster_rcnn_every_loss_goes_down(tmp_path):
     paddle.seed(0)
-    model = create(_tiny_config(tmp_path).architecture)
+    model = create(tiny_faster_rcnn_config(tmp_path).architecture)
     inputs = _batch()
     opt = paddle.optimizer.SGD(learning_rate=0.02, parameters=model.parameters())
     model.train()
@@ -146,7 +131,7 @@ def test_tiny_faster_rcnn_every_loss_goes_down(tmp_path):
 @pytest.mark.parametrize("empty_second", [False, True])
 def test_batch_of_two_gives_every_parameter_a_gradient(tmp_path, empty_second):
     paddle.seed(1)
-    model = create(_tiny_config(tmp_path).architecture)
+    model = create(tiny_faster_rcnn_config(tmp_path).architecture)
     model.train()
     losses = model(_batch(2, empty_second))
     assert all(np.isfinite(float(losses[k])) for k in LOSS_KEYS)
@@ -156,7 +141,7 @@ def test_batch_of_two_gives_every_parameter_a_gradient(tmp_path, empty_second):
 
 
 def test_vgg16_config_trains_and_evaluates_narrowed(tmp_path):
-    cfg = load_config(os.path.join(ROOT, "configs/faster_rcnn/faster_rcnn_vgg16_1x.yml"), [
+    cfg = load_config(os.path.join(REPO, "configs/faster_rcnn/faster_rcnn_vgg16_1x.yml"), [
         "VGG.channels=[4,4,8,8,8]", "TwoFCHead.out_channel=16", "num_classes=3",
         "RPNHead.anchor_generator.anchor_sizes=[16,32]", "RPNHead.train_proposal.pre_nms_top_n=200",
         "RPNHead.train_proposal.post_nms_top_n=50", "RPNHead.test_proposal.post_nms_top_n=20"])

@@ -11,9 +11,12 @@ from ppdet_retina.core.workspace import ConfigError, create, load_config
 from ppdet_retina.engine.optimizer import (CosineDecay, LearningRate, LinearWarmup, OptimizerBuilder,
                                            PiecewiseDecay)
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-# PaddleDetection's published files, when this machine has them (not part of the repo).
-REF_CONFIGS = "/work/shared/reference/ppdet_configs"
+from conftest import REPO, ppdet_config
+
+
+def _config(source: str, relative: str) -> str:
+    """Our configs/<relative>, or PaddleDetection's own (the test skips when those are absent)."""
+    return os.path.join(REPO, "configs", relative) if source == "ours" else ppdet_config(relative)
 
 
 def lr_values(sched, n):
@@ -86,14 +89,9 @@ def test_scheduler_state_restores_value():
     assert b() == pytest.approx(a())
 
 
-@pytest.mark.parametrize("path", [
-    os.path.join(REPO, "configs/retinanet/_base_/optimizer_1x.yml"),
-    os.path.join(REF_CONFIGS, "retinanet/_base_/optimizer_1x.yml"),
-])
-def test_optimizer_1x_config(path):
-    if not os.path.isfile(path):
-        pytest.skip(f"{path} not on this machine")
-    cfg = load_config(path)
+@pytest.mark.parametrize("source", ["ours", "ppdet"])
+def test_optimizer_1x_config(source):
+    cfg = load_config(_config(source, "retinanet/_base_/optimizer_1x.yml"))
     lr = create("LearningRate", cfg)
     assert isinstance(lr.decay, PiecewiseDecay) and lr.decay.milestones == [8, 11]
     assert lr.warmup.steps == 500 and lr.warmup.start_factor == 0.001
@@ -109,15 +107,13 @@ def test_optimizer_1x_config(path):
     assert opt.get_lr() == pytest.approx(1e-5)
 
 
-@pytest.mark.parametrize("name,milestones,warmup", [
-    ("retinanet/_base_/optimizer_2x.yml", [16, 22], (500, 0.001)),
-    ("faster_rcnn/_base_/optimizer_1x.yml", [8, 11], (1000, 0.1)),
+@pytest.mark.parametrize("source,name,milestones,warmup", [
+    ("ppdet", "retinanet/_base_/optimizer_2x.yml", [16, 22], (500, 0.001)),
+    ("ppdet", "faster_rcnn/_base_/optimizer_1x.yml", [8, 11], (1000, 0.1)),
+    ("ours", "faster_rcnn/_base_/optimizer_1x.yml", [8, 11], (1000, 0.1)),
 ])
-def test_other_reference_optimizer_configs(name, milestones, warmup):
-    path = os.path.join(REF_CONFIGS, name)
-    if not os.path.isfile(path):
-        pytest.skip(f"{path} not on this machine")
-    lr = create("LearningRate", load_config(path))
+def test_other_optimizer_configs(source, name, milestones, warmup):
+    lr = create("LearningRate", load_config(_config(source, name)))
     assert lr.decay.milestones == milestones
     assert (lr.warmup.steps, lr.warmup.start_factor) == warmup
     assert lr.lr_function(100)(milestones[1] * 100) == pytest.approx(1e-4)

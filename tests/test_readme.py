@@ -15,8 +15,9 @@ import pytest
 
 from ppdet_retina.core.workspace import load_config, resolve_config_path
 
+from conftest import ppdet_config
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SHARED_CONFIGS = os.path.join(REPO, "..", "shared", "reference", "ppdet_configs")
 # Flags of `python -m paddle.distributed.launch` that the README uses.
 LAUNCH_FLAGS = {"--gpus", "--devices", "--nproc_per_node", "--ips", "--master", "--nnodes", "--log_level",
                 "--log_dir"}
@@ -49,12 +50,10 @@ def _tool_parser(name):
 
 
 def _config_path(path):
-    """The README shows PaddleDetection's own config paths; their copies live in shared/reference."""
+    """The README shows PaddleDetection's own config paths: found through tests/conftest.py's ppdet_config."""
     marker = "PaddleDetection/configs/"
     if path.startswith(marker):
-        path = os.path.join(SHARED_CONFIGS, path[len(marker):])
-        if not os.path.isfile(path):
-            pytest.skip("PaddleDetection reference configs not present")
+        path = ppdet_config(path[len(marker):])
     in_repo = os.path.join(REPO, path)
     return in_repo if os.path.isfile(in_repo) else resolve_config_path(path)
 

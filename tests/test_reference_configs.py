@@ -1,4 +1,7 @@
-"""Every PaddleDetection RetinaNet / Faster R-CNN config in shared/reference builds unchanged.
+"""Every PaddleDetection RetinaNet / Faster R-CNN config builds unchanged.
+
+PaddleDetection's configs/ folder is found by tests/conftest.py (``PPDET_CONFIGS``); without it the
+test skips and says how to enable it.
 
 Model, LR schedule, optimizer and the three readers are built from each file as published; the
 datasets are left out (COCO is not on this machine; test_data.py covers them with -o paths).
@@ -12,16 +15,17 @@ import pytest
 
 from ppdet_retina.core.workspace import create, load_config
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SHARED = os.path.join(REPO, "..", "shared", "reference", "ppdet_configs")
-CONFIGS = sorted(glob.glob(os.path.join(SHARED, "retinanet", "*.yml"))
-                 + glob.glob(os.path.join(SHARED, "faster_rcnn", "*.yml")))
+from conftest import ppdet_configs_dir, ppdet_configs_missing_reason
+
+ROOT = ppdet_configs_dir()
+CONFIGS = sorted(os.path.relpath(p, ROOT) for arch in ("retinanet", "faster_rcnn")
+                 for p in glob.glob(os.path.join(ROOT, arch, "*.yml"))) if ROOT else []
 
 
-@pytest.mark.skipif(not CONFIGS, reason="shared/reference/ppdet_configs not present")
-@pytest.mark.parametrize("path", CONFIGS, ids=[os.path.basename(p) for p in CONFIGS])
-def test_reference_config_builds(path):
-    cfg = load_config(path)
+@pytest.mark.skipif(not CONFIGS, reason=ppdet_configs_missing_reason())
+@pytest.mark.parametrize("relative", CONFIGS or ["none"], ids=[os.path.basename(p) for p in CONFIGS] or None)
+def test_reference_config_builds(relative):
+    cfg = load_config(os.path.join(ROOT, relative))
     model = create(cfg["architecture"])
     depth = cfg["ResNet"]["depth"]
     assert type(model).__name__ == cfg["architecture"]

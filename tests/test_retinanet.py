@@ -10,7 +10,8 @@ import pytest
 from ppdet_retina.core.workspace import ConfigError, create, load_config
 from ppdet_retina.modeling.architectures.retinanet import RetinaNet
 
-REF_DIR = "/work/shared/reference"
+from conftest import REPO, ppdet_config, read_param_table
+
 TINY_CFG = textwrap.dedent("""
     architecture: RetinaNet
     num_classes: 3
@@ -138,18 +139,24 @@ def test_missing_stage_is_a_config_error(tmp_path):
         create("RetinaNet")
 
 
-def test_reference_r50_config_matches_paddledetection_parameter_count():
-    load_config(os.path.join(REF_DIR, "ppdet_configs/retinanet/_base_/retinanet_r50_fpn.yml"))
+def test_our_r50_config_matches_paddledetection_parameter_table():
+    load_config(os.path.join(REPO, "configs/retinanet/_base_/retinanet_r50_fpn.yml"))
     model = create("RetinaNet")
     ours = sum(int(np.prod(v.shape)) for v in model.state_dict().values())
-    theirs = 0
-    head_shapes = {}
-    with open(os.path.join(REF_DIR, "ppdet_retinanet_r50_fpn_state_dict.tsv")) as f:
-        for line in f:
-            name, shape, _ = line.rstrip("\n").split("\t")
-            dims = [int(d) for d in shape.strip("[]").split(",") if d.strip()]
-            theirs += int(np.prod(dims))
-            head_shapes[name] = dims
-    assert ours == theirs
-    assert head_shapes["head.retina_cls.weight"] == model.head.cls_logits.weight.shape
-    assert head_shapes["head.retina_reg.weight"] == model.head.bbox_deltas.weight.shape
+    table = read_param_table("retinanet")
+    assert len(table) == len(model.state_dict()) == 301
+    # The whole table (so a truncated copy fails): 33.9M numbers, BN running statistics included.
+    assert ours == sum(int(np.prod(dims)) for dims in table.values()) == 33_893_044
+    assert table["head.retina_cls.weight"] == model.head.cls_logits.weight.shape == [720, 256, 3, 3]
+    assert table["head.retina_reg.weight"] == model.head.bbox_deltas.weight.shape == [36, 256, 3, 3]
+
+
+def test_our_r50_config_equals_paddledetection_config():
+    """Everything but names and paths equals PaddleDetection's retinanet_r50_fpn_1x_coco.yml."""
+    theirs = load_config(ppdet_config("retinanet/retinanet_r50_fpn_1x_coco.yml"))
+    ours = load_config(os.path.join(REPO, "configs/retinanet/retinanet_r50_fpn_1x.yml"))
+    assert set(ours) == set(theirs)
+    for key in set(ours) - {"LearningRate", "config_path", "filename", "weights"}:
+        assert ours[key] == theirs[key], key
+    assert ours.LearningRate.base_lr == theirs.LearningRate.base_lr
+    assert [vars(s) for s in ours.LearningRate.schedulers] == [vars(s) for s in theirs.LearningRate.schedulers]

@@ -14,6 +14,8 @@ from ppdet_retina.modeling.heads.rpn_head import RPNHead
 from ppdet_retina.modeling.proposal_generator import ProposalGenerator, flatten_rois
 from ppdet_retina.modeling.samplers import RPNTargetAssign
 
+from conftest import tiny_faster_rcnn_config
+
 # ----------------------------------------------------------------------------- targets
 
 # IoU with gt0 = [0,0,10,10]: 1.0, 0.8, 0.5, 0.2, 0; a5 has IoU 0.6 with gt1 = [40,40,50,50]
@@ -263,12 +265,10 @@ def _match_rows(expected: np.ndarray, got: np.ndarray) -> None:
 def test_faster_rcnn_dynamic_size_export_equals_dygraph(tmp_path):
     # Traced with unknown H and W, the proposal top-k sizes min(pre_nms_top_n, anchors) are
     # run-time values: P2 at 64x96 has 1152 anchors (> 100, capped), P6 only 18 (all kept).
-    from test_faster_rcnn import _tiny_config
-
     from ppdet_retina.core.workspace import create
     from ppdet_retina.engine import export as E
 
-    cfg = _tiny_config(tmp_path)
+    cfg = tiny_faster_rcnn_config(tmp_path)
     paddle.seed(0)
     model = create(cfg["architecture"], cfg)
     model.eval()

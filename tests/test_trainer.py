@@ -11,53 +11,7 @@ from ppdet_retina.core.workspace import load_config
 from ppdet_retina.engine import env
 from ppdet_retina.engine.trainer import Trainer, weights_digest
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-BASE_CONFIG = os.path.join(REPO, "configs", "retinanet", "retinanet_r50_fpn_1x.yml")
-
-_TINY = """
-_BASE_: ['{base}']
-use_gpu: false
-num_classes: 3
-epoch: {epoch}
-log_iter: 1
-snapshot_epoch: 1
-save_dir: {save_dir}
-worker_num: 0
-pretrain_weights: ''
-ResNet: {{depth: 18, width_mult: 0.125, freeze_at: -1, freeze_norm: false, return_idx: [1, 2, 3]}}
-FPN: {{out_channel: 16}}
-RetinaHead:
-  conv_feat: {{name: RetinaFeat, feat_in: 16, feat_out: 16, num_convs: 1}}
-LearningRate:
-  base_lr: {base_lr}
-  schedulers:
-  - !PiecewiseDecay {{gamma: 0.1, milestones: [1]}}
-  - !LinearWarmup {{start_factor: 0.5, steps: 2}}
-TrainDataset: {{name: COCODataSet, dataset_dir: {root}, image_dir: {image_dir}, anno_path: {anno}}}
-EvalDataset: {{name: COCODataSet, dataset_dir: {root}, image_dir: {image_dir}, anno_path: {anno}, allow_empty: true}}
-TestDataset: {{name: ImageFolder, dataset_dir: {root}, anno_path: {anno}}}
-TrainReader:
-  sample_transforms: &ops
-  - Decode: {{}}
-  - Resize: {{target_size: [64, 64], keep_ratio: false}}
-  - NormalizeImage: {{is_scale: true, mean: [0.5, 0.5, 0.5], std: [0.25, 0.25, 0.25]}}
-  - Permute: {{}}
-  batch_transforms: [PadBatch: {{pad_to_stride: 32}}]
-  batch_size: {batch_size}
-  shuffle: false
-EvalReader: {{sample_transforms: *ops, batch_transforms: [PadBatch: {{pad_to_stride: 32}}], batch_size: 2}}
-TestReader: {{sample_transforms: *ops, batch_transforms: [PadBatch: {{pad_to_stride: 32}}], batch_size: 1}}
-"""
-
-
-def write_tiny_config(tmp_path, coco, epoch=2, base_lr=0.01, batch_size=2, name="tiny_retina.yml") -> str:
-    """A tiny RetinaNet config over the ``tiny_coco`` fixture (64x64 images, 1/8-width ResNet-18)."""
-    path = os.path.join(str(tmp_path), name)
-    with open(path, "w") as f:
-        f.write(_TINY.format(base=BASE_CONFIG, epoch=epoch, save_dir=os.path.join(str(tmp_path), "output"),
-                             base_lr=base_lr, root=coco.dataset_dir, image_dir=coco.image_dir,
-                             anno=coco.anno_path, batch_size=batch_size))
-    return path
+from conftest import write_tiny_config
 
 
 def read_log(path):

@@ -8,7 +8,7 @@ import pytest
 from ppdet_retina.core import workspace as ws
 from ppdet_retina.core.workspace import ConfigError, create, load_config, merge_config, register, serializable
 
-SHARED_CONFIGS = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "reference", "ppdet_configs")
+from conftest import ppdet_config
 
 
 @register
@@ -203,11 +203,10 @@ def test_project_config_found_by_bare_name():
     assert path.replace(os.sep, "/").endswith("configs/retinanet/retinanet_r50_fpn_1x.yml")
 
 
-@pytest.mark.skipif(not os.path.isdir(SHARED_CONFIGS), reason="shared reference configs not present")
 def test_reference_ppdet_configs_parse():
     for rel in ["retinanet/retinanet_r50_fpn_1x_coco.yml", "retinanet/retinanet_r101_fpn_2x_coco.yml",
                 "faster_rcnn/faster_rcnn_r50_fpn_1x_coco.yml"]:
-        cfg = load_config(os.path.join(SHARED_CONFIGS, rel))
+        cfg = load_config(ppdet_config(rel))
         assert cfg.num_classes == 80 and cfg.TrainDataset["name"] == "COCODataSet"
         assert len(cfg.LearningRate["schedulers"]) == 2
 

@@ -1,8 +1,8 @@
 """COCO evaluation of an exported model through the Paddle Inference predictor.
 
-On CPU the predictor runs the convolutions with oneDNN (optionally in bf16), which
-dygraph cannot (see /work/shared/PADDLE_NOTES.md), so evaluating an export is the fast
-way to score a model on a CPU. Data and metric are the package's own: ``EvalDataset``,
+On CPU the predictor runs the convolutions with oneDNN (optionally in bf16), while dygraph
+convolutions use Paddle's plain CPU kernel even with the oneDNN flags on, so evaluating an
+export is the fast way to score a model on a CPU. Data and metric are the package's own: ``EvalDataset``,
 ``EvalReader`` and :class:`~ppdet_retina.metrics.coco.COCOMetric`, so the numbers are
 comparable with ``tools/eval.py`` on the dygraph model.
 

@@ -3,7 +3,7 @@
 Run it with the python of a venv that has PaddleDetection (``import ppdet``), on the same machine
 and in the same session as ``tools/benchmark.py``, so the two JSON lines can be compared key by key:
 
-    /tmp/ppdet_venv/bin/python tools/dev/ppdet_benchmark.py --iters 2
+    PPDET_CONFIGS=/path/to/PaddleDetection/configs /tmp/ppdet_venv/bin/python tools/dev/ppdet_benchmark.py --iters 2
     .venv/bin/python tools/benchmark.py --iters 2
 
 Same case and method as ours: RetinaNet R50-FPN, 80 classes, random init (nothing loaded); a train
@@ -34,11 +34,18 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from bench_common import (build_parser, gt_boxes, measure, median_of, post_process_variants,  # noqa: E402
                           timed)
 
-DEFAULT_CONFIG = "/work/shared/reference/ppdet_configs/retinanet/retinanet_r50_fpn_1x_coco.yml"
+# Relative to PaddleDetection's configs/ folder ($PPDET_CONFIGS, see tools/dev/ppdet_configs.py).
+DEFAULT_CONFIG = "retinanet/retinanet_r50_fpn_1x_coco.yml"
 
 
 def parse_args(argv: List[str] | None = None) -> argparse.Namespace:
-    return build_parser(__doc__, DEFAULT_CONFIG).parse_args(argv)
+    args = build_parser(__doc__, None).parse_args(argv)
+    if args.config is None:
+        sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+        from ppdet_configs import ppdet_config
+
+        args.config = ppdet_config(DEFAULT_CONFIG)
+    return args
 
 
 def random_batch(batch: int, h: int, w: int, rng: np.random.Generator, num_classes: int) -> Dict:

@@ -2,8 +2,10 @@
 
 Run it with the python of a venv that has PaddleDetection 2.6 (``import ppdet``), never ours:
 
-    /tmp/ppdet_venv/bin/python tools/dev/ppdet_reference.py \
+    PPDET_CONFIGS=/path/to/PaddleDetection/configs /tmp/ppdet_venv/bin/python tools/dev/ppdet_reference.py \
         --out tests/data/ppdet_reference_retinanet.npz
+
+(``PPDET_CONFIGS``: a PaddleDetection checkout's ``configs/`` folder; or pass ``--config PATH``.)
 
 No weight file is involved: every parameter is drawn from a seed and its PaddleDetection name
 (:func:`param_value`), so ``tests/test_ppdet_parity.py`` rebuilds the very same weights, loads them
@@ -37,7 +39,8 @@ RETINANET_OVERRIDES = {
     "RetinaHead": {"conv_feat": {"name": "RetinaFeat", "feat_in": 32, "feat_out": 32, "num_convs": 2,
                                  "norm_type": None, "use_dcn": False}},
 }
-PPDET_RETINANET_CONFIG = "/work/shared/reference/ppdet_configs/retinanet/retinanet_r50_fpn_1x_coco.yml"
+# Relative to PaddleDetection's configs/ folder ($PPDET_CONFIGS, see tools/dev/ppdet_configs.py).
+PPDET_RETINANET_CONFIG = "retinanet/retinanet_r50_fpn_1x_coco.yml"
 OUR_RETINANET_CONFIG = "configs/retinanet/retinanet_r50_fpn_1x.yml"
 # Faster R-CNN: narrow FPN and box head; samplers take the first k candidates (use_random: false) so the
 # training losses are deterministic on both sides.
@@ -47,7 +50,7 @@ FASTER_RCNN_OVERRIDES = {
     "RPNHead": {"rpn_target_assign": {"use_random": False}},
     "BBoxAssigner": {"use_random": False},
 }
-PPDET_FASTER_RCNN_CONFIG = "/work/shared/reference/ppdet_configs/faster_rcnn/faster_rcnn_r50_fpn_1x_coco.yml"
+PPDET_FASTER_RCNN_CONFIG = "faster_rcnn/faster_rcnn_r50_fpn_1x_coco.yml"
 OUR_FASTER_RCNN_CONFIG = "configs/faster_rcnn/faster_rcnn_r50_fpn_1x.yml"
 
 IMAGE_SHAPE = (2, 3, 160, 224)  # divisible by 32, so FPN's 2x upsampling lines up without padding
@@ -339,7 +342,8 @@ def main(argv: List[str] | None = None) -> None:
     os.environ.setdefault("GLOG_minloglevel", "2")
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--arch", choices=["retinanet", "faster_rcnn"], default="retinanet")
-    p.add_argument("--config", default=None, help="PaddleDetection config (default: the published one)")
+    p.add_argument("--config", default=None,
+                   help="PaddleDetection config (default: the published one under $PPDET_CONFIGS)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default=None, help="default: tests/data/ppdet_reference_<arch>.npz")
     args = p.parse_args(argv)
@@ -347,12 +351,15 @@ def main(argv: List[str] | None = None) -> None:
         import ppdet  # noqa: F401
     except ImportError:
         sys.exit("ppdet_reference.py needs PaddleDetection: run it with the python of the ppdet venv")
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    from ppdet_configs import ppdet_config
+
     args.out = args.out or f"tests/data/ppdet_reference_{args.arch}.npz"
     if args.arch == "retinanet":
-        args.config = args.config or PPDET_RETINANET_CONFIG
+        args.config = args.config or ppdet_config(PPDET_RETINANET_CONFIG)
         out = run_retinanet(args)
     else:
-        args.config = args.config or PPDET_FASTER_RCNN_CONFIG
+        args.config = args.config or ppdet_config(PPDET_FASTER_RCNN_CONFIG)
         out = run_faster_rcnn(args)
     out["ppdet_version"] = np.array(getattr(sys.modules["ppdet"], "__version__", "unknown"))
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)

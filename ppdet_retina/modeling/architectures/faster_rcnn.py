@@ -9,19 +9,7 @@ import paddle.nn as nn
 
 from ppdet_retina.core.workspace import ConfigError, create, register
 
-__all__ = ["FasterRCNN", "PPDET_NAME_MAP"]
-
-# PaddleDetection parameter-name prefixes of the Faster R-CNN heads -> ours.
-# The backbone and neck follow the converter's shared table.
-PPDET_NAME_MAP = {
-    "rpn_head.rpn_feat.rpn_conv.": "rpn_head.rpn_conv.",
-    "rpn_head.rpn_rois_score.": "rpn_head.objectness.",
-    "rpn_head.rpn_rois_delta.": "rpn_head.deltas.",
-    "bbox_head.head.fc6.": "bbox_head.head.fc6.",
-    "bbox_head.head.fc7.": "bbox_head.head.fc7.",
-    "bbox_head.bbox_score.": "bbox_head.cls_score.",
-    "bbox_head.bbox_delta.": "bbox_head.bbox_pred.",
-}
+__all__ = ["FasterRCNN"]
 
 
 @register
