@@ -155,3 +155,44 @@ def test_bad_optimizer_config_errors():
         PiecewiseDecay(gamma=[0.1], milestones=[8, 11])
     with pytest.raises(ValueError, match="steps_per_epoch"):
         LearningRate(0.1)(0)
+
+
+def test_clip_and_per_parameter_attrs_follow_paddledetection():
+    """Global-norm clip over the raw gradients, then Momentum with the optimizer's L2 for parameters
+    without their own regularizer; a ParamAttr's L2Decay(0) and learning_rate=2 win for the bias
+    (PaddleDetection's RetinaFeat bias LR, its norm_decay=0 on norm parameters)."""
+    from paddle.regularizer import L2Decay
+
+    model = paddle.nn.Linear(2, 1, bias_attr=paddle.ParamAttr(learning_rate=2.0, regularizer=L2Decay(0.0)))
+    model.weight.set_value(paddle.to_tensor([[1.0], [-2.0]]))
+    model.bias.set_value(paddle.to_tensor([0.5]))
+    builder = OptimizerBuilder(clip_grad_by_norm=5.0, regularizer="None", optimizer={"type": "Momentum",
+                                                                                    "momentum": 0.9})
+    assert builder.regularizer is None
+    builder = OptimizerBuilder(clip_grad_by_norm=5.0, regularizer={"type": "L2", "factor": 0.1},
+                               optimizer={"type": "Momentum", "momentum": 0.9})
+    opt = builder(0.5, model)
+    x = paddle.to_tensor([[3.0, 4.0]])
+    # Gradients of 10 * (3 w0 + 4 w1 + b): (30, 40) and 10; global norm sqrt(2600); clipped to 5.
+    f = 5.0 / math.sqrt(2600.0)
+    w, b = np.array([1.0, -2.0]), 0.5
+    v_w, v_b = np.zeros(2), 0.0
+    for _ in range(2):
+        (model(x) * 10).sum().backward()
+        opt.step()
+        opt.clear_grad()
+        v_w = 0.9 * v_w + (np.array([30.0, 40.0]) * f + 0.1 * w)  # decay added after the clip
+        v_b = 0.9 * v_b + 10.0 * f  # own L2Decay(0): no decay
+        w = w - 0.5 * v_w
+        b = b - 2 * 0.5 * v_b  # learning_rate 2 doubles the step
+        np.testing.assert_allclose(model.weight.numpy().ravel(), w, rtol=1e-5)
+        np.testing.assert_allclose(model.bias.numpy(), [b], rtol=1e-5)
+    # Clip by value acts per element: (30, 40, 10) bounded at 15 -> (15, 15, 10).
+    model = paddle.nn.Linear(2, 1)
+    model.weight.set_value(paddle.to_tensor([[1.0], [-2.0]]))
+    model.bias.set_value(paddle.to_tensor([0.5]))
+    opt = OptimizerBuilder(clip_grad_by_value=15.0, regularizer=None, optimizer={"type": "SGD"})(0.1, model)
+    (model(x) * 10).sum().backward()
+    opt.step()
+    np.testing.assert_allclose(model.weight.numpy().ravel(), [1 - 1.5, -2 - 1.5], rtol=1e-6)
+    np.testing.assert_allclose(model.bias.numpy(), [0.5 - 1.0], rtol=1e-6)

@@ -165,3 +165,18 @@ def test_retinanet_frozen_parts_stay_frozen(retinanet):
     assert moved == {k for k, v in changed.items() if v}
     # Stem, res2 and every BN (weights and running stats) are frozen in the published config.
     assert not any(k.startswith(("backbone.stem.", "backbone.res2.")) or ".norm." in k for k in moved)
+
+
+def test_gn_tower_norms_get_no_decay():
+    """With GroupNorm towers (the demo's head) PaddleDetection's FCOSFeat gives the norm's scale and
+    shift L2Decay(0.) at LR 1, and the conv bias LR 2 with the optimizer's decay."""
+    from ppdet_retina.modeling.heads.retina_head import RetinaFeat
+
+    feat = RetinaFeat(feat_in=32, feat_out=32, num_convs=1, norm_type="gn")
+    attrs = {n: (float(p.optimize_attr["learning_rate"]), None if p.regularizer is None else p.regularizer._coeff)
+             for n, p in feat.named_parameters()}
+    for tower in ("cls_tower", "box_tower"):
+        assert attrs[f"{tower}.0.conv.weight"] == (1.0, None)
+        assert attrs[f"{tower}.0.conv.bias"] == (2.0, None)
+        assert attrs[f"{tower}.0.norm.weight"] == (1.0, 0.0)
+        assert attrs[f"{tower}.0.norm.bias"] == (1.0, 0.0)

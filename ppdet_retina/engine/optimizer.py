@@ -239,10 +239,13 @@ class OptimizerBuilder:
     ``OptimizerBuilder(...)(lr, model)`` returns the optimizer.
 
     Config keys:
-        clip_grad_by_norm: global-norm gradient clip (None = off).
+        clip_grad_by_norm: global-norm gradient clip (None = off). The norm is taken over the raw
+            gradients of the trainable parameters; weight decay is added after clipping.
         clip_grad_by_value: clip each gradient to [-v, v] (None = off).
         regularizer: ``{type: L2|L1, factor: f}`` weight decay (ignored by AdamW,
-            which takes ``weight_decay`` in ``optimizer``); None turns it off.
+            which takes ``weight_decay`` in ``optimizer``); None (or the string None) turns it off.
+            A parameter whose ParamAttr names its own regularizer (e.g. ``L2Decay(0.)`` on norm
+            scales) keeps that one instead, as in PaddleDetection.
         optimizer: ``{type: Momentum|SGD|AdamW|Adam, ...}``; the other keys go to
             the paddle optimizer (e.g. ``momentum``, ``weight_decay``, ``beta1``).
     """
@@ -253,7 +256,8 @@ class OptimizerBuilder:
         self.clip_grad_by_norm = clip_grad_by_norm
         self.clip_grad_by_value = clip_grad_by_value
         # Defaults are read-only here (copied), so sharing them between instances is safe.
-        self.regularizer = dict(regularizer) if regularizer else None
+        # PaddleDetection's configs may spell "no decay" as the string None (YAML reads it so).
+        self.regularizer = dict(regularizer) if regularizer and regularizer != "None" else None
         self.optimizer = dict(optimizer or {"type": "Momentum", "momentum": 0.9})
         kind = self.optimizer.get("type")
         if kind not in _OPTIMIZERS:

@@ -37,10 +37,15 @@ def _normal_conv(ch_in: int, ch_out: int, bias: float = 0.0) -> nn.Conv2D:
 
 
 def _tower_conv(ch_in: int, ch_out: int, norm_type: Optional[str]) -> ConvNorm:
-    """3x3 conv (N(0, 0.01) weights, zero bias) [+ norm] + ReLU."""
+    """3x3 conv (N(0, 0.01) weights, zero bias) [+ norm] + ReLU.
+
+    As PaddleDetection's RetinaFeat (FCOSFeat) has them: the conv bias learns at twice the base LR
+    (with the optimizer's weight decay), and a norm's scale and shift get no weight decay.
+    """
     return ConvNorm(ch_in, ch_out, 3, norm_type=norm_type,
                     weight_attr=ParamAttr(initializer=Normal(mean=0.0, std=0.01)),
-                    bias_attr=ParamAttr(initializer=Constant(0.0)))
+                    bias_attr=ParamAttr(initializer=Constant(0.0), learning_rate=2.0),
+                    norm_decay=0.0)
 
 
 @register
