@@ -252,7 +252,8 @@ def test_failed_write_leaves_previous_checkpoint_intact(tmp_path, monkeypatch):
         save_checkpoint(model, opt, str(tmp_path), "latest", {"epoch": 2})
     monkeypatch.setattr(ckpt.paddle, "save", real_save)
 
-    assert sorted(os.listdir(tmp_path)) == ["latest.pdopt", "latest.pdparams"]  # no temp file left over
+    # no temp file left over; the commit record still describes the first save
+    assert sorted(os.listdir(tmp_path)) == ["latest.commit.json", "latest.pdopt", "latest.pdparams"]
     fresh, fresh_opt = _linear_and_opt(5)
     assert resume_checkpoint(fresh, fresh_opt, prefix) == {"epoch": 1}
     np.testing.assert_array_equal(fresh.weight.numpy(), good)

@@ -44,9 +44,9 @@ def test_train_saves_snapshots_and_log(tiny_cfg):
     assert records[0]["lr"] == pytest.approx(0.005)
     assert records[1]["lr"] == pytest.approx(0.01 * 0.1 * 0.75)
     assert trainer.lr.last_epoch == 2
-    # A second fresh run in the same folder starts the log again.
+    # A second fresh run in the same folder keeps the first run's records and appends its own.
     Trainer(tiny_cfg, mode="train").train()
-    assert len(read_log(os.path.join(out, "train_log.jsonl"))) == 2
+    assert [(r["epoch"], r["iter"]) for r in read_log(os.path.join(out, "train_log.jsonl"))] == [(0, 0), (1, 0)] * 2
 
 
 def test_resume_restores_epoch_lr_and_optimizer(tmp_path, tiny_coco):

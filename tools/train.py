@@ -18,9 +18,14 @@ from ppdet_retina.engine import env  # noqa: E402
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     env.add_config_args(parser)
-    parser.add_argument("-r", "--resume", default=None, metavar="PATH",
+    parser.add_argument("-r", "--resume", default=None, metavar="PATH|auto",
                         help="checkpoint prefix to resume from (e.g. output/<config>/5): restores weights, "
-                             "optimizer, LR step and epoch")
+                             "optimizer, LR step and epoch. 'auto': the newest complete checkpoint in "
+                             "save_dir/<config name>/, or a fresh start when there is none (so the same "
+                             "command restarts a stopped run). A checkpoint saved with another number of "
+                             "processes or batch size continues the LR schedule by epoch and says so. "
+                             "Without -r a run into a folder that holds checkpoints warns and replaces them; "
+                             "train_log.jsonl is always appended to")
     parser.add_argument("--eval", action="store_true",
                         help="evaluate on EvalDataset after every snapshot and keep best_model by bbox mAP")
     parser.add_argument("--seed", type=int, default=None,
@@ -36,9 +41,8 @@ def main(argv=None) -> None:
     from ppdet_retina.engine.trainer import Trainer
 
     trainer = Trainer(cfg, mode="train")
-    if args.resume:
-        trainer.resume_weights(args.resume)
-    else:
+    resumed = bool(args.resume) and trainer.resume_weights(args.resume)
+    if not resumed:
         trainer.load_pretrain_weights(cfg.get("pretrain_weights"))
     trainer.train(validate=args.eval)
 

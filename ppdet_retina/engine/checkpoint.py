@@ -9,8 +9,12 @@ are translated by :mod:`ppdet_retina.engine.ppdet_names`.
 
 from __future__ import annotations
 
+import errno
+import json
 import os
 import re
+import time
+import uuid
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
@@ -24,6 +28,11 @@ __all__ = [
     "load_weights",
     "load_pretrain_weights",
     "resume_checkpoint",
+    "CheckpointSaveError",
+    "COMMIT_SUFFIX",
+    "read_commit",
+    "find_latest_checkpoint",
+    "remove_stale_temps",
 ]
 
 EXTRA_KEY = "__ppdet_retina_extra__"
@@ -80,23 +89,35 @@ def _unwrap(model: paddle.nn.Layer) -> paddle.nn.Layer:
     return model._layers if isinstance(model, paddle.DataParallel) else model
 
 
-def _atomic_save(obj: Any, path: str) -> None:
-    """Write to a temp file in the same folder, fsync, then rename: a crash leaves the old file intact."""
+def _write_temp(obj: Any, path: str) -> str:
+    """Write ``obj`` (paddle.save, or JSON text for a str) to a temp name beside ``path``, fsynced.
+
+    Returns the temp path; on any failure the temp file is removed and the error raised.
+    """
     folder = os.path.dirname(os.path.abspath(path))
-    tmp = os.path.join(folder, f".{os.path.basename(path)}.tmp{os.getpid()}")
+    tmp = os.path.join(folder, f".{os.path.basename(path)}{_TMP_TAG}{os.getpid()}")
     try:
-        paddle.save(obj, tmp)
+        if isinstance(obj, str):
+            with open(tmp, "w", encoding="utf-8") as f:
+                f.write(obj)
+        else:
+            paddle.save(obj, tmp)
         fd = os.open(tmp, os.O_RDONLY)
         try:
             os.fsync(fd)
         finally:
             os.close(fd)
-        os.replace(tmp, path)
     except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+        _remove_quietly(tmp)
         raise
-    _fsync_dir(folder)
+    return tmp
+
+
+def _remove_quietly(path: str) -> None:
+    try:
+        os.remove(path)
+    except FileNotFoundError:
+        pass
 
 
 def _fsync_dir(folder: str) -> None:
@@ -113,21 +134,163 @@ def _fsync_dir(folder: str) -> None:
         os.close(fd)
 
 
+# --------------------------------------------------------------------------- commit records
+
+COMMIT_SUFFIX = ".commit.json"
+# Temp files are ``.<final name>.tmp<pid>``; a run that was killed leaves them behind.
+_TMP_TAG = ".tmp"
+_TMP_NAME = re.compile(r"^\.(?P<final>.+)\.tmp(?P<pid>\d+)$")
+_COMMIT_TOKEN = "commit"
+_DISK_FULL = (errno.ENOSPC, errno.EFBIG, errno.EDQUOT)
+# Test hook: with this set to a checkpoint name, saving that checkpoint stops for a minute after its
+# temp files are written and before they are committed, so a test can kill the process in that window.
+SAVE_PAUSE_ENV = "PPDET_RETINA_TEST_SAVE_PAUSE"
+
+
+class CheckpointSaveError(OSError):
+    """A checkpoint could not be written (full disk, quota, file-size limit); nothing was replaced."""
+
+    def __str__(self) -> str:
+        return str(self.strerror)
+
+
+def _commit_file(prefix: str) -> str:
+    return prefix + COMMIT_SUFFIX
+
+
+def read_commit(prefix: str) -> Optional[Dict[str, Any]]:
+    """The commit record of checkpoint ``prefix`` (None when there is none or it is unreadable).
+
+    A record holds ``epoch`` (epochs finished), ``time`` (of the save), ``token`` (also stored in the
+    .pdopt) and ``files`` (suffix -> byte size). It is renamed into place after both files, and removed before either
+    is replaced, so a record on disk always describes one complete save.
+    """
+    try:
+        with open(_commit_file(prefix), encoding="utf-8") as f:
+            record = json.load(f)
+    except (OSError, ValueError):
+        return None
+    return record if isinstance(record, dict) and isinstance(record.get("files"), dict) else None
+
+
+def _commit_problem(prefix: str, record: Dict[str, Any]) -> Optional[str]:
+    """Why the files on disk do not match ``record``, or None when they do."""
+    for suffix, size in record["files"].items():
+        file = prefix + suffix
+        if not os.path.isfile(file):
+            return f"'{file}' is missing"
+        if os.path.getsize(file) != int(size):
+            return f"'{file}' has {os.path.getsize(file)} bytes where its commit record says {size}"
+    return None
+
+
+def find_latest_checkpoint(save_dir: str) -> Tuple[Optional[str], List[str]]:
+    """(prefix of the newest complete checkpoint in ``save_dir`` or None, names skipped as incomplete).
+
+    Complete means a commit record whose files are all present with the recorded sizes. The newest
+    is the one committed last (not the highest epoch: a fresh run into an old folder must not resume
+    the old run's later epochs); ``best_model`` only repeats an epoch checkpoint and is not considered.
+    """
+    if not os.path.isdir(save_dir):
+        return None, []
+    best, best_key, skipped = None, None, []
+    names = sorted(n[:-len(".pdparams")] for n in os.listdir(save_dir) if n.endswith(".pdparams"))
+    for name in names:
+        if name == "best_model":
+            continue
+        prefix = os.path.join(save_dir, name)
+        record = read_commit(prefix)
+        if record is None or "epoch" not in record or _commit_problem(prefix, record):
+            skipped.append(name)
+            continue
+        key = (float(record.get("time", 0.0)), int(record["epoch"]))
+        if best_key is None or key > best_key:
+            best, best_key = prefix, key
+    return best, skipped
+
+
+def remove_stale_temps(save_dir: str) -> List[str]:
+    """Delete temp files that killed processes left in ``save_dir``; returns their names.
+
+    A temp file whose writer (by pid) is still running on this machine is kept.
+    """
+    removed = []
+    if not os.path.isdir(save_dir):
+        return removed
+    for name in os.listdir(save_dir):
+        m = _TMP_NAME.match(name)
+        if not m or _pid_alive(int(m["pid"])):
+            continue
+        _remove_quietly(os.path.join(save_dir, name))
+        removed.append(name)
+    return removed
+
+
+def _pid_alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # exists but belongs to someone else
+        return True
+    return True
+
+
+def _pause_for_tests(name: str) -> None:
+    if os.environ.get(SAVE_PAUSE_ENV) == name:
+        print(f"checkpoint '{name}': temp files written, pausing before commit ({SAVE_PAUSE_ENV})", flush=True)
+        time.sleep(60)
+
+
 # --------------------------------------------------------------------------- public API
 
 def save_checkpoint(model: paddle.nn.Layer, optimizer: Optional[paddle.optimizer.Optimizer], save_dir: str,
                     name: str, extra: Optional[Dict[str, Any]] = None) -> str:
-    """Write ``<save_dir>/<name>.pdparams`` (and ``.pdopt`` with ``extra`` if ``optimizer``) atomically.
+    """Write ``<save_dir>/<name>.pdparams`` (and ``.pdopt`` with ``extra`` if ``optimizer``) as one commit.
 
+    Every file is first written in full to a temp name and fsynced (this is where a full disk fails,
+    raising :class:`CheckpointSaveError`, with the files already there untouched). Then the old commit
+    record is removed, the files are renamed into place, and the new ``<name>.commit.json`` is renamed
+    in last: a crash at any point leaves either the old complete checkpoint, or one without a commit
+    record, which resuming refuses instead of pairing a .pdparams and a .pdopt of two saves.
     Returns the path prefix ``<save_dir>/<name>`` (what :func:`resume_checkpoint` takes).
     """
     os.makedirs(save_dir, exist_ok=True)
     prefix = os.path.join(save_dir, name)
-    _atomic_save(_unwrap(model).state_dict(), prefix + ".pdparams")
+    token = uuid.uuid4().hex
+    parts: Dict[str, Any] = {".pdparams": _unwrap(model).state_dict()}
     if optimizer is not None:
         opt_state = _structured_optimizer_state(optimizer.state_dict(), _unwrap(model))
-        opt_state[EXTRA_KEY] = dict(extra or {})
-        _atomic_save(opt_state, prefix + ".pdopt")
+        opt_state[EXTRA_KEY] = dict(extra or {}, **{_COMMIT_TOKEN: token})
+        parts[".pdopt"] = opt_state
+    temps: Dict[str, str] = {}
+    try:
+        for suffix, obj in parts.items():
+            temps[suffix] = _write_temp(obj, prefix + suffix)
+        record = {"epoch": (extra or {}).get("epoch"), "time": time.time(), "token": token,
+                  "files": {suffix: os.path.getsize(tmp) for suffix, tmp in temps.items()}}
+        temps[COMMIT_SUFFIX] = _write_temp(json.dumps(record), _commit_file(prefix))
+        _pause_for_tests(name)
+    except BaseException as err:
+        for tmp in temps.values():
+            _remove_quietly(tmp)
+        if isinstance(err, OSError) and err.errno in _DISK_FULL:
+            raise CheckpointSaveError(
+                err.errno, f"cannot save checkpoint '{prefix}': {err.strerror} while writing it. Nothing was "
+                           f"replaced: the checkpoints already in '{save_dir}' are intact. Free space on that "
+                           f"disk (or pass -o save_dir=<another disk>) and continue with -r auto.") from err
+        raise
+    # Only renames from here on: no new space is needed.
+    folder = os.path.dirname(os.path.abspath(prefix))
+    _remove_quietly(_commit_file(prefix))
+    _fsync_dir(folder)
+    for suffix in parts:
+        os.replace(temps[suffix], prefix + suffix)
+    _fsync_dir(folder)
+    os.replace(temps[COMMIT_SUFFIX], _commit_file(prefix))
+    _fsync_dir(folder)
     return prefix
 
 
@@ -239,21 +402,36 @@ def resume_checkpoint(model: paddle.nn.Layer, optimizer: Optional[paddle.optimiz
     """Restore model (strictly) and optimizer from ``<prefix>.pdparams`` / ``<prefix>.pdopt``.
 
     Returns the ``extra`` dict given to :func:`save_checkpoint`; for a PaddleDetection ``.pdopt``
-    ``{'epoch': n}`` with n its ``last_epoch`` (epochs finished).
+    ``{'epoch': n}`` with n its ``last_epoch`` (epochs finished). A checkpoint of ours whose commit
+    record is missing or does not match its files is refused with ValueError (see
+    :func:`save_checkpoint`).
     """
-    prefix = re.sub(r"\.(pdparams|pdopt)$", "", str(path_prefix))
-    load_weights(model, prefix)
-    if optimizer is None:
-        return {}
+    prefix = re.sub(r"\.(pdparams|pdopt|commit\.json)$", "", str(path_prefix))
     _check_not_url(prefix, "resume")
+    if optimizer is None:
+        load_weights(model, prefix)
+        return {}
     opt_file = prefix + ".pdopt"
     if not os.path.isfile(opt_file):
         raise FileNotFoundError(f"optimizer state '{opt_file}' not found next to '{prefix}.pdparams'; resume "
                                 f"needs both files (use weights= to load only the model)")
+    record = read_commit(prefix)
+    problem = _commit_problem(prefix, record) if record is not None else None
+    if problem:
+        raise ValueError(f"checkpoint '{prefix}' is incomplete: {problem}. Resume from an earlier checkpoint "
+                         f"(-r auto picks the newest complete one).")
     opt_state = paddle.load(opt_file)
     extra = opt_state.pop(EXTRA_KEY, None)
     if extra is None:
         extra = {"epoch": int(opt_state.pop(_PPDET_EPOCH_KEY))} if _PPDET_EPOCH_KEY in opt_state else {}
+    token = extra.pop(_COMMIT_TOKEN, None)
+    # Files from before commit records (or PaddleDetection's) carry no token and are taken as they are.
+    if token is not None and (record is None or record.get("token") != token):
+        raise ValueError(f"checkpoint '{prefix}' was not committed: its save was interrupted (or the files "
+                         f"come from different saves), so '{prefix}.pdparams' and '{opt_file}' may not "
+                         f"belong together. Resume from an earlier checkpoint (-r auto picks the newest "
+                         f"complete one).")
+    load_weights(model, prefix)
     if opt_state.pop(_OPT_NAMING_KEY, None) == "structured":
         opt_state = _runtime_optimizer_state(opt_state, _unwrap(model), opt_file)
     optimizer.set_state_dict(opt_state)

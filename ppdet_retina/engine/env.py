@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import os
 import random
-from typing import Any, Callable, Optional
+from typing import Any, Callable, NoReturn, Optional
 
 import numpy as np
 import paddle
@@ -22,6 +22,10 @@ __all__ = [
     "init_distributed",
     "barrier",
     "run_on_main_then_sync",
+    "PEER_FAILED",
+    "PeerFailure",
+    "stop_all_ranks",
+    "check_peers",
     "set_random_seed",
     "setup_environment",
 ]
@@ -134,12 +138,59 @@ def run_on_main_then_sync(fn: Callable[[], Any]) -> Any:
     if world_size() > 1 and _PARALLEL_READY:
         flag = paddle.to_tensor([1.0 if error is not None else 0.0])
         paddle.distributed.all_reduce(flag, op=paddle.distributed.ReduceOp.MAX)
-        if error is None and float(flag.numpy()[0]) > 0:
+        status = float(flag.numpy()[0])
+        if status >= PEER_FAILED:  # another rank failed on its own (stop_all_ranks) meanwhile
+            failures = _gather_failures(error)
+            if error is None:
+                raise PeerFailure(_peer_message(failures))
+        elif error is None and status > 0:
             raise RuntimeError("rank 0 failed while working alone (evaluation or saving); see its log "
                                "(log/workerlog.0 under paddle.distributed.launch)")
     if error is not None:
         raise error
     return result
+
+
+# Status a rank that failed on its own sends to the MAX all-reduce the others are at (the per-step
+# loss flag, or run_on_main_then_sync's); 1 there means "non-finite loss" / "rank 0 failed".
+PEER_FAILED = 2.0
+
+
+class PeerFailure(RuntimeError):
+    """Another rank failed; this rank stops with it. The message carries that rank's error."""
+
+
+def stop_all_ranks(err: BaseException) -> NoReturn:
+    """Re-raise ``err`` (caught by this rank alone, e.g. bad data) after telling every other rank.
+
+    Call it where the other ranks are heading for a status all-reduce (before this step's
+    backward): they receive PEER_FAILED there, the ranks exchange their error messages, and every
+    rank raises, so no rank hangs in a collective and rank 0's log shows this rank's error.
+    """
+    if world_size() > 1 and _PARALLEL_READY:
+        flag = paddle.to_tensor([PEER_FAILED], dtype="float32")
+        paddle.distributed.all_reduce(flag, op=paddle.distributed.ReduceOp.MAX)
+        _gather_failures(err)
+    raise err
+
+
+def check_peers(status: float) -> None:
+    """After a status all-reduce: raise PeerFailure when some rank sent PEER_FAILED."""
+    if status >= PEER_FAILED:
+        raise PeerFailure(_peer_message(_gather_failures(None)))
+
+
+def _gather_failures(err: Optional[BaseException]) -> list:
+    """Every rank's error text (None where it had none), exchanged between all ranks."""
+    texts: list = []
+    own = None if err is None else f"{type(err).__name__}: {err}"
+    paddle.distributed.all_gather_object(texts, own)
+    return [(r, t) for r, t in enumerate(texts) if t]
+
+
+def _peer_message(failures: list) -> str:
+    shown = "; ".join(f"rank {r} of {world_size()} failed: {t}" for r, t in failures)
+    return f"{shown}. Every rank stopped with it (that rank's own log has its traceback)"
 
 
 def set_random_seed(seed: int) -> None:
@@ -181,18 +232,20 @@ def run_tool(main, argv=None) -> int:
     """Run ``main(argv)``; a user mistake prints one ``error: ...`` line instead of a traceback.
 
     Config, missing-file and bad-value errors exit with 2, a diverged training
-    (non-finite loss) with 1; anything else is a bug and keeps its traceback.
+    (non-finite loss), another rank's failure and a checkpoint that did not fit on the disk
+    with 1; anything else is a bug and keeps its traceback.
     """
     import sys
 
     from ppdet_retina.core.workspace import ConfigError
+    from ppdet_retina.engine.checkpoint import CheckpointSaveError
 
     try:
         main(argv)
     except (ConfigError, FileNotFoundError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    except FloatingPointError as err:
+    except (FloatingPointError, PeerFailure, CheckpointSaveError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
     return 0

@@ -2,13 +2,15 @@
 
 Outputs of a training run go to ``<save_dir>/<config file stem>/``:
 
-* ``<epoch>.pdparams`` / ``.pdopt`` every ``snapshot_epoch`` epochs (0-based
-  epoch id), ``model_final`` after the last epoch, ``best_model`` with
-  ``--eval`` (highest bbox mAP so far);
+* ``<epoch>.pdparams`` / ``.pdopt`` / ``.commit.json`` every ``snapshot_epoch``
+  epochs (0-based epoch id), ``model_final`` after the last epoch,
+  ``best_model`` with ``--eval`` (highest bbox mAP so far); the commit record
+  makes the pair one save (``engine/checkpoint.py``), and ``-r auto`` resumes
+  from the newest complete one;
 * ``train_log.jsonl``: one JSON object per log step (``"type": "train"``:
   epoch, iter, step, lr, every loss term, batch_cost, data_cost, ips) and per
   evaluation (``"type": "eval"``: epoch, step, bbox_map = AP@[.5:.95], bbox =
-  the 12 COCO stats).
+  the 12 COCO stats). Every run appends to it, fresh or resumed.
 
 Multi-process runs (``python -m paddle.distributed.launch``) wrap the model
 in ``paddle.DataParallel``; only rank 0 logs and saves, and evaluation runs
@@ -106,6 +108,7 @@ class Trainer:
         logger.info(f"device {self.device}, {self.world_size} process(es){threads}")
         self.output_dir = output_dir_of(cfg)
         self.start_epoch = 0
+        self._resumed = False
         self.best_ap = -1.0
         self.lr = None
         self.optimizer = None
@@ -141,10 +144,20 @@ class Trainer:
             checkpoint.load_pretrain_weights(self.model, path)
             logger.info(f"loaded pretrained weights from {path}")
 
-    def resume_weights(self, path_prefix: str) -> None:
-        """Restore model, optimizer and LR state and the epoch to continue from."""
+    def resume_weights(self, path_prefix: str) -> bool:
+        """Restore model, optimizer and LR state and the epoch to continue from; True when resumed.
+
+        ``path_prefix`` is a checkpoint prefix (``output/<config>/5``) or ``auto``: the newest
+        complete checkpoint in this run's output folder, or nothing (False: a fresh start) when it
+        has none. A checkpoint saved with another world size, batch size per process or steps
+        per epoch continues the schedule by epoch (see :meth:`_continue_by_epoch`).
+        """
         if self.optimizer is None:
             raise ValueError("resume needs a Trainer in train mode")
+        if path_prefix == "auto":
+            path_prefix = self._auto_resume_point()
+            if path_prefix is None:
+                return False
         extra = checkpoint.resume_checkpoint(self.model, self.optimizer, path_prefix) or {}
         # "last_epoch" is what a PaddleDetection .pdopt records (epochs completed).
         self.start_epoch = int(extra.get("epoch", extra.get("last_epoch", 0)))
@@ -154,8 +167,71 @@ class Trainer:
             # counter covers checkpoints whose optimizer state lacks it.
             self.lr.last_epoch = int(extra["lr_step"])
             self.lr.last_lr = self.lr.get_lr()
-        logger.info(f"resumed from {path_prefix}: continuing at epoch {self.start_epoch}, "
-                    f"iteration {self.lr.last_epoch}, lr {self.lr.get_lr():.6g}")
+        self._resumed = True
+        if self.lr.last_epoch != self.start_epoch * len(self.loader):
+            self._continue_by_epoch(path_prefix, extra)
+        else:
+            logger.info(f"resumed from {path_prefix}: continuing at epoch {self.start_epoch}, "
+                        f"iteration {self.lr.last_epoch}, lr {self.lr.get_lr():.6g}")
+        return True
+
+    def _run_shape(self) -> Dict[str, int]:
+        """What sets the number of images per step and steps per epoch; recorded in checkpoints."""
+        per_process = getattr(getattr(self.loader, "batch_sampler", None), "batch_size", None)
+        return {"world_size": self.world_size, "batch_size": int(per_process or 0),
+                "steps_per_epoch": len(self.loader)}
+
+    def _continue_by_epoch(self, path_prefix: str, extra: Dict[str, Any]) -> None:
+        """Re-position the LR schedule at the start of ``start_epoch`` of this run's loader.
+
+        The schedule's milestones are in epochs, turned into iterations with this run's steps per
+        epoch, so the iteration counter of a run with another world size or batch size points
+        elsewhere in it; ``start_epoch * steps_per_epoch`` is the same point of the schedule.
+        """
+        old_step = int(self.lr.last_epoch)
+        self.lr.last_epoch = self.start_epoch * len(self.loader)
+        self.lr.last_lr = self.lr.get_lr()
+        now = self._run_shape()
+        if all(k in extra for k in now):
+            saved = f"{extra['world_size']} process(es) x {extra['batch_size']} image(s), " \
+                    f"{extra['steps_per_epoch']} steps per epoch"
+            match = (f"; to train exactly as saved, launch {extra['world_size']} process(es) with "
+                     f"-o TrainReader.batch_size={extra['batch_size']}")
+        else:
+            saved, match = f"iteration {old_step} after {self.start_epoch} epoch(s)", ""
+        logger.warning(
+            f"resumed from {path_prefix}, which was saved by a run with {saved}; this run has "
+            f"{now['world_size']} process(es) x {now['batch_size']} image(s), {now['steps_per_epoch']} steps per "
+            f"epoch. Continuing the schedule by epoch: epoch {self.start_epoch}, iteration {self.lr.last_epoch} "
+            f"(not {old_step}), lr {self.lr.get_lr():.6g}; LearningRate.base_lr is not rescaled{match}")
+
+    def _auto_resume_point(self) -> Optional[str]:
+        """``-r auto``: the newest complete checkpoint in the output folder, the same on every rank."""
+        prefix, skipped = checkpoint.find_latest_checkpoint(self.output_dir)
+        if skipped:
+            logger.warning(f"-r auto: skipped incomplete checkpoint(s) {', '.join(skipped)} in {self.output_dir} "
+                           f"(no commit record, or files that do not match it: an interrupted save)")
+        self._check_same_choice(prefix)
+        if prefix is None:
+            logger.info(f"-r auto: no complete checkpoint in {self.output_dir}; starting a fresh run")
+        else:
+            logger.info(f"-r auto: resuming from {prefix}, the newest complete checkpoint")
+        return prefix
+
+    def _check_same_choice(self, prefix: Optional[str]) -> None:
+        """Every rank must resume from the same epoch, which needs save_dir visible to all of them."""
+        if self.world_size <= 1:
+            return
+        record = checkpoint.read_commit(prefix) if prefix else None
+        epoch = float(record["epoch"]) if record else -1.0
+        both = paddle.to_tensor([epoch, -epoch], dtype="float32")
+        paddle.distributed.all_reduce(both, op=paddle.distributed.ReduceOp.MAX)
+        high, low = float(both.numpy()[0]), -float(both.numpy()[1])
+        if high != low:
+            raise ValueError(f"-r auto: the ranks see different checkpoints in {self.output_dir} (rank "
+                             f"{self.rank} found {prefix or 'none'}; epochs seen range from {low:g} to {high:g}). "
+                             f"save_dir must be one folder shared by every machine, or copy the checkpoint "
+                             f"to each and pass its path with -r")
 
     # ------------------------------------------------------------------ training
     def train(self, validate: bool = False) -> None:
@@ -166,8 +242,7 @@ class Trainer:
         end_epoch = int(cfg.get("epoch", 12))
         log_iter = max(1, int(cfg.get("log_iter", 20)))
         snapshot = max(1, int(cfg.get("snapshot_epoch", 1)))
-        # A resumed run continues the log of the run it resumes; a new run starts it again.
-        journal = JsonlWriter(os.path.join(self.output_dir, "train_log.jsonl"), append=self.start_epoch > 0)
+        journal = self._open_journal()
         if self.start_epoch >= end_epoch:
             logger.warning(f"nothing to train: start epoch {self.start_epoch} >= epoch {end_epoch}")
         if validate:
@@ -175,6 +250,35 @@ class Trainer:
             env.run_on_main_then_sync(self._build_eval_loader)
         self._run_epochs(end_epoch, log_iter, snapshot, validate, journal)
         self._write_weights_hash()
+
+    def _open_journal(self) -> JsonlWriter:
+        """``train_log.jsonl``, appended to by every run (a fresh one too: earlier runs stay readable).
+
+        Rank 0 also clears temp files that killed runs left, cuts a half-written last line, and
+        warns when a fresh run goes into a folder that holds another run's checkpoints.
+        """
+        path = os.path.join(self.output_dir, "train_log.jsonl")
+        if self.rank == 0:
+            checkpoint.remove_stale_temps(self.output_dir)
+            _drop_partial_last_line(path)
+            existing = _checkpoint_names(self.output_dir)
+            if existing and not self._resumed:
+                logger.warning(f"{self.output_dir} already holds checkpoints ({', '.join(existing)}) of an "
+                               f"earlier run: this run starts fresh and replaces them as it saves, and appends to "
+                               f"train_log.jsonl. To continue that run instead pass -r auto")
+        return JsonlWriter(path, append=True)
+
+    def _batches(self):
+        """The loader's batches; an error while reading one stops every rank with it."""
+        batches = iter(self.loader)
+        while True:
+            try:
+                batch = next(batches)
+            except StopIteration:
+                return
+            except Exception as err:  # noqa: BLE001 - re-raised by stop_all_ranks
+                env.stop_all_ranks(err)
+            yield batch
 
     def _run_epochs(self, end_epoch: int, log_iter: int, snapshot: int, validate: bool,
                     journal: JsonlWriter) -> None:
@@ -187,7 +291,7 @@ class Trainer:
             self.train_model.train()
             stats = TrainingStats(window_size=log_iter)
             tic = time.time()
-            for it, batch in enumerate(self.loader):
+            for it, batch in enumerate(self._batches()):
                 data_cost = time.time() - tic
                 step_lr = float(self.lr.get_lr())
                 stats.update(self._train_step(batch, epoch, it))
@@ -216,7 +320,10 @@ class Trainer:
             sampler.set_epoch(epoch)
 
     def _train_step(self, batch: Dict[str, paddle.Tensor], epoch: int, it: int) -> Dict[str, float]:
-        outputs = self.train_model(batch)
+        try:
+            outputs = self.train_model(batch)
+        except Exception as err:  # noqa: BLE001 - one rank's bad batch must not leave the others hanging
+            env.stop_all_ranks(err)
         if "loss" not in outputs:
             raise ValueError(f"the model's training output has no 'loss' key (got {sorted(outputs)})")
         values, bad = self._loss_values(outputs)
@@ -240,6 +347,7 @@ class Trainer:
         if self.world_size > 1:
             paddle.distributed.all_reduce(flag, op=paddle.distributed.ReduceOp.MAX)
         host = paddle.concat([stacked.detach(), flag]).numpy()
+        env.check_peers(float(host[-1]))
         return {k: float(v) for k, v in zip(names, host[:-1])}, bool(host[-1] > 0)
 
     def _stop_on_non_finite(self, values: Dict[str, float], epoch: int, it: int) -> None:
@@ -282,7 +390,8 @@ class Trainer:
             logger.info(f"best bbox mAP so far: {self.best_ap:.4f}")
 
     def _save(self, name: str, epoch: int) -> str:
-        extra = {"epoch": epoch + 1, "lr_step": int(self.lr.last_epoch), "best_ap": self.best_ap}
+        extra = {"epoch": epoch + 1, "lr_step": int(self.lr.last_epoch), "best_ap": self.best_ap,
+                 **self._run_shape()}
         return checkpoint.save_checkpoint(self.model, self.optimizer, self.output_dir, name, extra)
 
     def _validate(self, epoch: int, journal: JsonlWriter) -> bool:
@@ -401,6 +510,36 @@ def _split_per_image(batch: dict, outputs: dict, imid2path: Dict[int, str]) -> L
         results.append({"im_id": int(im_id), "im_file": imid2path[int(im_id)], "bbox": rows[rows[:, 0] >= 0]})
         start += count
     return results
+
+
+def _checkpoint_names(folder: str) -> List[str]:
+    """Names of the checkpoints (``.pdparams`` files) in ``folder``."""
+    if not os.path.isdir(folder):
+        return []
+    return sorted(n[:-len(".pdparams")] for n in os.listdir(folder) if n.endswith(".pdparams"))
+
+
+def _drop_partial_last_line(path: str) -> None:
+    """Cut a last line without its newline (a run killed while writing it), so appends stay valid JSON."""
+    try:
+        f = open(path, "rb+")
+    except FileNotFoundError:
+        return
+    with f:
+        end = f.seek(0, os.SEEK_END)
+        pos = end
+        while pos > 0:  # walk back in blocks to the last newline
+            start = max(0, pos - 65536)
+            f.seek(start)
+            block = f.read(pos - start)
+            if pos == end and block.endswith(b"\n"):
+                return
+            cut = block.rfind(b"\n")
+            if cut >= 0:
+                f.truncate(start + cut + 1)
+                return
+            pos = start
+        f.truncate(0)
 
 
 def _identity_map(rows: np.ndarray) -> Dict[int, int]:
