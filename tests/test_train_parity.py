@@ -180,3 +180,33 @@ def test_gn_tower_norms_get_no_decay():
         assert attrs[f"{tower}.0.conv.bias"] == (2.0, None)
         assert attrs[f"{tower}.0.norm.weight"] == (1.0, 0.0)
         assert attrs[f"{tower}.0.norm.bias"] == (1.0, 0.0)
+
+
+@pytest.fixture(scope="module")
+def faster_rcnn(tmp_path_factory):
+    ref = _fixture("faster_rcnn")
+    return ref, run_our_steps("faster_rcnn", ref, tmp_path_factory.mktemp("train_parity"))
+
+
+def test_faster_rcnn_updates_match(faster_rcnn):
+    ref, run = faster_rcnn
+    # Faster R-CNN's warm-up: 1000 steps from 0.1: 0.01 * (0.1 + 0.9 * i / 1000).
+    np.testing.assert_allclose(run["lr"], [0.01 * (0.1 + 0.9 * i / 1000) for i in (498, 499, 500)], rtol=1e-9)
+    np.testing.assert_allclose(run["lr"], ref["lr"], rtol=1e-9)
+    np.testing.assert_allclose(run["loss"], ref["loss:loss"], rtol=1e-4)
+    model = run["model"]
+    keys = list(run["after"])
+    trainable = _per_param(ref, "trainable", keys)
+    for name, param in model.named_parameters():
+        assert (not param.stop_gradient) == trainable[name], name
+    # No Faster R-CNN parameter has its own LR or regularizer in PaddleDetection.
+    assert set(ref["lr_mult"][ref["trainable"]].tolist()) == {1.0}
+    assert set(ref["reg_coeff"][ref["trainable"]].tolist()) == {-1.0}
+    rel = update_agreement("faster_rcnn", ref, run)
+    assert len(rel) == int(ref["trainable"].sum())
+    worst = max(rel, key=rel.get)
+    assert rel[worst] <= REL_TOL, f"{worst}: update differs by {rel[worst]:.4f} of its norm"
+    changed = convert_ppdet_state_dict(dict(zip([str(n) for n in ref["state_names"]], ref["changed"].tolist())),
+                                       keys)
+    moved = {k for k in keys if not np.array_equal(run["after"][k], run["before"][k])}
+    assert moved == {k for k, v in changed.items() if v}
