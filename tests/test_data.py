@@ -8,7 +8,7 @@ import numpy as np
 import paddle
 import pytest
 
-from conftest import make_coco, write_coco_json
+from conftest import make_coco
 from ppdet_retina.core.workspace import ConfigError, create
 from ppdet_retina.data.coco import COCODataSet, ImageFolder
 
@@ -276,8 +276,3 @@ def test_image_folder_for_inference(tiny_coco):
     assert no_labels.label_names == []
     with pytest.raises(ValueError, match="does not exist"):
         no_labels.set_images([os.path.join(tiny_coco.image_root, "missing.png")])
-
-
-def test_write_coco_json_helper_roundtrip(tmp_path):
-    path = write_coco_json(str(tmp_path / "a" / "b.json"), [], [], [{"id": 1, "name": "x"}])
-    assert json.load(open(path))["categories"][0]["id"] == 1

@@ -293,7 +293,8 @@ def test_onnx_equals_predictor_at_the_exported_size(setup):
     # on the ONNX candidates gives the Paddle predictor's detections.
     nms = create({"name": "MultiClassNMS", **info["onnx"]["nms"]})
     bbox, bbox_num = nms(paddle.to_tensor(boxes), paddle.to_tensor(scores))
-    assert int(expected[1].sum()) > 0
+    # Detections exist in every image (a comparison of two empty outputs would prove nothing).
+    assert len(expected[1]) >= 1 and (np.asarray(expected[1]) > 0).all(), expected[1]
     _assert_same_detections((expected[0], expected[1]), (bbox.numpy(), bbox_num.numpy()))
 
 

@@ -1,16 +1,15 @@
-"""COCOMetric against pycocotools run directly."""
+"""COCOMetric on cases worked out by hand, and the category ids' round trip through the dataset."""
 
-import contextlib
-import io
 import json
 import os
 
 import numpy as np
 import pytest
-from pycocotools.coco import COCO
-from pycocotools.cocoeval import COCOeval
 
+from ppdet_retina.data.coco import COCODataSet
 from ppdet_retina.metrics.coco import COCOMetric, detections_to_coco
+
+from conftest import make_coco
 
 # Sparse, non-contiguous category ids on purpose: the metric must map class index -> id.
 CATS = [{"id": 3, "name": "car"}, {"id": 7, "name": "dog"}]
@@ -46,28 +45,68 @@ def batch_from(annos, im_ids, jitter, rng):
     return inputs, {"bbox": np.asarray(rows, np.float32), "bbox_num": np.asarray(counts, np.int32)}
 
 
-def test_metric_equals_pycocotools(tmp_path):
-    anno_file = str(tmp_path / "gt.json")
-    annos = write_gt(anno_file)
-    rng = np.random.RandomState(1)
-    metric = COCOMetric(anno_file, CLSID2CATID, classwise=True, output_eval=str(tmp_path / "out"))
-    for ids in ([11, 12], [13]):
-        metric.update(*batch_from(annos, ids, jitter=4.0, rng=rng))
-    stats = metric.accumulate()["bbox"]
-    assert len(stats) == 12
+# ----------------------------------------------------------------------------- a case worked out by hand
 
+# Three 100x120 images; every box 40x40 (area 1600: COCO's "medium"). Categories listed out of order.
+HAND_CATS = [{"id": 7, "name": "dog"}, {"id": 3, "name": "car"}]
+HAND_GT = [
+    (11, 100, 120, [(3, [10, 10, 40, 40], 0), (7, [60, 20, 40, 40], 0)]),
+    (12, 100, 120, [(3, [20, 30, 40, 40], 0), (3, [70, 10, 40, 40], 0)]),
+    (13, 100, 120, [(7, [30, 30, 40, 40], 0)]),  # never run through the model: must not count
+]
+# (class index, score, x1, y1, x2, y2) per image. Cars by score: hit, miss (no car there), hit, hit;
+# the dog: one hit. Every hit is exact (IoU 1), the miss overlaps nothing (IoU 0).
+HAND_DETS = {
+    11: [[0, 0.9, 10, 10, 50, 50], [0, 0.8, 60, 60, 100, 100], [1, 0.5, 60, 20, 100, 60]],
+    12: [[0, 0.7, 20, 30, 60, 70], [0, 0.6, 70, 10, 110, 50]],
+}
+# Car: precision 1, 1/2, 2/3, 3/4 at recall 1/3, 1/3, 2/3, 1; made monotone from the right: 1, 3/4, 3/4,
+# 3/4. Of COCO's 101 recall points 0.00 ... 0.33 (34 points) read precision 1, 0.34 ... 1.00 (67) read 3/4.
+CAR_AP = (34 * 1.0 + 67 * 0.75) / 101
+DOG_AP = 1.0  # image 13's dog is not scored: 1 of 1
+MEAN_AP = (CAR_AP + DOG_AP) / 2
+# At most one detection per image and category: car recalls A and C of its 3 (2/3), dog 1 of 1.
+AR_1 = (2 / 3 + 1.0) / 2
+
+
+def _hand_batch(im_ids):
+    rows = [r for i in im_ids for r in HAND_DETS[i]]
+    return ({"im_id": np.asarray(im_ids, np.int64).reshape(-1, 1)},
+            {"bbox": np.asarray(rows, np.float32), "bbox_num": np.asarray([len(HAND_DETS[i]) for i in im_ids])})
+
+
+def test_hand_worked_ap_and_ar(tmp_path):
+    coco = make_coco(str(tmp_path / "hand"), HAND_GT, HAND_CATS)
+    metric = COCOMetric(coco.anno_file, {0: 3, 1: 7}, classwise=True, output_eval=str(tmp_path / "out"))
+    metric.update(*_hand_batch([11, 11]))  # the same image twice in one batch counts once
+    metric.update(*_hand_batch([12]))
+    stats = metric.accumulate()["bbox"]
+    # Exact hits and an IoU-0 miss: the same AP at every IoU threshold; no small or large gt (-1).
+    want = [MEAN_AP, MEAN_AP, MEAN_AP, -1.0, MEAN_AP, -1.0, AR_1, 1.0, 1.0, -1.0, 1.0, -1.0]
+    np.testing.assert_allclose(stats, want, rtol=1e-9)
+    assert MEAN_AP == pytest.approx(0.917079, abs=1e-6)
+    assert metric.classwise_ap == [("car", pytest.approx(CAR_AP)), ("dog", pytest.approx(DOG_AP))]
+
+
+def test_category_ids_round_trip_through_the_dataset(tmp_path):
+    """COCO ids 3 / 7 -> the dataset's classes 0 / 1 -> detections -> ids 3 / 7 again in bbox.json."""
+    coco = make_coco(str(tmp_path / "hand"), HAND_GT, HAND_CATS)
+    dataset = COCODataSet(dataset_dir=coco.dataset_dir, image_dir=coco.image_dir, anno_path=coco.anno_path)
+    assert dataset.catid2clsid == {3: 0, 7: 1} and dataset.clsid2catid == {0: 3, 1: 7}
+    records = {r["im_id"]: r for r in dataset.roidbs}
+    im_ids = [11, 12]
+    # The dataset's own ground truth, as detections: its contiguous classes and x1y1x2y2 boxes.
+    rows = [[float(c), 0.9, *box] for i in im_ids
+            for c, box in zip(records[i]["gt_class"][:, 0], records[i]["gt_bbox"])]
+    metric = COCOMetric(dataset.get_anno(), dataset.clsid2catid, output_eval=str(tmp_path / "out"))
+    metric.update({"im_id": np.asarray(im_ids).reshape(-1, 1)},
+                  {"bbox": np.asarray(rows, np.float32), "bbox_num": np.asarray([2, 2])})
+    stats = metric.accumulate()["bbox"]
     with open(tmp_path / "out" / "bbox.json") as f:
-        dets = json.load(f)
-    assert len(dets) == 9 + 3
-    assert {d["category_id"] for d in dets} == {3, 7}
-    with contextlib.redirect_stdout(io.StringIO()):
-        gt = COCO(anno_file)
-        ev = COCOeval(gt, gt.loadRes(dets), "bbox")
-        ev.evaluate(), ev.accumulate(), ev.summarize()
-    np.testing.assert_allclose(stats, ev.stats, rtol=1e-12)
-    assert 0.0 < stats[0] < 1.0
-    assert [name for name, _ in metric.classwise_ap] == ["car", "dog"]
-    assert all(0.0 <= ap <= 1.0 for _, ap in metric.classwise_ap)
+        written = sorted((d["image_id"], d["category_id"], d["bbox"]) for d in json.load(f))
+    assert written == sorted((i, cat, [float(v) for v in xywh]) for i, _, _, anns in HAND_GT if i in im_ids
+                             for cat, xywh, _ in anns)
+    assert stats[0] == pytest.approx(1.0)
 
 
 def test_perfect_detections_score_one(tmp_path):
@@ -109,26 +148,3 @@ def test_repeated_image_counts_once(tmp_path):
     twice.update(*batch)
     assert len(twice.results) == len(once.results) == 8
     assert twice.accumulate() == once.accumulate()
-
-
-def test_repeated_image_in_one_batch_counts_once_and_unrun_images_do_not_count(tmp_path):
-    anno_file = str(tmp_path / "gt.json")
-    annos = write_gt(anno_file)
-    rng = np.random.RandomState(2)
-    metric = COCOMetric(anno_file, CLSID2CATID, output_eval=str(tmp_path / "out"))
-    inputs, outputs = batch_from(annos, [11, 11, 12], jitter=2.0, rng=rng)
-    metric.update(inputs, outputs)
-    per_image = {11: 4, 12: 4}  # 3 gts + 1 false positive each, image 11's second copy dropped
-    dets = metric.results
-    assert {i: sum(d["image_id"] == i for d in dets) for i in per_image} == per_image
-    stats = metric.accumulate()["bbox"]
-    # Image 13 was never run (e.g. sample_num): it is not scored as all misses.
-    coco_gt = COCO(anno_file)
-    with contextlib.redirect_stdout(io.StringIO()):
-        ev = COCOeval(coco_gt, coco_gt.loadRes(dets), "bbox")
-        ev.params.imgIds = [11, 12]
-        ev.evaluate()
-        ev.accumulate()
-        ev.summarize()
-    np.testing.assert_allclose(stats, ev.stats, atol=1e-9)
-    assert stats[8] > 0.5  # AR@100 over images 11 and 12 only

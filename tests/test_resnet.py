@@ -95,10 +95,16 @@ def test_frozen_norm_uses_running_stats_and_never_updates():
 
 
 def test_trainable_norm_updates_stats_in_training():
+    paddle.seed(0)
     layer = ConvNorm(2, 3, 1, freeze_norm=False)
     layer.train()
-    layer(paddle.randn([4, 2, 5, 5]) + 3.0)
-    assert np.abs(layer.norm._mean.numpy()).max() > 0
+    x = np.random.default_rng(0).normal(3.0, 1.0, size=(4, 2, 5, 5)).astype("float32")
+    layer(paddle.to_tensor(x))
+    # A 1x1 conv without bias: the batch mean per output channel is W @ (the input's channel means).
+    # The running mean starts at 0 and moves with momentum 0.9: 0.1 x that batch mean.
+    batch_mean = layer.conv.weight.numpy()[:, :, 0, 0] @ x.mean(axis=(0, 2, 3))
+    np.testing.assert_allclose(layer.norm._mean.numpy(), 0.1 * batch_mean, rtol=1e-4, atol=1e-6)
+    assert np.abs(batch_mean).min() > 0.05  # so the check above sees a real update
     assert not layer.norm.weight.stop_gradient
 
 

@@ -227,23 +227,28 @@ def test_rpn_head_loss_values():
     head.train()
     _, _, losses = head([paddle.rand([1, 4, 4, 4])], inputs)
 
-    anchors = head.anchor_generator([(4, 4)])[0].numpy()
-    labels, matched = head.rpn_target_assign(paddle.to_tensor(anchors), paddle.to_tensor(gt),
-                                             paddle.to_tensor([[True, False]]))
-    labels, matched = labels.numpy()[0], matched.numpy()[0]
-    num_pos, num_neg = (labels == 1).sum(), (labels == 0).sum()
-    assert num_pos >= 1 and num_pos + num_neg == 8
-    norm = 8 * 1
+    # 16 x 16 anchors centred on (8x, 8y) of the 4 x 4 map, index 4y + x. IoU with the 18 x 16 gt
+    # (area 288): anchors 6 [8, 0, 24, 16] and 10 [8, 8, 24, 24] overlap it by 14 x 12 = 168 of 376
+    # (0.447), 5 [0, 0, 16, 16] and 9 [0, 8, 16, 24] by 12 x 12 = 144 of 400 (0.36), every other
+    # anchor by at most 72 of 472 (0.15). None reaches 0.7, so the gt's best anchors, 6 and 10 (a
+    # tie), are the positives; 5 and 9 lie between 0.3 and 0.7 and are ignored; of the 8 sampled,
+    # the other 6 are the lowest-index negatives 0, 1, 2, 3, 4, 7.
+    num_pos, num_neg = 2, 6
+    norm = 8 * 1  # batch_size_per_im x images
     expected_cls = (num_pos * math.log1p(math.exp(-bias)) + num_neg * math.log1p(math.exp(bias))) / norm
     np.testing.assert_allclose(float(losses["loss_rpn_cls"]), expected_cls, rtol=1e-5)
+    # gt centre (13, 12), 18 x 16; anchors 6 and 10 centred at (16, 8) and (16, 16), 16 x 16:
+    # targets (-3/16, +-4/16, log(18/16), 0), and the predicted deltas are 0.
+    expected_reg = 2 * (3 / 16 + 4 / 16 + math.log(18 / 16)) / norm
+    np.testing.assert_allclose(float(losses["loss_rpn_reg"]), expected_reg, rtol=1e-5)
 
-    pos = anchors[labels == 1]
-    tgt = gt[0][matched[labels == 1]]
-    aw, ah = pos[:, 2] - pos[:, 0], pos[:, 3] - pos[:, 1]
-    tw, th = tgt[:, 2] - tgt[:, 0], tgt[:, 3] - tgt[:, 1]
-    d = np.stack([(tgt[:, 0] + tw / 2 - pos[:, 0] - aw / 2) / aw, (tgt[:, 1] + th / 2 - pos[:, 1] - ah / 2) / ah,
-                  np.log(tw / aw), np.log(th / ah)], 1)
-    np.testing.assert_allclose(float(losses["loss_rpn_reg"]), np.abs(d).sum() / norm, rtol=1e-5)
+    labels, matched = head.rpn_target_assign(paddle.to_tensor(head.anchor_generator([(4, 4)])[0].numpy()),
+                                             paddle.to_tensor(gt), paddle.to_tensor([[True, False]]))
+    want = np.full(16, -1)
+    want[[6, 10]] = 1
+    want[[0, 1, 2, 3, 4, 7]] = 0
+    np.testing.assert_array_equal(labels.numpy()[0], want)
+    assert matched.numpy()[0][[6, 10]].tolist() == [0, 0]
 
 
 # ----------------------------------------------------------------------------- export
