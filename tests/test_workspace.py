@@ -40,6 +40,11 @@ class _WsArch:
         return {"head": create(cfg["head"]), "in_channels": input_channels}
 
 
+# Top-level keys only these tests use; any other unknown top-level key is an error.
+ws.register_top_level_keys({"_ws_list": "test", "_ws_other": "test", "_ws_schedulers": "test",
+                            "_ws_name": "test", "_ws_nested": "test"})
+
+
 @serializable
 class _WsTag:
     def __init__(self, gamma: float = 0.1, milestones=(8, 11)):
@@ -57,12 +62,12 @@ def _write(tmp_path, name, text):
 def test_base_inheritance_merges_dicts_and_replaces_lists(tmp_path):
     _write(tmp_path, "_base_/a.yml", """
         num_classes: 80
-        lst: [1, 2, 3]
+        _ws_list: [1, 2, 3]
         _WsHead: {width: 4, nms: {name: _WsNms, keep_top_k: 50}}
     """)
     _write(tmp_path, "_base_/b.yml", """
         _BASE_: a.yml
-        lst: [9]
+        _ws_list: [9]
     """)
     path = _write(tmp_path, "top.yml", """
         _BASE_: ['_base_/b.yml']
@@ -70,7 +75,7 @@ def test_base_inheritance_merges_dicts_and_replaces_lists(tmp_path):
         _WsHead: {width: 16}
     """)
     cfg = load_config(path)
-    assert cfg.lst == [9]
+    assert cfg._ws_list == [9]
     assert cfg._WsHead == {"width": 16, "nms": {"name": "_WsNms", "keep_top_k": 50}}
     head = create("_WsHead", cfg)
     assert head.num_classes == 3  # __shared__ from the top-level key
@@ -84,7 +89,7 @@ def test_shared_key_own_section_wins_then_top_level_then_default(tmp_path):
     assert create("_WsHead", cfg).num_classes == 7
     cfg = load_config(_write(tmp_path, "d.yml", "num_classes: 5\n"))
     assert create("_WsHead", cfg).num_classes == 5
-    cfg = load_config(_write(tmp_path, "e.yml", "other: 1\n"))
+    cfg = load_config(_write(tmp_path, "e.yml", "_ws_other: 1\n"))
     assert create("_WsHead", cfg).num_classes == 80
 
 
@@ -109,11 +114,11 @@ def test_inject_built_object_and_from_config(tmp_path):
 
 def test_tags_build_serializable_objects(tmp_path):
     cfg = load_config(_write(tmp_path, "c.yml", """
-        schedulers:
+        _ws_schedulers:
         - !_WsTag {gamma: 0.5, milestones: [2, 3]}
         - !_WsTag {}
     """))
-    first, second = cfg.schedulers
+    first, second = cfg._ws_schedulers
     assert isinstance(first, _WsTag) and first.gamma == 0.5 and first.milestones == [2, 3]
     assert second.gamma == 0.1
 
@@ -125,11 +130,11 @@ def test_unknown_tag_names_the_tag(tmp_path):
 
 def test_overrides_are_typed_like_yaml(tmp_path):
     path = _write(tmp_path, "c.yml", "use_gpu: true\nTrainReader: {batch_size: 2, shuffle: true}\n")
-    cfg = load_config(path, ["use_gpu=false", "epoch=2", "TrainReader.batch_size=4", "name=abc",
-                             "lst=[1,2]", "x.y.z=0.5"])
-    assert cfg.use_gpu is False and cfg.epoch == 2 and cfg.name == "abc" and cfg.lst == [1, 2]
+    cfg = load_config(path, ["use_gpu=false", "epoch=2", "TrainReader.batch_size=4", "_ws_name=abc",
+                             "_ws_list=[1,2]", "_ws_nested.y.z=0.5"])
+    assert cfg.use_gpu is False and cfg.epoch == 2 and cfg._ws_name == "abc" and cfg._ws_list == [1, 2]
     assert cfg.TrainReader == {"batch_size": 4, "shuffle": True}
-    assert cfg.x.y.z == 0.5
+    assert cfg._ws_nested.y.z == 0.5
     cfg = merge_config(["weights=out/model_final"], cfg)
     assert cfg.weights == "out/model_final"
     with pytest.raises(ConfigError, match="key=value"):
@@ -143,9 +148,8 @@ def test_unknown_component_suggests_close_names(tmp_path):
 
 
 def test_unknown_key_names_component_and_valid_keys(tmp_path):
-    cfg = load_config(_write(tmp_path, "c.yml", "_WsHead: {widht: 3}\n"))
-    with pytest.raises(ConfigError) as err:
-        create("_WsHead", cfg)
+    with pytest.raises(ConfigError) as err:  # caught while loading, before anything is built
+        load_config(_write(tmp_path, "c.yml", "_WsHead: {widht: 3}\n"))
     msg = str(err.value)
     assert "'widht'" in msg and "did you mean 'width'" in msg and "_WsHead" in msg
     assert "num_classes, nms, width" in msg
@@ -161,7 +165,7 @@ def test_missing_base_names_the_including_file(tmp_path):
 def test_two_configs_in_a_row_do_not_leak(tmp_path):
     first = load_config(_write(tmp_path, "a.yml", "_WsHead: {nms: {name: _WsNms, keep_top_k: 1}, width: 2}\n"))
     head_a = create("_WsHead", first)
-    second = load_config(_write(tmp_path, "b.yml", "other: 0\n"))
+    second = load_config(_write(tmp_path, "b.yml", "_ws_other: 0\n"))
     head_b = create("_WsHead", second)
     assert head_a.nms.keep_top_k == 1 and head_a.width == 2
     assert head_b.nms.keep_top_k == 100 and head_b.width == 8
@@ -216,3 +220,66 @@ def test_from_config_builds_children_from_the_config_given_to_create(tmp_path):
     load_config(_write(tmp_path, "global.yml", "_WsHead: {width: 1}\n"))
     arch = create("_WsArch", other)
     assert arch.head.width == 77
+
+
+# --------------------------------------------------------------------------- typos and override types
+
+def test_misspelt_section_and_top_level_key_are_errors_with_suggestions(tmp_path):
+    path = _write(tmp_path, "c.yml", "epoch: 12\nTrainReader: {batch_size: 2}\nTrainReadr: {batch_size: 4}\n")
+    with pytest.raises(ConfigError, match=r"'TrainReadr' from config .*c\.yml.*did you mean 'TrainReader'"):
+        load_config(path)
+    good = _write(tmp_path, "good.yml", "epoch: 12\n")
+    with pytest.raises(ConfigError, match=r"'epochs' from -o \(did you mean 'epoch'"):
+        load_config(good, ["epochs=3"])
+    with pytest.raises(ConfigError, match=r"'_WsHeda' from -o \(did you mean '_WsHead'"):
+        load_config(good, ["_WsHeda.width=3"])
+
+
+def test_paddledetection_only_keys_and_named_sections_are_accepted(tmp_path):
+    cfg = load_config(_write(tmp_path, "c.yml", """
+        use_xpu: false
+        print_flops: false
+        use_ema: true
+        _WsHead: {nms: MyNms}
+        MyNms: {name: _WsNms, keep_top_k: 3}
+    """))
+    assert cfg.use_xpu is False and create("_WsHead", cfg).nms.keep_top_k == 3
+    assert "use_xpu" in ws.PPDET_IGNORED_TOP_LEVEL_KEYS and "use_xpu" not in ws.KNOWN_TOP_LEVEL_KEYS
+
+
+def test_register_top_level_keys_extends_the_known_set(tmp_path):
+    path = _write(tmp_path, "c.yml", "_ws_registered_later: 0.5\n")
+    with pytest.raises(ConfigError, match="_ws_registered_later"):
+        load_config(path)
+    ws.register_top_level_keys({"_ws_registered_later": "a key a test declares"})
+    assert load_config(path)._ws_registered_later == 0.5
+
+
+@pytest.mark.parametrize("item, value", [
+    ("use_gpu=yes", True), ("use_gpu=0", False), ("use_gpu=FALSE", False), ("use_gpu=1", True),
+    ("epoch=3", 3), ("_WsNms.score_threshold=1", 1.0), ("save_dir=007", "007"),
+    ("pretrain_weights=", ""), ("_ws_list=[1]", [1]),
+])
+def test_overrides_take_the_type_of_the_key(tmp_path, item, value):
+    path = _write(tmp_path, "c.yml", "use_gpu: true\nepoch: 12\nsave_dir: out\npretrain_weights: a.pdparams\n"
+                                     "_ws_list: [0]\n")
+    cfg = load_config(path, [item])
+    key, _ = item.split("=", 1)
+    got = cfg[key] if "." not in key else cfg[key.split(".")[0]][key.split(".")[1]]
+    assert got == value and type(got) is type(value)
+
+
+@pytest.mark.parametrize("item, message", [
+    ("use_gpu=on", r"'use_gpu' takes a boolean: true/false/yes/no/1/0"),
+    ("use_gpu=maybe", r"'use_gpu' takes a boolean"),
+    ("epoch=2.5", r"-o epoch=2.5: 'epoch' takes an integer, got float 2.5"),
+    ("epoch=twelve", r"'epoch' takes an integer, got str 'twelve'"),
+    ("_WsHead.width=wide", r"'_WsHead.width' takes an integer"),        # the class default is an int
+    ("num_classes=[3]", r"'num_classes' takes an integer, got list"),   # a __shared__ key's default
+    ("_WsNms.score_threshold=high", r"'_WsNms.score_threshold' takes a number"),
+    ("_ws_list=3", r"'_ws_list' takes a list"),
+])
+def test_overrides_of_the_wrong_type_name_the_key(tmp_path, item, message):
+    path = _write(tmp_path, "c.yml", "use_gpu: true\nepoch: 12\n_ws_list: [0]\n")
+    with pytest.raises(ConfigError, match=message):
+        load_config(path, [item])

@@ -47,12 +47,62 @@ __all__ = [
     "get_config",
     "registered_names",
     "resolve_config_path",
+    "check_config_keys",
+    "register_top_level_keys",
+    "KNOWN_TOP_LEVEL_KEYS",
+    "PPDET_IGNORED_TOP_LEVEL_KEYS",
 ]
 
 BASE_KEY = "_BASE_"
 # Sub-packages whose modules register components; imported before a config is
 # read so that every `!Tag` and every `name:` is known.
 _COMPONENT_PACKAGES = ("ppdet_retina.modeling", "ppdet_retina.data", "ppdet_retina.engine")
+
+# Top-level keys besides component sections (a registered class name, or a section a config names
+# elsewhere, e.g. ``architecture: RetinaNet``) and ``__shared__`` keys. Everything else at the top level
+# of a config is a typo and an error. Add a key here (or with :func:`register_top_level_keys`) when code
+# starts reading it.
+KNOWN_TOP_LEVEL_KEYS: Dict[str, str] = {
+    "architecture": "name of the detector class to build",
+    "use_gpu": "run on the GPU (bool)",
+    "epoch": "number of training epochs",
+    "log_iter": "log every N iterations",
+    "snapshot_epoch": "save (and with --eval evaluate) every N epochs",
+    "save_dir": "output root; a run writes to <save_dir>/<config name>/",
+    "worker_num": "data loader worker processes",
+    "metric": "evaluation metric (COCO)",
+    "classwise": "per-class AP table in evaluation",
+    "output_eval": "folder for evaluation results (bbox.json)",
+    "weights": "model weights for eval / infer / export (path or http(s) URL)",
+    "pretrain_weights": "initial weights for training (path or http(s) URL; empty: random init)",
+    "draw_threshold": "score threshold for drawn boxes (export's infer_cfg.yml)",
+    "export": "export settings (post_process, nms, benchmark, fuse_conv_bn)",
+    "custom_imports": "modules imported before building (user components)",
+    "TrainDataset": "training dataset section", "EvalDataset": "evaluation dataset section",
+    "TestDataset": "inference dataset section",
+    "filename": "set by load_config: the config file's stem",
+    "config_path": "set by load_config: the config file's absolute path",
+    # Model averaging and mixed precision (PaddleDetection's names).
+    "use_ema": "keep an exponential moving average of the weights", "ema_decay": "EMA decay",
+    "ema_decay_type": "EMA decay schedule", "cycle_epoch": "EMA restart period in epochs",
+    "ema_black_list": "parameters kept out of the EMA", "ema_filter_no_grad": "EMA skips frozen parameters",
+    "amp_level": "mixed precision level (O1/O2)",
+}
+
+# Keys PaddleDetection's own configs carry that this package reads nowhere: accepted so that its files
+# load unchanged, and ignored.
+PPDET_IGNORED_TOP_LEVEL_KEYS: Dict[str, str] = {
+    "use_xpu": "other accelerators: this package runs on CPU or CUDA",
+    "use_mlu": "other accelerators", "use_npu": "other accelerators", "use_gcu": "other accelerators",
+    "print_flops": "FLOPs report at start", "print_params": "parameter-count report at start",
+    "use_vdl": "VisualDL logging", "vdl_log_dir": "VisualDL logging",
+    "find_unused_parameters": "DataParallel option", "save_prediction_only": "evaluation option",
+}
+
+
+def register_top_level_keys(keys: Dict[str, str]) -> None:
+    """Declare top-level config keys (name -> what it does) that some code reads, so configs may set them."""
+    KNOWN_TOP_LEVEL_KEYS.update(keys)
 
 
 class ConfigError(ValueError):
@@ -255,7 +305,8 @@ def load_config(path: str, overrides: Optional[Iterable[str] | dict] = None) -> 
     ``path`` may be a bare file name found under the project's ``configs/``.
     The config's ``filename`` key is set to the file's stem (used for output
     folders). ``custom_imports`` (a list of module names) are imported so that
-    components they register can be named in the config.
+    components they register can be named in the config. Unknown top-level keys and unknown keys
+    of component sections are errors (:func:`check_config_keys`).
     """
     global _GLOBAL_CONFIG
     path = resolve_config_path(path)
@@ -265,8 +316,79 @@ def load_config(path: str, overrides: Optional[Iterable[str] | dict] = None) -> 
     if overrides:
         cfg = merge_config(overrides, cfg)
     _import_custom(cfg.get("custom_imports") or [])
+    check_config_keys(cfg, f"config {path} (or its _BASE_ files)", _override_roots(overrides or {}))
     _GLOBAL_CONFIG = cfg
     return cfg
+
+
+# --------------------------------------------------------------------------- key checks
+
+def _shared_keys() -> Dict[str, Any]:
+    """Every ``__shared__`` key of a registered component -> the first default found for it."""
+    keys: Dict[str, Any] = {}
+    for spec in _REGISTRY.values():
+        for key in spec.shared:
+            if keys.get(key) is None:
+                keys[key] = spec.defaults.get(key)
+    return keys
+
+
+def _referenced_names(value: Any, out: set) -> set:
+    """Every string value inside ``value``: a section may be named by another (``nms: MyNMS``)."""
+    if isinstance(value, str):
+        out.add(value)
+    elif isinstance(value, dict):
+        for item in value.values():
+            _referenced_names(item, out)
+    elif isinstance(value, (list, tuple)):
+        for item in value:
+            _referenced_names(item, out)
+    return out
+
+
+def _override_roots(overrides: Iterable[str] | dict) -> List[str]:
+    if isinstance(overrides, dict):
+        return list(overrides)
+    return [str(item).split("=", 1)[0].strip().split(".")[0] for item in overrides]
+
+
+def check_config_keys(cfg: dict, source: str = "config", override_keys: Iterable[str] = ()) -> None:
+    """Raise :class:`ConfigError` for top-level keys nothing reads and for unknown keys of sections.
+
+    A top-level key is valid when it is in ``KNOWN_TOP_LEVEL_KEYS`` or ``PPDET_IGNORED_TOP_LEVEL_KEYS``,
+    a registered component's name, a ``__shared__`` key, or a section that another value names. Each
+    unknown key gets its closest valid names; ``override_keys`` (top-level names set with ``-o``) are
+    reported as coming from ``-o`` rather than from ``source``.
+    """
+    _import_components()
+    shared = _shared_keys()
+    valid = set(KNOWN_TOP_LEVEL_KEYS) | set(PPDET_IGNORED_TOP_LEVEL_KEYS) | set(_REGISTRY) | set(shared)
+    referenced = _referenced_names({k: v for k, v in cfg.items()}, set())
+    override_keys = set(override_keys)
+    problems = []
+    for key in cfg:
+        if key in valid or key in referenced:
+            continue
+        close = difflib.get_close_matches(str(key), sorted(valid), n=3, cutoff=0.6)
+        hint = f" (did you mean {' or '.join(repr(c) for c in close)}?)" if close else ""
+        origin = "-o" if key in override_keys else source
+        problems.append(f"'{key}' from {origin}{hint}")
+    if problems:
+        raise ConfigError(
+            f"unknown top-level config key {'; '.join(problems)}. Valid: component sections, __shared__ "
+            f"keys (num_classes, ...) and KNOWN_TOP_LEVEL_KEYS / PPDET_IGNORED_TOP_LEVEL_KEYS in "
+            f"ppdet_retina/core/workspace.py")
+    for key, value in cfg.items():
+        _check_section(key, value)
+
+
+def _check_section(key: str, value: Any) -> None:
+    """Keys of a section are checked now, even for a component this config never builds."""
+    if not isinstance(value, dict):
+        return
+    name = value.get("name", key if key in _REGISTRY else None)
+    if isinstance(name, str) and name in _REGISTRY:
+        _check_keys(_REGISTRY[name], {k: v for k, v in value.items() if k != "name"}, key)
 
 
 def _import_custom(modules: Sequence[str]) -> None:
@@ -287,8 +409,13 @@ def get_config() -> AttrDict:
 
 # --------------------------------------------------------------------------- overrides
 
-def parse_overrides(items: Iterable[str]) -> dict:
-    """Turn ``["a.b=1", "use_gpu=false"]`` into a nested dict; values are typed like YAML."""
+def parse_overrides(items: Iterable[str], cfg: Optional[dict] = None) -> dict:
+    """Turn ``["a.b=1", "use_gpu=false"]`` into a nested dict; values are typed like YAML.
+
+    With ``cfg``, a key whose current value (or, for a section key, the component's default) is a
+    bool, int, float, list or string takes a value of that type, or a :class:`ConfigError` names the
+    key; booleans accept only true/false/yes/no/1/0.
+    """
     result: dict = {}
     for item in items:
         if "=" not in item:
@@ -301,8 +428,10 @@ def parse_overrides(items: Iterable[str]) -> dict:
             value = yaml.load(raw, Loader=_Loader) if raw.strip() else ""
         except yaml.YAMLError:
             value = raw
-        node = result
         parts = key.split(".")
+        if cfg is not None:
+            value = _typed_override(key, raw, value, _current_value(cfg, parts))
+        node = result
         for part in parts[:-1]:
             node = node.setdefault(part, {})
             if not isinstance(node, dict):
@@ -314,13 +443,67 @@ def parse_overrides(items: Iterable[str]) -> dict:
 def merge_config(overrides: Iterable[str] | dict, cfg: Optional[AttrDict] = None) -> AttrDict:
     """Merge ``overrides`` (a dict or ``key=value`` strings) into ``cfg`` (default: the global config)."""
     global _GLOBAL_CONFIG
-    if not isinstance(overrides, dict):
-        overrides = parse_overrides(overrides)
     target = _GLOBAL_CONFIG if cfg is None else cfg
+    if not isinstance(overrides, dict):
+        overrides = parse_overrides(overrides, target)
     merged = _to_attrdict(_deep_merge(target, overrides))
     if cfg is None or cfg is _GLOBAL_CONFIG:
         _GLOBAL_CONFIG = merged
     return merged
+
+
+_MISSING = object()
+_TRUE_WORDS, _FALSE_WORDS = ("true", "yes", "1"), ("false", "no", "0")
+
+
+def _current_value(cfg: dict, parts: Sequence[str]) -> Any:
+    """The value ``parts`` names in ``cfg``; else the default of the component or shared key it names."""
+    node: Any = cfg
+    for part in parts:
+        if isinstance(node, dict) and part in node:
+            node = node[part]
+            continue
+        if len(parts) == 1:
+            _import_components()
+            return _shared_keys().get(parts[0], _MISSING)
+        if len(parts) == 2:
+            section = cfg.get(parts[0])
+            name = section.get("name", parts[0]) if isinstance(section, dict) else parts[0]
+            spec = _REGISTRY.get(name) if isinstance(name, str) else None
+            return spec.defaults.get(parts[1], _MISSING) if spec else _MISSING
+        return _MISSING
+    return node
+
+
+def _typed_override(key: str, raw: str, value: Any, current: Any) -> Any:
+    """``value`` converted to the type of ``current``; a ConfigError naming ``key`` when it cannot be."""
+    def wrong(kind: str) -> ConfigError:
+        return ConfigError(f"-o {key}={raw}: '{key}' takes {kind}, got {type(value).__name__} {value!r}")
+
+    if current is _MISSING or current is None:
+        return value
+    if isinstance(current, bool):
+        word = raw.strip().lower()
+        if word in _TRUE_WORDS or word in _FALSE_WORDS:
+            return word in _TRUE_WORDS
+        raise ConfigError(f"-o {key}={raw}: '{key}' takes a boolean: true/false/yes/no/1/0")
+    if value is None:
+        return None  # an explicit null unsets any other kind of key
+    if isinstance(current, int):
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        raise wrong("an integer")
+    if isinstance(current, float):
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        raise wrong("a number")
+    if isinstance(current, (list, tuple)):
+        if isinstance(value, list):
+            return value
+        raise wrong(f"a list (e.g. -o {key}=[1,2])")
+    if isinstance(current, str) and isinstance(value, (bool, int, float)):
+        return raw.strip()  # a path or name that looks like a number stays as written ('001')
+    return value
 
 
 # --------------------------------------------------------------------------- create
