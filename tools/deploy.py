@@ -14,6 +14,11 @@ file_name, category_id = the dataset's category id when the export knows it, bbo
 every detection the model returned, not only those above the threshold), and
 ``benchmark.json`` with ``--run_benchmark`` (milliseconds per image of preprocess /
 inference / postprocess and images per second).
+
+Images are read one batch at a time and each picture is written when its batch is done.
+A file that cannot be read (missing, truncated, corrupt) is skipped with a warning naming
+it, and the run exits with status 1 at the end; hidden files (``._x.jpg``) and names without
+an image extension in ``--image_dir`` are not listed at all.
 """
 
 from __future__ import annotations
@@ -25,7 +30,7 @@ import json
 import os
 import sys
 import time
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import cv2
 import numpy as np
@@ -133,12 +138,48 @@ def build_preprocess(entries: Sequence[Dict[str, Any]]) -> List[Any]:
     return ops
 
 
+class UnreadableImage(DeployError):
+    """One input image cannot be used (missing, truncated, corrupt); the run skips it."""
+
+
+def bytes_complete(data: bytes) -> bool:
+    """False for a truncated JPEG (no end marker after its first scan) or PNG (no IEND chunk), which
+    some OpenCV builds decode half grey. The package's ppdet_retina.data.transforms does the same
+    check; it is repeated here so that this file runs on its own."""
+    if data[:3] == b"\xff\xd8\xff":
+        pos = 2
+        while pos + 4 <= len(data) and data[pos] == 0xFF:  # header segments up to the scan
+            if data[pos + 1] == 0xFF:
+                pos += 1
+            elif data[pos + 1] == 0xDA:
+                return data.find(b"\xff\xd9", pos) != -1
+            else:
+                pos += 2 + int.from_bytes(data[pos + 2:pos + 4], "big")
+        return True
+    if data[:8] == b"\x89PNG\r\n\x1a\n":
+        return data.rfind(b"IEND") != -1
+    return True
+
+
+def read_image_bgr(path: str) -> np.ndarray:
+    """uint8 BGR [H, W, 3], turned by its EXIF orientation as viewers (and the training reader's
+    Decode without annotations) show it; UnreadableImage naming ``path`` otherwise."""
+    try:
+        with open(path, "rb") as f:
+            data = f.read()
+    except OSError as err:
+        raise UnreadableImage(f"cannot read image '{path}' ({err.strerror or err})") from None
+    if not bytes_complete(data):
+        raise UnreadableImage(f"image '{path}' is truncated (its end marker is missing)")
+    image = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR)
+    if image is None:
+        raise UnreadableImage(f"cannot decode image '{path}' (corrupt or not an image)")
+    return image
+
+
 def read_image(path: str) -> np.ndarray:
     """uint8 RGB [H, W, 3] (the training reader's Decode)."""
-    image = cv2.imread(path, cv2.IMREAD_COLOR)
-    if image is None:
-        raise DeployError(f"cannot read image '{path}' (missing or not an image)")
-    return cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
+    return cv2.cvtColor(read_image_bgr(path), cv2.COLOR_BGR2RGB)
 
 
 def preprocess(image: np.ndarray, ops: Sequence[Any]) -> Tuple[np.ndarray, Dict[str, np.ndarray]]:
@@ -357,7 +398,8 @@ class Detector:
 
 
 def collect_images(image_file: Optional[str], image_dir: Optional[str]) -> List[str]:
-    """The images named by --image_file and/or --image_dir (sorted)."""
+    """The images named by --image_file and/or --image_dir (sorted; hidden files such as the
+    ``._x.jpg`` macOS leaves and names without an image extension are left out quietly)."""
     files: List[str] = []
     if image_file:
         if not os.path.isfile(image_file):
@@ -367,10 +409,34 @@ def collect_images(image_file: Optional[str], image_dir: Optional[str]) -> List[
         if not os.path.isdir(image_dir):
             raise DeployError(f"--image_dir '{image_dir}' is not a folder")
         files.extend(os.path.join(image_dir, n) for n in sorted(os.listdir(image_dir))
-                     if n.lower().endswith(IMAGE_EXTENSIONS))
+                     if n.lower().endswith(IMAGE_EXTENSIONS) and not n.startswith("."))
     if not files:
         raise DeployError("no images: pass --image_file <file> or --image_dir <folder with images>")
     return files
+
+
+def image_batches(files: Sequence[str], batch_size: int,
+                  failed: Optional[Dict[str, str]]) -> Iterator[List[Tuple[int, str, np.ndarray, np.ndarray]]]:
+    """Batches of (index in ``files``, file, BGR image, RGB image), read one batch at a time.
+
+    A file that cannot be read is skipped: its reason goes into ``failed`` with a warning on
+    stderr naming it (nothing when ``failed`` is None, for repeated benchmark passes).
+    """
+    batch: List[Tuple[int, str, np.ndarray, np.ndarray]] = []
+    for i, f in enumerate(files):
+        try:
+            bgr = read_image_bgr(f)
+        except UnreadableImage as err:
+            if failed is not None:
+                failed[f] = str(err)
+                print(f"warning: {err}; skipped", file=sys.stderr)
+            continue
+        batch.append((i, f, bgr, cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)))
+        if len(batch) == batch_size:
+            yield batch
+            batch = []
+    if batch:
+        yield batch
 
 
 def benchmark_report(times: Dict[str, float], num_images: int, args: argparse.Namespace) -> Dict[str, Any]:
@@ -392,40 +458,38 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
     detector = Detector(args.model_dir, args.device, args.run_mode, args.cpu_threads, args.enable_mkldnn,
                         args.enable_mkldnn_bfloat16, args.batch_size)
     os.makedirs(args.output_dir, exist_ok=True)
-    originals = [cv2.imread(f, cv2.IMREAD_COLOR) for f in files]
-    for f, im in zip(files, originals):
-        if im is None:
-            raise DeployError(f"cannot read image '{f}' (missing or not an image)")
-    rgb = [cv2.cvtColor(im, cv2.COLOR_BGR2RGB) for im in originals]
-    batches = [list(range(i, min(i + args.batch_size, len(files)))) for i in range(0, len(files), args.batch_size)]
     if args.run_benchmark:
-        for _ in range(args.warmup):  # first runs include oneDNN kernel creation
-            detector.predict([rgb[j] for j in batches[0]])
+        # Untimed passes re-read the files, so only one batch is ever in memory.
+        for batch in image_batches(files, args.batch_size, None):
+            for _ in range(args.warmup):  # first runs include oneDNN kernel creation
+                detector.predict([rgb for _, _, _, rgb in batch])
+            break
         detector.times = dict.fromkeys(detector.times, 0.0)
         for _ in range(args.repeats - 1):
-            for idx in batches:
-                detector.predict([rgb[j] for j in idx])
-    rows: List[np.ndarray] = []
-    for idx in batches:
-        rows.extend(detector.predict([rgb[j] for j in idx]))
-    summary: Dict[str, Any] = {"images": len(files), "detections": {}}
+            for batch in image_batches(files, args.batch_size, None):
+                detector.predict([rgb for _, _, _, rgb in batch])
+    summary: Dict[str, Any] = {"images": len(files), "detections": {}, "failed": {}}
     used: set = set()
     coco: List[dict] = []
-    for i, (f, im, dets) in enumerate(zip(files, originals, rows)):
-        path = output_path(args.output_dir, f, used)
-        cv2.imwrite(path, draw(im, dets, detector.labels, args.threshold))
-        kept = int((dets[:, 1] >= args.threshold).sum())
-        summary["detections"][f] = kept
-        print(f"{f}: {kept} detection(s) >= {args.threshold} -> {path}")
-        if args.save_results:
-            coco.extend(coco_results(dets, i, os.path.basename(f), detector.catids))
+    for batch in image_batches(files, args.batch_size, summary["failed"]):
+        rows = detector.predict([rgb for _, _, _, rgb in batch])
+        # Written batch by batch, so an interrupted run keeps what it finished.
+        for (i, f, bgr, _), dets in zip(batch, rows):
+            path = output_path(args.output_dir, f, used)
+            if not cv2.imwrite(path, draw(bgr, dets, detector.labels, args.threshold)):
+                raise DeployError(f"cannot write {path}; check the free space and permissions of --output_dir")
+            kept = int((dets[:, 1] >= args.threshold).sum())
+            summary["detections"][f] = kept
+            print(f"{f}: {kept} detection(s) >= {args.threshold} -> {path}")
+            if args.save_results:
+                coco.extend(coco_results(dets, i, os.path.basename(f), detector.catids))
     if args.save_results:
         path = os.path.join(args.output_dir, "bbox.json")
         with open(path, "w", encoding="utf-8") as fh:
             json.dump(coco, fh)
         print(f"{len(coco)} detections saved to {path}")
     if args.run_benchmark:
-        report = benchmark_report(detector.times, len(files) * args.repeats, args)
+        report = benchmark_report(detector.times, len(summary["detections"]) * args.repeats, args)
         with open(os.path.join(args.output_dir, "benchmark.json"), "w", encoding="utf-8") as fh:
             json.dump(report, fh, indent=2)
         print("benchmark: " + json.dumps(report))
@@ -472,7 +536,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 if __name__ == "__main__":
     try:
-        main()
+        result = main()
     except DeployError as err:
         print(f"error: {err}", file=sys.stderr)
         sys.exit(2)
+    if result["failed"]:
+        print(f"error: {len(result['failed'])} of {result['images']} image(s) could not be read and were "
+              f"skipped: {', '.join(result['failed'])}", file=sys.stderr)
+        sys.exit(1)

@@ -3,6 +3,10 @@
 
     python tools/infer.py -c <config> -o weights=output/<config>/model_final --infer_img demo.jpg
     python tools/infer.py -c <config> -o weights=... --infer_dir images/ --save_results
+
+Each picture is written as soon as it is done. Files that cannot be read are skipped with a
+warning naming each (hidden files such as ._x.jpg and non-image extensions are not listed at
+all), and the tool exits with status 2 at the end when any was skipped.
 """
 
 import argparse
@@ -36,7 +40,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--draw_threshold", type=float, default=0.5,
                         help="draw only boxes scoring at least this (default: 0.5)")
     parser.add_argument("--save_results", type=str2bool, nargs="?", const=True, default=False,
-                        help="also write output_dir/bbox.json: COCO results (xywh, original category ids)")
+                        help="also write output_dir/bbox.json: COCO results (xywh, original category ids) "
+                             "holding every detection the model returned, whatever --draw_threshold; "
+                             "image_id is the id TestDataset.anno_path gives the file (so COCOeval runs on "
+                             "it directly), else a running index")
     return parser
 
 

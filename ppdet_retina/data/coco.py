@@ -22,6 +22,7 @@ import numpy as np
 
 from ppdet_retina.core.workspace import ConfigError, register, serializable
 from ppdet_retina.data.labels import default_label_set
+from ppdet_retina.data.transforms import BadImageError
 
 __all__ = ["COCODataSet", "ImageFolder", "IMAGE_EXTENSIONS"]
 
@@ -59,6 +60,11 @@ class _TransformMixin:
             return sample
         try:
             return self._transform(sample)
+        except BadImageError as err:
+            # Kept as its own type: the readers replace or skip these samples.
+            err.im_file = err.im_file or record.get("im_file")
+            err.im_id = record.get("im_id") if err.im_id is None else err.im_id
+            raise
         except Exception as err:  # noqa: BLE001 - re-raised with the file named
             # Reader workers only forward the message, so the failing file must be in it.
             raise ValueError(f"{record.get('im_file')} (image id {record.get('im_id')}): "
@@ -338,10 +344,15 @@ def _clipped_xyxy(ann: dict, w: float, h: float, anno_file: str) -> Optional[Lis
 class ImageFolder(_TransformMixin):
     """Images to run inference on, given as files or folders.
 
-    Records carry ``im_file`` and ``im_id`` (the running index); the image size
-    comes from ``Decode``. ``anno_path``, when the file exists, is read only for
-    the label names and category ids (a COCO json, or a ``.txt`` label list with
-    one name per line, whose category ids are then 0..C-1).
+    Records carry ``im_file`` and ``im_id``; the image size comes from ``Decode``,
+    which applies the EXIF orientation as image viewers do. ``anno_path``, when the
+    file exists, gives the label names and category ids (a COCO json, or a ``.txt``
+    label list with one name per line, whose category ids are then 0..C-1). With a
+    COCO json, an image it lists (matched by its ``file_name``: the longest path
+    suffix, else a unique base name) gets the json's image id, so saved results can
+    be scored against that json directly; other images get ids above the json's
+    largest. Without a json ``im_id`` is the running index. Folders are listed
+    without hidden files (``._x.jpg`` that macOS leaves, ``.DS_Store``).
 
     Config keys:
         dataset_dir: root for ``image_dir`` and ``anno_path``.
@@ -410,7 +421,22 @@ class ImageFolder(_TransformMixin):
             files = files[:self.sample_num]
         if not files:
             raise ValueError(f"no image files found in {images!r} (extensions: {', '.join(IMAGE_EXTENSIONS)})")
-        self.roidbs = [{"im_file": f, "im_id": i} for i, f in enumerate(files)]
+        self.roidbs = [{"im_file": f, "im_id": i} for f, i in zip(files, self._image_ids(files))]
+
+    def _image_ids(self, files: Sequence[str]) -> List[int]:
+        """The json's id of each listed file; the others count up after the json's largest id."""
+        path = self.get_anno()
+        listed = _ids_by_file_name(path) if path and not path.endswith(".txt") else {}
+        if not listed:
+            return list(range(len(files)))
+        by_base = _unique_base_names(listed)
+        ids, next_id = [], max(listed.values()) + 1
+        for f in files:
+            found = _listed_id(f, listed, by_base)
+            if found is None:
+                found, next_id = next_id, next_id + 1
+            ids.append(found)
+        return ids
 
     def get_imid2path(self) -> Dict[int, str]:
         return {r["im_id"]: r["im_file"] for r in self.roidbs}
@@ -427,12 +453,54 @@ class ImageFolder(_TransformMixin):
         return self._apply(self.roidbs[idx])
 
 
+def _ids_by_file_name(anno_file: str) -> Dict[str, int]:
+    """``file_name`` ('/'-separated, without a leading './') -> image id, for each image of a COCO json."""
+    with open(anno_file, "r", encoding="utf-8") as f:
+        try:
+            data = json.load(f)
+        except json.JSONDecodeError as err:
+            raise ValueError(f"{anno_file}: not a COCO json (cannot parse JSON: {err})") from None
+    images = data.get("images") if isinstance(data, dict) else None
+    out: Dict[str, int] = {}
+    for img in images or []:
+        if isinstance(img, dict) and "file_name" in img and "id" in img:
+            out[_norm_name(str(img["file_name"]))] = int(img["id"])
+    return out
+
+
+def _norm_name(name: str) -> str:
+    name = name.replace("\\", "/")
+    while name.startswith("./"):
+        name = name[2:]
+    return name
+
+
+def _unique_base_names(listed: Dict[str, int]) -> Dict[str, int]:
+    counts: Dict[str, int] = {}
+    for name in listed:
+        base = name.rsplit("/", 1)[-1]
+        counts[base] = counts.get(base, 0) + 1
+    return {name.rsplit("/", 1)[-1]: i for name, i in listed.items() if counts[name.rsplit("/", 1)[-1]] == 1}
+
+
+def _listed_id(path: str, listed: Dict[str, int], by_base: Dict[str, int]) -> Optional[int]:
+    """The id of the json entry whose file_name is the longest suffix of ``path``; else a unique base name's."""
+    parts = _norm_name(os.path.abspath(path)).split("/")
+    for k in range(len(parts), 0, -1):
+        found = listed.get("/".join(parts[-k:]))
+        if found is not None:
+            return found
+    return by_base.get(parts[-1])
+
+
 def _collect_images(images: Sequence[str] | str) -> List[str]:
     items = [images] if isinstance(images, str) else list(images)
     files: List[str] = []
     for item in items:
         if os.path.isdir(item):
-            names = sorted(n for n in os.listdir(item) if n.lower().endswith(IMAGE_EXTENSIONS))
+            # Hidden files (macOS's ._x.jpg resource forks) are not pictures, whatever their extension.
+            names = sorted(n for n in os.listdir(item)
+                           if n.lower().endswith(IMAGE_EXTENSIONS) and not n.startswith("."))
             files.extend(os.path.join(item, n) for n in names)
         elif os.path.isfile(item):
             files.append(item)

@@ -14,17 +14,16 @@ Batch ops take and return a list of samples.
 from __future__ import annotations
 
 import logging
-import os
 import random
-from typing import Any, Callable, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Iterator, List, Optional, Sequence, Tuple
 
 import cv2
 import numpy as np
 
 from ppdet_retina.core.workspace import ConfigError, create, register, serializable
 
-__all__ = ["Decode", "Resize", "RandomResize", "RandomFlip", "NormalizeImage", "Permute",
-           "PadBatch", "Compose", "build_ops", "resize_scale"]
+__all__ = ["Decode", "BadImageError", "decode_image", "Resize", "RandomResize", "RandomFlip", "NormalizeImage",
+           "Permute", "PadBatch", "Compose", "build_ops", "resize_scale"]
 
 logger = logging.getLogger(__name__)
 
@@ -59,13 +58,21 @@ class BaseOperator:
 @register
 @serializable
 class Decode(BaseOperator):
-    """Read ``im_file`` into ``image`` (uint8 [H,W,3], RGB).
+    """Read ``im_file`` into ``image`` (uint8 [H,W,3], RGB), in the orientation its boxes use.
 
-    Grayscale is expanded to 3 channels and an alpha channel is dropped
-    (``cv2.IMREAD_COLOR``), and the EXIF orientation is applied (IMREAD_COLOR
-    does so unless IMREAD_IGNORE_ORIENTATION is given). Sets ``im_shape`` to the
-    decoded (h, w), ``scale_factor`` to (1, 1), and ``h``/``w`` to the decoded size.
-    An ``image`` already in the sample (uint8 RGB array) is used as is.
+    Grayscale is expanded to 3 channels and an alpha channel is dropped. Truncated JPEG
+    and PNG files (a partial copy or upload) are refused, not decoded half grey.
+
+    EXIF orientation: annotation tools differ in whether they applied it, so a sample that
+    carries the annotation's size (``h``, ``w`` of a COCODataSet record) is decoded in the
+    orientation that matches that size: the EXIF-rotated one (as viewers, OpenCV and
+    PaddleDetection show it) when it matches, else the stored pixels when they match; when
+    neither matches, :class:`BadImageError` names the file and image id, since the boxes would
+    land in the wrong place. Without a recorded size (ImageFolder) the EXIF orientation is
+    applied. Readers replace or skip a sample that raises BadImageError (data/reader.py).
+
+    Sets ``im_shape`` to the decoded (h, w), ``scale_factor`` to (1, 1), and ``h``/``w`` to
+    the decoded size. An ``image`` already in the sample (uint8 RGB array) is used as is.
 
     Config keys: none.
     """
@@ -77,11 +84,11 @@ class Decode(BaseOperator):
     def apply(self, sample: dict) -> dict:
         image = sample.get("image")
         if image is None:
-            image = _read_rgb(_need(sample, "im_file", "Decode"))
+            path = _need(sample, "im_file", "Decode")
+            image = decode_image(path, _recorded_hw(sample), sample.get("im_id"))
         elif image.ndim == 2:
             image = np.repeat(image[:, :, None], 3, axis=2)
         h, w = image.shape[:2]
-        _warn_size_mismatch(sample, h, w)
         sample["image"] = image
         sample["h"], sample["w"] = h, w
         sample["im_shape"] = np.array([h, w], np.float32)
@@ -89,24 +96,152 @@ class Decode(BaseOperator):
         return sample
 
 
-def _read_rgb(path: str) -> np.ndarray:
-    if not os.path.isfile(path):
-        raise ValueError(f"image file '{path}' does not exist")
-    image = cv2.imread(path, cv2.IMREAD_COLOR)
-    if image is None:
-        raise ValueError(f"cannot decode image file '{path}' (corrupt or not an image); "
-                         f"remove it from the dataset or replace it")
-    return cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
+class BadImageError(ValueError):
+    """An image file that cannot be used: unreadable, truncated, or of a size that fits no
+    orientation of its annotation. Readers replace (training) or skip (evaluation, inference)
+    the sample; any other error in the sample ops stops the run.
+
+    ``reason`` says what is wrong; ``im_file`` and ``im_id`` name the image when known.
+    """
+
+    def __init__(self, reason: str, im_file: Optional[str] = None, im_id: Optional[int] = None):
+        self.reason, self.im_file, self.im_id = reason, im_file, im_id
+        super().__init__(reason)
+
+    def __str__(self) -> str:
+        where = self.im_file or "image"
+        if self.im_id is not None:
+            where += f" (image id {self.im_id})"
+        return f"{where}: {self.reason}"
 
 
-def _warn_size_mismatch(sample: dict, h: int, w: int) -> None:
-    want = (sample.get("h"), sample.get("w"))
-    if want[0] and want[1] and (int(want[0]), int(want[1])) != (h, w):
-        # Boxes are in the json's frame; a rotated/rescaled file would misplace them.
-        logger.warning("%s: decoded size %dx%d (h x w) differs from the annotation's %sx%s; "
-                       "boxes are clipped to the decoded image", sample.get("im_file"), h, w, *want)
-        if "gt_bbox" in sample:
-            sample["gt_bbox"] = _clip_boxes(sample["gt_bbox"], h, w)
+def _recorded_hw(sample: dict) -> Optional[Tuple[int, int]]:
+    h, w = sample.get("h"), sample.get("w")
+    return (int(h), int(w)) if h and w else None
+
+
+def decode_image(path: str, expect_hw: Optional[Tuple[int, int]] = None,
+                 im_id: Optional[int] = None) -> np.ndarray:
+    """uint8 RGB [H, W, 3] of ``path`` in the orientation matching ``expect_hw`` (see Decode).
+
+    Raises BadImageError (naming ``path`` and ``im_id``) for a missing, unreadable, truncated
+    or undecodable file, or when ``expect_hw`` fits neither the stored nor the EXIF orientation.
+    """
+    try:
+        with open(path, "rb") as f:
+            data = f.read()
+    except OSError as err:
+        raise BadImageError(f"cannot read the file ({err.strerror or err})", path, im_id) from None
+    if not image_bytes_complete(data):
+        raise BadImageError("the file is truncated (its end marker is missing: a partial copy or upload?); "
+                            "replace it or remove it from the dataset", path, im_id)
+    # Decoded as stored; the EXIF rotation is applied below, only where it belongs.
+    raw = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR | cv2.IMREAD_IGNORE_ORIENTATION)
+    if raw is None:
+        raise BadImageError("cannot decode it (corrupt or not an image); replace it or remove it from the "
+                            "dataset", path, im_id)
+    raw = cv2.cvtColor(raw, cv2.COLOR_BGR2RGB)
+    orientation = exif_orientation(data)
+    oriented = apply_exif_orientation(raw, orientation)
+    if expect_hw is None or oriented.shape[:2] == tuple(expect_hw):
+        return oriented
+    if raw.shape[:2] == tuple(expect_hw):
+        return raw
+    seen = f"{raw.shape[0]}x{raw.shape[1]}"
+    if oriented.shape[:2] != raw.shape[:2]:
+        seen += f" ({oriented.shape[0]}x{oriented.shape[1]} with its EXIF orientation {orientation} applied)"
+    raise BadImageError(f"the decoded size {seen} (h x w) matches neither orientation of the annotation's "
+                        f"height x width {expect_hw[0]}x{expect_hw[1]}, so its boxes cannot be placed; fix the "
+                        f"json's size for this image (and its boxes) or replace the file", path, im_id)
+
+
+def image_bytes_complete(data: bytes) -> bool:
+    """False for a JPEG without an end-of-image marker after its first scan, or a PNG without its
+    IEND chunk: a truncated file, which some OpenCV builds decode half grey with only a warning.
+
+    Other formats, and bytes too mangled to tell, count as complete (the decoder judges those).
+    """
+    if data[:3] == b"\xff\xd8\xff":
+        scan = _jpeg_scan_start(data)
+        # Inside the entropy-coded data 0xFF is always followed by 0x00 or a restart marker, so
+        # the first FF D9 after the scan starts is the real end (an EXIF thumbnail's comes before).
+        return scan is None or data.find(b"\xff\xd9", scan) != -1
+    if data[:8] == b"\x89PNG\r\n\x1a\n":
+        return data.rfind(b"IEND") != -1
+    return True
+
+
+def _jpeg_segments(data: bytes) -> Iterator[Tuple[int, int, int]]:
+    """(marker, payload start, payload end) of each JPEG header segment, up to and including the
+    first start-of-scan (0xDA, whose span is given as empty at its position)."""
+    pos = 2
+    while pos + 4 <= len(data):
+        if data[pos] != 0xFF:
+            return
+        marker = data[pos + 1]
+        if marker == 0xFF:  # fill byte
+            pos += 1
+            continue
+        if marker == 0xDA:
+            yield marker, pos, pos
+            return
+        length = int.from_bytes(data[pos + 2:pos + 4], "big")
+        yield marker, pos + 4, pos + 2 + length
+        pos += 2 + length
+
+
+def _jpeg_scan_start(data: bytes) -> Optional[int]:
+    return next((start for marker, start, _ in _jpeg_segments(data) if marker == 0xDA), None)
+
+
+def exif_orientation(data: bytes) -> int:
+    """The EXIF Orientation (1..8) of JPEG bytes; 1 when absent or unreadable."""
+    if data[:3] != b"\xff\xd8\xff":
+        return 1
+    for marker, start, end in _jpeg_segments(data):
+        if marker == 0xE1 and data[start:start + 6] == b"Exif\x00\x00":
+            return _tiff_orientation(data[start + 6:end])
+    return 1
+
+
+def _tiff_orientation(tiff: bytes) -> int:
+    order = {b"II": "little", b"MM": "big"}.get(tiff[:2])
+    if order is None or len(tiff) < 8:
+        return 1
+
+    def num(at: int, size: int) -> int:
+        return int.from_bytes(tiff[at:at + size], order)
+
+    ifd = num(4, 4)
+    if ifd + 2 > len(tiff):
+        return 1
+    for i in range(num(ifd, 2)):
+        entry = ifd + 2 + 12 * i
+        if entry + 12 > len(tiff):
+            break
+        if num(entry, 2) == 0x0112:  # Orientation, a SHORT stored in the entry itself
+            value = num(entry + 8, 2)
+            return value if 1 <= value <= 8 else 1
+    return 1
+
+
+def apply_exif_orientation(image: np.ndarray, orientation: int) -> np.ndarray:
+    """``image`` (as stored) turned the way EXIF ``orientation`` tells viewers to show it."""
+    if orientation == 2:
+        return cv2.flip(image, 1)
+    if orientation == 3:
+        return cv2.rotate(image, cv2.ROTATE_180)
+    if orientation == 4:
+        return cv2.flip(image, 0)
+    if orientation == 5:
+        return cv2.transpose(image)
+    if orientation == 6:
+        return cv2.rotate(image, cv2.ROTATE_90_CLOCKWISE)
+    if orientation == 7:
+        return cv2.rotate(cv2.transpose(image), cv2.ROTATE_180)
+    if orientation == 8:
+        return cv2.rotate(image, cv2.ROTATE_90_COUNTERCLOCKWISE)
+    return image
 
 
 # ----------------------------------------------------------------------------- resize
