@@ -133,16 +133,21 @@ PPDET_CONFIGS_ENV = "PPDET_CONFIGS"
 _PPDET_CONFIGS_DEFAULT = os.path.join(os.path.dirname(REPO), "shared", "reference", "ppdet_configs")
 
 
+def _ppdet_configs_root() -> str:
+    return os.environ.get(PPDET_CONFIGS_ENV) or _PPDET_CONFIGS_DEFAULT
+
+
 def ppdet_configs_dir() -> Optional[str]:
     """PaddleDetection's ``configs/`` folder: ``$PPDET_CONFIGS``, else ../shared/reference/ppdet_configs
     beside the clone; None when that folder does not exist."""
-    root = os.environ.get(PPDET_CONFIGS_ENV) or _PPDET_CONFIGS_DEFAULT
+    root = _ppdet_configs_root()
     return root if os.path.isdir(root) else None
 
 
 def ppdet_configs_missing_reason(what: str = "PaddleDetection's config files") -> str:
-    return (f"{what} not found: set {PPDET_CONFIGS_ENV} to a PaddleDetection checkout's configs/ folder "
-            f"(git clone https://github.com/PaddlePaddle/PaddleDetection) to run this check")
+    return (f"{what} not found (looked in {_ppdet_configs_root()}): set {PPDET_CONFIGS_ENV} to a "
+            f"PaddleDetection checkout's configs/ folder (git clone -b release/2.6 "
+            f"https://github.com/PaddlePaddle/PaddleDetection) to run this check")
 
 
 def ppdet_config(relative: str) -> str:
