@@ -108,15 +108,13 @@ def test_auto_resume_takes_the_newest_committed_checkpoint(tmp_path, tiny_coco, 
 
 def test_fresh_run_into_a_used_folder_warns_and_appends(tmp_path, tiny_coco, messages):
     path = write_tiny_config(tmp_path, tiny_coco, epoch=1)
-    Trainer(load_config(path), mode="train").train()
+    older = Trainer(load_config(path, {"epoch": 3}), mode="train")
+    older.train()  # leaves 1.pdparams of epoch 2 and model_final of epoch 3
     again = Trainer(load_config(path), mode="train")
     again.train()
     said = "\n".join(r.getMessage() for r in messages.records if r.levelno == logging.WARNING)
-    assert "already holds checkpoints (model_final) of an earlier run" in said and "-r auto" in said
-    assert len(_log(again.output_dir)) == 2
-    # The newest commit wins over a higher epoch left by an older run.
-    longer = Trainer(load_config(path, {"epoch": 3}), mode="train")  # leaves 1.pdparams of epoch 2
-    longer.train()
-    Trainer(load_config(path), mode="train").train()  # a fresh 1-epoch run again
+    assert "already holds checkpoints (0, 1, model_final) of an earlier run" in said and "-r auto" in said
+    assert [r["epoch"] for r in _log(again.output_dir)] == [0, 1, 2, 0]
+    # -r auto would take the newest commit (this run's model_final), not the older run's epoch 2.
     newest, _ = checkpoint.find_latest_checkpoint(again.output_dir)
     assert newest.endswith("model_final") and checkpoint.read_commit(newest)["epoch"] == 1

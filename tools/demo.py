@@ -109,6 +109,10 @@ def main() -> int:
     start = time.time()
     if args.nproc < 1:
         parser.error("--nproc must be >= 1")
+    # The demo trains afresh each time; training appends to an existing log, and the curves are of this run.
+    log_path = os.path.join(ROOT, save_dir, "train_log.jsonl")
+    if os.path.exists(log_path):
+        os.remove(log_path)
     run(train_command(py, args.config, args.nproc, save_dir))
     train_s = time.time() - start
     weights = os.path.join(save_dir, "best_model")

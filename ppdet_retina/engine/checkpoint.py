@@ -284,8 +284,11 @@ def save_checkpoint(model: paddle.nn.Layer, optimizer: Optional[paddle.optimizer
         raise
     # Only renames from here on: no new space is needed.
     folder = os.path.dirname(os.path.abspath(prefix))
+    old = read_commit(prefix) or {"files": {}}
     _remove_quietly(_commit_file(prefix))
     _fsync_dir(folder)
+    for suffix in set(old["files"]) - set(parts):  # a file of the old save that this one lacks
+        _remove_quietly(prefix + suffix)
     for suffix in parts:
         os.replace(temps[suffix], prefix + suffix)
     _fsync_dir(folder)
