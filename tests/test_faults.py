@@ -151,7 +151,8 @@ def test_full_disk_while_saving_is_a_clear_error_and_keeps_the_checkpoint(run_se
 
 def _launch(cfg, log_dir, *launch_args, extra_env=None):
     cmd = [sys.executable, "-m", "paddle.distributed.launch", "--log_level", "WARNING", "--log_dir", log_dir,
-           *launch_args, TRAIN, "-c", cfg, "--seed", "3", "-o", "epoch=1", "TrainReader.batch_size=2"]
+           *launch_args, TRAIN, "-c", cfg, "--seed", "3", "-r", "auto",  # every rank must agree on a fresh start
+           "-o", "epoch=1", "TrainReader.batch_size=2"]
     return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=REPO,
                             env=dict(_ENV, **(extra_env or {})))
 

@@ -210,7 +210,8 @@ class Trainer:
         prefix, skipped = checkpoint.find_latest_checkpoint(self.output_dir)
         if skipped:
             logger.warning(f"-r auto: skipped incomplete checkpoint(s) {', '.join(skipped)} in {self.output_dir} "
-                           f"(no commit record, or files that do not match it: an interrupted save)")
+                           f"(no commit record, or files that do not match it: an interrupted save; a checkpoint "
+                           f"saved before commit records existed can still be resumed with -r <its path>)")
         self._check_same_choice(prefix)
         if prefix is None:
             logger.info(f"-r auto: no complete checkpoint in {self.output_dir}; starting a fresh run")
