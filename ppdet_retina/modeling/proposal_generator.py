@@ -9,7 +9,7 @@ form that RoI pooling takes.
 from __future__ import annotations
 
 import math
-from typing import List, Sequence, Tuple
+from typing import List, Optional, Sequence, Tuple
 
 import paddle
 
@@ -56,16 +56,21 @@ class ProposalGenerator:
     keep the best ``post_nms_top_n``.
 
     Config keys: pre_nms_top_n (12000), post_nms_top_n (2000), nms_thresh (0.5),
-    min_size (0.1), eta (1.0; adaptive NMS is not supported), topk_after_collect (False).
+    min_size (0.1), eta (1.0; adaptive NMS is not supported), topk_after_collect (False),
+    min_size_in_original (False: min_size is in resized-image pixels, as PaddleDetection;
+    True: in original-image pixels, i.e. min_size * scale_factor per axis, as the Faster R-CNN
+    paper's 16 px).
 
-    Call: ``gen(scores, deltas, anchors, im_shape)`` with per-level lists of
-    scores [B, h*w*A] (logits), deltas [B, h*w*A, 4], anchors [h*w*A, 4] and
-    im_shape [B, 2] (h, w) -> (rois [B, K, 4], roi_scores [B, K], valid [B, K] bool),
+    Call: ``gen(scores, deltas, anchors, im_shape, scale_factor=None)`` with per-level lists of
+    scores [B, h*w*A] (logits), deltas [B, h*w*A, 4], anchors [h*w*A, 4],
+    im_shape [B, 2] (h, w) and scale_factor [B, 2] (sy, sx; needed with min_size_in_original)
+    -> (rois [B, K, 4], roi_scores [B, K], valid [B, K] bool),
     K = min(post_nms_top_n, candidates), rows sorted by score, valid ones first.
     """
 
     def __init__(self, pre_nms_top_n: int = 12000, post_nms_top_n: int = 2000, nms_thresh: float = 0.5,
-                 min_size: float = 0.1, eta: float = 1.0, topk_after_collect: bool = False):
+                 min_size: float = 0.1, eta: float = 1.0, topk_after_collect: bool = False,
+                 min_size_in_original: bool = False):
         if int(pre_nms_top_n) <= 0 or int(post_nms_top_n) <= 0:
             raise ConfigError("ProposalGenerator.pre_nms_top_n and post_nms_top_n must be > 0, got "
                               f"{pre_nms_top_n} and {post_nms_top_n}")
@@ -77,6 +82,7 @@ class ProposalGenerator:
         self.min_size = float(min_size)
         self.eta = float(eta)
         self.topk_after_collect = bool(topk_after_collect)
+        self.min_size_in_original = bool(min_size_in_original)
 
     @property
     def per_level_top_n(self) -> int:
@@ -84,10 +90,12 @@ class ProposalGenerator:
 
     def __call__(self, scores: Sequence[paddle.Tensor], deltas: Sequence[paddle.Tensor],
                  anchors: Sequence[paddle.Tensor],
-                 im_shape: paddle.Tensor) -> Tuple[paddle.Tensor, paddle.Tensor, paddle.Tensor]:
+                 im_shape: paddle.Tensor,
+                 scale_factor: Optional[paddle.Tensor] = None) -> Tuple[paddle.Tensor, paddle.Tensor, paddle.Tensor]:
+        min_wh = self._min_wh(scale_factor)
         level_boxes, level_scores = [], []
         for score, delta, anchor in zip(scores, deltas, anchors):
-            boxes, kept_scores = self._one_level(score.detach(), delta.detach(), anchor, im_shape)
+            boxes, kept_scores = self._one_level(score.detach(), delta.detach(), anchor, im_shape, min_wh)
             level_boxes.append(boxes)
             level_scores.append(kept_scores)
         boxes = paddle.concat(level_boxes, axis=1)
@@ -97,24 +105,37 @@ class ProposalGenerator:
         valid = top_scores > -math.inf
         return rois, top_scores, valid
 
+    def _min_wh(self, scale_factor: Optional[paddle.Tensor]):
+        """The smallest width and height kept: a number, or [B, 1] tensors (sx, sy scaled) per image."""
+        if not self.min_size_in_original:
+            return max(self.min_size, _MIN_BOX_SIZE)
+        if scale_factor is None:
+            raise ValueError("ProposalGenerator.min_size_in_original needs the batch's scale_factor")
+        scale = scale_factor.astype("float32")
+        # Never below the 1 px floor in the resized image, whatever the scale.
+        return (paddle.clip(scale[:, 1:2] * self.min_size, min=_MIN_BOX_SIZE),
+                paddle.clip(scale[:, 0:1] * self.min_size, min=_MIN_BOX_SIZE))
+
     def _one_level(self, score: paddle.Tensor, delta: paddle.Tensor, anchor: paddle.Tensor,
-                   im_shape: paddle.Tensor) -> Tuple[paddle.Tensor, paddle.Tensor]:
+                   im_shape: paddle.Tensor, min_wh) -> Tuple[paddle.Tensor, paddle.Tensor]:
         """[B, k, 4] boxes and [B, k] scores, -inf where a candidate was dropped."""
         top_scores, order = paddle.topk(score, _capped(self.pre_nms_top_n, score), axis=1)  # highest first
         top_deltas = paddle.take_along_axis(delta, order.unsqueeze(-1).expand([-1, -1, 4]), axis=1)
         top_anchors = _reshape_like(paddle.gather(anchor, order.flatten()), top_deltas)
         boxes = delta2bbox(top_deltas, top_anchors)
         boxes = clip_boxes(boxes, im_shape)
-        keep = self._nms_keep(boxes, top_scores, self._large_enough(boxes))
+        keep = self._nms_keep(boxes, top_scores, self._large_enough(boxes, min_wh))
         # top_scores is sorted, so a running count of survivors is each one's rank.
         rank = paddle.cumsum(keep.astype("int32"), axis=1)
         keep = paddle.logical_and(keep, rank <= self.per_level_top_n)
         return boxes, paddle.where(keep, top_scores, paddle.full_like(top_scores, -math.inf))
 
-    def _large_enough(self, boxes: paddle.Tensor) -> paddle.Tensor:
-        min_size = max(self.min_size, _MIN_BOX_SIZE)
+    @staticmethod
+    def _large_enough(boxes: paddle.Tensor, min_wh) -> paddle.Tensor:
+        """[B, k] bool; boxes [B, k, 4]; min_wh a number or (min_w, min_h) [B, 1] tensors."""
+        min_w, min_h = min_wh if isinstance(min_wh, tuple) else (min_wh, min_wh)
         wh = boxes[..., 2:] - boxes[..., :2]
-        return paddle.logical_and(wh[..., 0] >= min_size, wh[..., 1] >= min_size)
+        return paddle.logical_and(wh[..., 0] >= min_w, wh[..., 1] >= min_h)
 
     def _nms_keep(self, boxes: paddle.Tensor, scores: paddle.Tensor, candidate: paddle.Tensor) -> paddle.Tensor:
         """[B, k] bool: candidates surviving NMS within their own image (one NMS call for the batch)."""

@@ -16,7 +16,7 @@ from ppdet_retina.core.workspace import ConfigError, register
 from ppdet_retina.modeling.assigners import IGNORE, label_box, subsample_labels
 from ppdet_retina.modeling.box_ops import pairwise_iou
 
-__all__ = ["RPNTargetAssign", "BBoxAssigner", "RoITargets", "gt_masks", "ignore_near_crowd"]
+__all__ = ["RPNTargetAssign", "BBoxAssigner", "RoITargets", "gt_masks", "ignore_near_crowd", "cross_boundary"]
 
 
 def gt_masks(inputs: Dict[str, paddle.Tensor]) -> Tuple[paddle.Tensor, paddle.Tensor]:
@@ -52,6 +52,20 @@ def ignore_near_crowd(iou: paddle.Tensor, crowd: Optional[paddle.Tensor],
     return iou, near
 
 
+def cross_boundary(anchors: paddle.Tensor, im_shape: paddle.Tensor, tolerance: float = 0.0) -> paddle.Tensor:
+    """[B, N] bool: anchor n reaches more than ``tolerance`` px outside image b.
+
+    anchors [N, 4] x1y1x2y2; im_shape [B, 2] (h, w) of the resized image before padding. An anchor
+    is inside when x1, y1 >= -tolerance, x2 <= w + tolerance and y2 <= h + tolerance.
+    """
+    x1, y1, x2, y2 = [c.unsqueeze(0) for c in paddle.unbind(anchors, axis=1)]  # [1, N] each
+    h = im_shape[:, 0:1].astype(anchors.dtype)
+    w = im_shape[:, 1:2].astype(anchors.dtype)
+    outside = paddle.logical_or(x1 < -tolerance, y1 < -tolerance)
+    outside = paddle.logical_or(outside, x2 > w + tolerance)
+    return paddle.logical_or(outside, y2 > h + tolerance)
+
+
 def _check_fraction(owner: str, batch_size_per_im: int, fg_fraction: float) -> None:
     if int(batch_size_per_im) <= 0:
         raise ConfigError(f"{owner}.batch_size_per_im must be > 0, got {batch_size_per_im}")
@@ -72,16 +86,21 @@ class RPNTargetAssign:
     Config keys: batch_size_per_im (256), fg_fraction (0.5), positive_overlap (0.7),
     negative_overlap (0.3), ignore_thresh (-1: off; > 0 ignores anchors overlapping a
     crowd box by more than this), use_random (True: random subset; False: lowest
-    indices), assign_on_cpu (accepted for PaddleDetection configs; no effect).
+    indices), assign_on_cpu (accepted for PaddleDetection configs; no effect),
+    ignore_cross_boundary (False, as PaddleDetection; True: anchors reaching more than
+    ``straddle_thresh`` px (0) outside the image are neither positive, negative nor any gt's
+    best match, as the Faster R-CNN paper trains its RPN).
 
-    Call: ``assign(anchors [N, 4], gt_bbox [B, G, 4], gt_valid [B, G], crowd [B, G] | None)``
+    Call: ``assign(anchors [N, 4], gt_bbox [B, G, 4], gt_valid [B, G], crowd [B, G] | None,
+    im_shape [B, 2] (needed with ignore_cross_boundary))``
     -> ``(labels [B, N] int32: 1 sampled positive, 0 sampled negative, -1 not sampled;
     matched_gt [B, N] int64)``. The loss normaliser is ``batch_size_per_im * B``.
     """
 
     def __init__(self, batch_size_per_im: int = 256, fg_fraction: float = 0.5,
                  positive_overlap: float = 0.7, negative_overlap: float = 0.3,
-                 ignore_thresh: float = -1.0, use_random: bool = True, assign_on_cpu: bool = False):
+                 ignore_thresh: float = -1.0, use_random: bool = True, assign_on_cpu: bool = False,
+                 ignore_cross_boundary: bool = False, straddle_thresh: float = 0.0):
         _check_fraction("RPNTargetAssign", batch_size_per_im, fg_fraction)
         if not 0.0 <= negative_overlap <= positive_overlap <= 1.0:
             raise ConfigError("RPNTargetAssign needs 0 <= negative_overlap <= positive_overlap <= 1, got "
@@ -92,15 +111,27 @@ class RPNTargetAssign:
         self.negative_overlap = float(negative_overlap)
         self.ignore_thresh = float(ignore_thresh)
         self.use_random = bool(use_random)
+        self.ignore_cross_boundary = bool(ignore_cross_boundary)
+        if float(straddle_thresh) < 0:
+            raise ConfigError(f"RPNTargetAssign.straddle_thresh must be >= 0 (px), got {straddle_thresh}")
+        self.straddle_thresh = float(straddle_thresh)
 
     def __call__(self, anchors: paddle.Tensor, gt_bbox: paddle.Tensor, gt_valid: paddle.Tensor,
-                 crowd: Optional[paddle.Tensor] = None) -> Tuple[paddle.Tensor, paddle.Tensor]:
+                 crowd: Optional[paddle.Tensor] = None,
+                 im_shape: Optional[paddle.Tensor] = None) -> Tuple[paddle.Tensor, paddle.Tensor]:
         batch = gt_bbox.shape[0]
         iou = pairwise_iou(anchors.unsqueeze(0), gt_bbox)  # [B, N, G]
-        iou, near_crowd = ignore_near_crowd(iou, crowd, self.ignore_thresh)
+        iou, ignored = ignore_near_crowd(iou, crowd, self.ignore_thresh)
+        if self.ignore_cross_boundary:
+            if im_shape is None:
+                raise ValueError("RPNTargetAssign.ignore_cross_boundary needs the batch's im_shape")
+            outside = cross_boundary(anchors, im_shape, self.straddle_thresh)
+            # IoU -1: not a gt's best anchor either (the low-quality match would revive it).
+            iou = paddle.where(outside.unsqueeze(2), paddle.full_like(iou, -1.0), iou)
+            ignored = outside if ignored is None else paddle.logical_or(ignored, outside)
         matched, labels = label_box(iou, self.positive_overlap, self.negative_overlap, True, gt_valid)
-        if near_crowd is not None:
-            labels = paddle.where(near_crowd, paddle.full_like(labels, IGNORE), labels)
+        if ignored is not None:
+            labels = paddle.where(ignored, paddle.full_like(labels, IGNORE), labels)
         pos, neg = subsample_labels(labels, self.batch_size_per_im, self.fg_fraction, self.use_random)
         sampled = paddle.full([batch, anchors.shape[0]], IGNORE, dtype="int32")
         sampled = paddle.where(neg, paddle.zeros_like(sampled), sampled)

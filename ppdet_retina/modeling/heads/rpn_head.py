@@ -10,7 +10,7 @@ import paddle.nn.functional as F
 from paddle import ParamAttr
 from paddle.nn.initializer import Normal
 
-from ppdet_retina.core.workspace import register
+from ppdet_retina.core.workspace import ConfigError, register
 from ppdet_retina.modeling.anchors import AnchorGenerator
 from ppdet_retina.modeling.box_ops import bbox2delta
 from ppdet_retina.modeling.proposal_generator import ProposalGenerator, flatten_level_outputs
@@ -39,20 +39,38 @@ class RPNHead(nn.Layer):
         rpn_target_assign: RPNTargetAssign (training targets and sampling).
         train_proposal / test_proposal: ProposalGenerator used in train / eval mode.
         in_channel: input channels (from the neck's out_shape when built from a config).
+        loss_rpn_bbox: None (L1 on the positive anchors' deltas, PaddleDetection's default) or a
+            box loss called as ``loss(pred, target, weight=positive, normalizer=n)`` (e.g.
+            ``SmoothL1Loss``, the paper's choice).
+        reg_loss_weight: the paper's lambda, multiplying the box term (1.0).
+        reg_normalizer: 'batch' (batch_size_per_im * B, PaddleDetection's) or 'locations' (the
+            number of anchor locations, sum of h_l * w_l, times B: the paper's N_reg).
 
     forward(feats: list of [B, in_channel, h_l, w_l], inputs: batch dict) ->
     (rois [B, K, 4], rois_valid [B, K] bool, losses): losses is None in eval mode, else
-    {'loss_rpn_cls': BCE over sampled anchors, 'loss_rpn_reg': L1 over positive
-    anchors' deltas}, both divided by batch_size_per_im * B as PaddleDetection does.
-    Training reads inputs['gt_bbox'] and the optional 'pad_gt_mask' / 'is_crowd'.
+    {'loss_rpn_cls': BCE over sampled anchors / (batch_size_per_im * B), 'loss_rpn_reg':
+    reg_loss_weight * box loss over positive anchors' deltas / reg_normalizer}.
+    Training reads inputs['gt_bbox'], 'im_shape' and the optional 'pad_gt_mask' / 'is_crowd';
+    proposals read 'im_shape' and 'scale_factor'.
     """
 
-    __inject__ = ["anchor_generator", "rpn_target_assign", "train_proposal", "test_proposal"]
+    __inject__ = ["anchor_generator", "rpn_target_assign", "train_proposal", "test_proposal", "loss_rpn_bbox"]
 
     def __init__(self, anchor_generator: Any = "AnchorGenerator", rpn_target_assign: Any = "RPNTargetAssign",
                  train_proposal: Any = "ProposalGenerator", test_proposal: Any = "ProposalGenerator",
-                 in_channel: int = 1024):
+                 in_channel: int = 1024, loss_rpn_bbox: Any = None, reg_loss_weight: float = 1.0,
+                 reg_normalizer: str = "batch"):
         super().__init__()
+        if reg_normalizer not in _REG_NORMALIZERS:
+            raise ConfigError(f"RPNHead.reg_normalizer '{reg_normalizer}' is not one of {list(_REG_NORMALIZERS)}")
+        if float(reg_loss_weight) < 0:
+            raise ConfigError(f"RPNHead.reg_loss_weight must be >= 0, got {reg_loss_weight}")
+        if loss_rpn_bbox is not None and not callable(loss_rpn_bbox):
+            raise ConfigError(f"RPNHead.loss_rpn_bbox must name a loss component (e.g. SmoothL1Loss) or be "
+                              f"null, got {loss_rpn_bbox!r}")
+        self.loss_rpn_bbox = loss_rpn_bbox
+        self.reg_loss_weight = float(reg_loss_weight)
+        self.reg_normalizer = reg_normalizer
         self.anchor_generator = _component(anchor_generator, AnchorGenerator)
         self.rpn_target_assign = _component(rpn_target_assign, RPNTargetAssign)
         self.train_proposal = _component(train_proposal, ProposalGenerator,
@@ -72,7 +90,7 @@ class RPNHead(nn.Layer):
         scores, deltas = self.predict(feats)
         anchors = self.anchor_generator(list(feats))
         proposal_gen = self.train_proposal if self.training else self.test_proposal
-        rois, _, valid = proposal_gen(scores, deltas, anchors, inputs["im_shape"])
+        rois, _, valid = proposal_gen(scores, deltas, anchors, inputs["im_shape"], inputs.get("scale_factor"))
         if not self.training:
             return rois, valid, None
         return rois, valid, self.loss(scores, deltas, anchors, inputs)
@@ -93,9 +111,12 @@ class RPNHead(nn.Layer):
         all_anchors = paddle.concat(list(anchors), axis=0)  # [N, 4]
         gt_bbox = inputs["gt_bbox"]
         gt_valid, crowd = gt_masks(inputs)
-        labels, matched = self.rpn_target_assign(all_anchors, gt_bbox, gt_valid, crowd)
+        labels, matched = self.rpn_target_assign(all_anchors, gt_bbox, gt_valid, crowd,
+                                                 im_shape=inputs.get("im_shape"))
         batch = gt_bbox.shape[0]
         norm = self.rpn_target_assign.normalizer(batch)
+        num_locations = sum(int(a.shape[0]) for a in anchors) // self.anchor_generator.num_anchors
+        reg_norm = norm if self.reg_normalizer == "batch" else float(num_locations * batch)
 
         sampled = (labels >= 0).astype(logits.dtype)
         positive = labels == 1
@@ -108,9 +129,15 @@ class RPNHead(nn.Layer):
         # degenerate padded gt never reaches the log in bbox2delta.
         target_boxes = paddle.where(positive.unsqueeze(-1), target_boxes, anchors_b)
         target = bbox2delta(anchors_b, target_boxes).detach()
-        l1 = paddle.abs(pred_deltas - target).sum(axis=-1)
-        loss_reg = (l1 * positive.astype(l1.dtype)).sum() / norm
-        return {"loss_rpn_cls": loss_cls, "loss_rpn_reg": loss_reg}
+        if self.loss_rpn_bbox is None:
+            l1 = paddle.abs(pred_deltas - target).sum(axis=-1)
+            loss_reg = (l1 * positive.astype(l1.dtype)).sum() / reg_norm
+        else:
+            loss_reg = self.loss_rpn_bbox(pred_deltas, target, weight=positive, normalizer=reg_norm)
+        return {"loss_rpn_cls": loss_cls, "loss_rpn_reg": loss_reg * self.reg_loss_weight}
+
+
+_REG_NORMALIZERS = ("batch", "locations")
 
 
 def _component(value: Any, cls: type, **defaults: Any) -> Any:
