@@ -1,6 +1,7 @@
 """Checkpoints: PaddleDetection name conversion, strict / partial loading, atomic save, resume."""
 
 import contextlib
+import logging
 import os
 
 import numpy as np
@@ -187,8 +188,11 @@ def test_strict_loading_names_bad_keys(tiny_file, change, message):
     file = _save_state(state, str(folder / "bad.pdparams"))
     with pytest.raises(ValueError, match=message):
         load_weights(model, file)
-    with pytest.raises(ValueError) if change == "reshape" else contextlib.nullcontext():
-        load_pretrain_weights(model, file)  # partial loading tolerates names, never shapes
+    # Partial loading tolerates names, and a few tensors of another shape (skipped and reported).
+    report = load_pretrain_weights(model, file)
+    wrong = [k for k, _, _ in report["wrong_shape"]]
+    assert wrong == (["neck.lateral_convs.0.weight"] if change == "reshape" else [])
+    assert report["loaded"] == len(state) - (1 if change in ("reshape", "add") else 0)
 
 
 def test_head_class_mismatch_is_reported_and_skippable(tmp_path):
@@ -205,13 +209,17 @@ def test_head_class_mismatch_is_reported_and_skippable(tmp_path):
     assert load_pretrain_weights(three, file)["skipped"] == report["skipped"]
 
 
-def test_missing_file_and_url_give_clear_errors(tmp_path):
+def test_missing_file_and_url_give_clear_errors(tmp_path, monkeypatch):
     model = ResNet(depth=18, width_mult=0.125)
     with pytest.raises(FileNotFoundError, match=r"nowhere\.pdparams' not found.*-o weights="):
         load_weights(model, str(tmp_path / "nowhere"))
-    url = "https://paddledet.bj.bcebos.com/models/pretrained/ResNet50_cos_pretrained.pdparams"
+    monkeypatch.setenv("PPDET_WEIGHTS_HOME", str(tmp_path / "cache"))
+    url = "https://127.0.0.1:9/models/ResNet50_cos_pretrained.pdparams"  # the discard port: refused
+    monkeypatch.setattr(ckpt.weights.time, "sleep", lambda s: None)
     with pytest.raises(FileNotFoundError, match=r"cannot download.*ResNet50_cos_pretrained.*pretrain_weights="):
         load_pretrain_weights(model, url)
+    with pytest.raises(FileNotFoundError, match=r"resuming needs a local checkpoint"):
+        resume_checkpoint(model, None, url)
     garbage = tmp_path / "broken.pdparams"
     garbage.write_bytes(b"not a pickle")
     with pytest.raises(ValueError, match="broken.pdparams"):
@@ -305,3 +313,75 @@ def test_full_paddledetection_faster_rcnn_names_convert():
              "bbox_head.bbox_pred.bias": "bbox_head.bbox_delta.bias"}
     for ours, theirs in pairs.items():
         assert converted[ours] is shapes[theirs], ours
+
+
+# --------------------------------------------------------------------------- load reports in the log
+
+@contextlib.contextmanager
+def _log_lines(name="ppdet_retina.engine.checkpoint"):
+    """Messages of one logger (the package's root logger does not propagate to pytest's caplog)."""
+    records = []
+    handler = logging.Handler(level=logging.INFO)
+    handler.emit = records.append
+    log = logging.getLogger(name)
+    old_level = log.level
+    log.addHandler(handler)
+    log.setLevel(logging.INFO)
+    try:
+        yield records
+    finally:
+        log.removeHandler(handler)
+        log.setLevel(old_level)
+
+
+def test_resnet_vd_file_into_resnet_b_loads_partially_and_logs_its_report(tmp_path):
+    vd = ResNet(depth=50, variant="d", width_mult=0.0625)
+    b = ResNet(depth=50, variant="b", width_mult=0.0625)
+    file = save_checkpoint(vd, None, str(tmp_path), "r50_vd") + ".pdparams"
+    total = len(b.state_dict())
+    with _log_lines() as records:
+        report = load_pretrain_weights(b, file)
+    # vd's stem is three 3x3 conv+norm (15 tensors), b's one 7x7 conv+norm (5): stem.0 is mis-shaped,
+    # stem.1 / stem.2 are unused; every block after the stem fits.
+    assert report["loaded"] == total - 5 and [k for k, _, _ in report["wrong_shape"]] == [
+        "stem.0.conv.weight", "stem.0.norm.weight", "stem.0.norm.bias", "stem.0.norm._mean",
+        "stem.0.norm._variance"]
+    assert len(report["unused"]) == 10 and all(k.startswith(("stem.1.", "stem.2.")) for k in report["unused"])
+    np.testing.assert_array_equal(_np(b, "res5.2.conv3.conv.weight"), _np(vd, "res5.2.conv3.conv.weight"))
+    info, warning = [r.getMessage() for r in records]
+    assert info.startswith(f"pretrain_weights: loaded {total - 5} of the model's {total} tensors from {file}")
+    assert "; 10 in the file unused by the model: stem.1.conv.weight, stem.1.norm.weight" in info
+    assert "... (5 more)" in info and records[1].levelno == logging.WARNING
+    assert warning.startswith("pretrain_weights: 5 tensor(s) of another shape skipped, left as initialised")
+    assert "stem.0.conv.weight file [2, 3, 3, 3] vs model [4, 3, 7, 7]" in warning
+
+
+def test_head_of_another_class_count_is_reinitialised_and_logged(tmp_path):
+    five = _tiny_retinanet(num_classes=5)
+    file = save_checkpoint(five, None, str(tmp_path), "five") + ".pdparams"
+    three = _tiny_retinanet(num_classes=3)
+    total = len(three.state_dict())
+    with _log_lines() as records:
+        load_pretrain_weights(three, file)
+    info, warning = [r.getMessage() for r in records]
+    assert info == f"pretrain_weights: loaded {total - 2} of the model's {total} tensors from {file} (our names)"
+    # 9 anchors per cell: 9 * 5 = 45 channels in the file, 9 * 3 = 27 in the model
+    assert warning.startswith("pretrain_weights: 2 class-dependent head tensor(s) re-initialised")
+    assert "head.cls_logits.weight file [45, 8, 3, 3] vs model [27, 8, 3, 3]" in warning
+
+
+def test_backbone_file_and_resume_log_their_counts(r50, tmp_path):
+    model, state, _ = r50
+    backbone = {k[len("backbone."):]: v for k, v in state.items() if k.startswith("backbone.")}
+    file = _save_state(backbone, str(tmp_path / "ResNet50_pretrained.pdparams"))
+    with _log_lines() as records:
+        load_pretrain_weights(model, file)
+    (line,) = [r.getMessage() for r in records]
+    assert line.startswith(f"pretrain_weights: loaded 265 of the model's 301 tensors from {file} "
+                           f"(PaddleDetection backbone names); 36 not in the file, left as initialised: neck.")
+    small = paddle.nn.Linear(3, 2)
+    prefix = save_checkpoint(small, None, str(tmp_path), "small")
+    with _log_lines() as records:
+        resume_checkpoint(small, None, prefix)
+    assert [r.getMessage() for r in records] == [f"resume: loaded 2 of the model's 2 tensors from {prefix}.pdparams "
+                                                 f"(our names)"]

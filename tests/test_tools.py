@@ -63,26 +63,42 @@ def _ap_lines(stdout: str) -> list:
     return lines
 
 
-def test_url_pretrain_weights_give_one_line_error(tiny_coco):
-    # The shipped config keeps PaddleDetection's URL; -c takes its bare name.
+def _closed_port_url(name):
+    """An http URL on 127.0.0.1 where nothing listens: the connection is refused at once."""
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    return f"http://127.0.0.1:{port}/{name}"
+
+
+def test_unreachable_pretrain_weights_url_gives_one_line_error(tiny_coco, tmp_path, monkeypatch):
+    # The shipped config (found by its bare name) with its URL pointed at a server that is not there.
+    monkeypatch.setenv("PPDET_WEIGHTS_HOME", str(tmp_path / "cache"))
+    url = _closed_port_url("ResNet50_cos_pretrained.pdparams")
     proc = run_tool("train.py", "-c", "retinanet_r50_fpn_1x", "-o", "use_gpu=false", "epoch=1",
+                    f"pretrain_weights={url}",
                     f"TrainDataset.dataset_dir={tiny_coco.dataset_dir}",
                     f"TrainDataset.image_dir={tiny_coco.image_dir}",
                     f"TrainDataset.anno_path={tiny_coco.anno_path}")
     assert proc.returncode == 2, proc.stdout + proc.stderr
     assert "Traceback" not in proc.stderr
     line = [ln for ln in proc.stderr.splitlines() if ln.startswith("error: ")]
-    assert line and "is a URL" in line[0] and "pretrain_weights" in line[0]
+    assert len(line) == 1 and f"cannot download pretrain_weights from '{url}'" in line[0]
+    cached = os.path.join(str(tmp_path / "cache"), "ResNet50_cos_pretrained.pdparams")
+    assert f"place it at '{cached}'" in line[0] and "-o pretrain_weights=." in line[0]
 
 
 @pytest.mark.parametrize("tool,extra,message", [
     ("eval.py", ["-o", "weights=/nonexistent/model_final"], "not found"),
     ("eval.py", [], "weights"),
-    ("eval.py", ["-o", "weights=https://example.com/model_final.pdparams"], "is a URL"),
+    ("eval.py", ["-o", f"weights={_closed_port_url('model_final.pdparams')}"], "cannot download weights"),
     ("infer.py", ["-o", "weights=x", "--infer_img", "/nonexistent.png"], "--infer_img"),
     ("train.py", ["-o", "TrainReader.batchsize=2"], "batch_size"),
 ])
-def test_user_errors_exit_2(tmp_path, tiny_coco, tool, extra, message):
+def test_user_errors_exit_2(tmp_path, tiny_coco, tool, extra, message, monkeypatch):
+    monkeypatch.setenv("PPDET_WEIGHTS_HOME", str(tmp_path / "weights_cache"))  # never the user's cache
     cfg = write_tiny_config(tmp_path, tiny_coco, epoch=1)
     proc = run_tool(tool, "-c", cfg, *extra)
     assert proc.returncode == 2, proc.stdout + proc.stderr

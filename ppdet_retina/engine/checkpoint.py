@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import errno
 import json
+import logging
 import os
 import re
 import time
@@ -20,6 +21,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 import numpy as np
 import paddle
 
+from ppdet_retina.engine import weights
 from ppdet_retina.engine.ppdet_names import convert_ppdet_state_dict, detect_key_style
 
 __all__ = [
@@ -28,6 +30,7 @@ __all__ = [
     "load_weights",
     "load_pretrain_weights",
     "resume_checkpoint",
+    "log_load_report",
     "CheckpointSaveError",
     "COMMIT_SUFFIX",
     "read_commit",
@@ -35,10 +38,15 @@ __all__ = [
     "remove_stale_temps",
 ]
 
+logger = logging.getLogger("ppdet_retina.engine.checkpoint")
+
 EXTRA_KEY = "__ppdet_retina_extra__"
 # PaddleDetection keeps the number of finished epochs in its .pdopt under this key (our extra 'epoch').
 _PPDET_EPOCH_KEY = "last_epoch"
 _MAX_LISTED = 12
+_MAX_LOGGED = 5  # names shown per group in a load report
+_STYLE_NAMES = {"ours": "our names", "ppdet": "PaddleDetection model names",
+                "ppdet_backbone": "PaddleDetection backbone names"}
 # Paddle keys optimizer state by each parameter's global name (``conv2d_7.w_0_velocity_0``), which
 # depends on how many layers the process built before; we store ``<structured name>@@<accumulator>``
 # instead so a checkpoint resumes into any fresh build of the same model.
@@ -54,16 +62,15 @@ _CLASS_DEPENDENT = re.compile(r"^(head\.cls_logits|bbox_head\.cls_score|bbox_hea
 
 def _check_not_url(path: str, what: str) -> None:
     if re.match(r"^[a-z]+://", str(path)):
-        name = os.path.basename(str(path))
         raise FileNotFoundError(
-            f"{what} '{path}' is a URL; this machine cannot download it. Download '{name}' elsewhere, put it "
-            f"on this machine (e.g. under ./pretrained/) and pass its local path with "
-            f"-o {what}=<path> (or -o {what}= to start from random init).")
+            f"{what} '{path}' is a URL; resuming needs a local checkpoint (its .pdparams and .pdopt). "
+            f"To start from downloaded weights use -o pretrain_weights=<url> instead.")
 
 
 def _weights_file(path: str, what: str) -> str:
-    """``path`` with or without ``.pdparams`` -> the existing file, or a clear FileNotFoundError."""
-    _check_not_url(path, what)
+    """``path`` (with or without ``.pdparams``, or an http(s) URL, downloaded once into the cache) ->
+    the existing file, or a clear FileNotFoundError."""
+    path = weights.resolve_weights(str(path), what)
     path = os.path.expanduser(str(path))
     candidates = [path] if path.endswith(".pdparams") else [path + ".pdparams", path]
     for cand in candidates:
@@ -336,12 +343,14 @@ def _numpy_dtype(tensor: paddle.Tensor) -> np.dtype:
     return np.dtype(str(tensor.dtype).split(".")[-1])
 
 
-def load_weights(model: paddle.nn.Layer, path: str, skip_mismatch_head: bool = False) -> Dict[str, Any]:
-    """Load a full set of weights strictly (any style); return a report dict.
+def load_weights(model: paddle.nn.Layer, path: str, skip_mismatch_head: bool = False,
+                 what: str = "weights") -> Dict[str, Any]:
+    """Load a full set of weights strictly (any style); log and return a report dict.
 
     Raises ValueError listing missing / unexpected / mis-shaped keys. Class-dependent head layers of a
-    different class count are skipped (and reported) only when ``skip_mismatch_head``.
-    Report keys: file, style, loaded (count), skipped (names not loaded).
+    different class count are skipped (and reported) only when ``skip_mismatch_head``. ``what`` names
+    the load in the log (``weights``, ``resume``). Report keys: file, style, total (model tensors),
+    loaded (count), skipped (names not loaded), head_shapes ((name, file shape, model shape) of those).
     """
     file = _weights_file(path, "weights")
     raw = _load_numpy_state(file)
@@ -368,16 +377,22 @@ def load_weights(model: paddle.nn.Layer, path: str, skip_mismatch_head: bool = F
     for key in skipped:
         state.pop(key)
     _assign(model, state, model_state)
-    return {"file": file, "style": style, "loaded": len(state), "skipped": skipped}
+    report = {"file": file, "style": style, "total": len(model_state), "loaded": len(state),
+              "skipped": skipped, "head_shapes": head_mismatch}
+    log_load_report(report, what)
+    return report
 
 
 def load_pretrain_weights(model: paddle.nn.Layer, path: str) -> Dict[str, Any]:
-    """Load what matches from backbone or partial weights; return a report dict.
+    """Load what matches from backbone or partial weights; log and return a report dict.
 
     Names absent from the file (e.g. neck and head for a backbone file) stay as initialised, names the
     model lacks (e.g. an ImageNet classifier) are ignored, class-dependent head layers of another class
-    count are skipped; any other shape mismatch raises ValueError. Report keys: file, style, loaded,
-    not_in_file, unused, skipped.
+    count are skipped (the head is re-initialised for this model's classes), and so are other tensors
+    of another shape as long as they are fewer than the loaded ones (a ResNet-vd file's stem in a
+    ResNet-b model); more of them means another network and raises ValueError. Report keys: file,
+    style, total, loaded, not_in_file, unused, skipped (class-dependent names), head_shapes,
+    wrong_shape ((name, file shape, model shape) of other mis-shaped tensors).
     """
     file = _weights_file(path, "pretrain_weights")
     raw = _load_numpy_state(file)
@@ -386,18 +401,56 @@ def load_pretrain_weights(model: paddle.nn.Layer, path: str) -> Dict[str, Any]:
     style = detect_key_style(raw)
     state = convert_ppdet_state_dict(raw, model_state.keys())
     missing, unexpected, head_mismatch, mismatch = _compare(state, model_state)
-    if mismatch:
+    skipped = [k for k, _, _ in head_mismatch]
+    wrong = {k for k, _, _ in mismatch}
+    usable = {k: v for k, v in state.items() if k in model_state and k not in skipped and k not in wrong}
+    if len(mismatch) > len(usable):
         raise ValueError(f"pretrain_weights '{file}' (key style '{style}'): "
                          + _shape_listing("wrong shape", mismatch)
-                         + ". The file is for a different network (depth/variant/width); pick the matching one.")
-    skipped = [k for k, _, _ in head_mismatch]
-    usable = {k: v for k, v in state.items() if k in model_state and k not in skipped}
+                         + f" against {len(usable)} that fit. The file is for a different network "
+                           f"(depth/variant/width); pick the matching one.")
     if not usable:
         raise ValueError(f"pretrain_weights '{file}' (key style '{style}') share no parameter name with the "
                          f"model (file keys e.g. {list(raw)[:3]}, model keys e.g. {list(model_state)[:3]})")
     _assign(model, usable, model_state)
-    return {"file": file, "style": style, "loaded": len(usable), "not_in_file": missing,
-            "unused": unexpected, "skipped": skipped}
+    report = {"file": file, "style": style, "total": len(model_state), "loaded": len(usable),
+              "not_in_file": missing, "unused": unexpected, "skipped": skipped, "head_shapes": head_mismatch,
+              "wrong_shape": mismatch}
+    log_load_report(report, "pretrain_weights")
+    return report
+
+
+def _first(names: Sequence[Any]) -> str:
+    shown = ", ".join(str(n) for n in names[:_MAX_LOGGED])
+    return shown + (f", ... ({len(names) - _MAX_LOGGED} more)" if len(names) > _MAX_LOGGED else "")
+
+
+def log_load_report(report: Dict[str, Any], what: str) -> None:
+    """Log how many tensors a load set, how many it skipped or left missing, and the first names of each.
+
+    One info line for the counts (and what the file has that the model does not use); one warning per
+    kind of skip: class-dependent head tensors re-initialised, other tensors of another shape.
+    """
+    style = _STYLE_NAMES.get(report["style"], report["style"])
+    line = (f"{what}: loaded {report['loaded']} of the model's {report['total']} tensors from "
+            f"{report['file']} ({style})")
+    missing = report.get("not_in_file") or []
+    unused = report.get("unused") or []
+    if missing:
+        line += f"; {len(missing)} not in the file, left as initialised: {_first(missing)}"
+    if unused:
+        line += f"; {len(unused)} in the file unused by the model: {_first(unused)}"
+    logger.info(line)
+    head = report.get("head_shapes") or []
+    if head:
+        logger.warning(f"{what}: {len(head)} class-dependent head tensor(s) re-initialised: the file was "
+                       f"trained for another number of classes ("
+                       + _first([f"{k} file {a} vs model {b}" for k, a, b in head]) + ")")
+    wrong = report.get("wrong_shape") or []
+    if wrong:
+        logger.warning(f"{what}: {len(wrong)} tensor(s) of another shape skipped, left as initialised; the "
+                       f"file is probably another variant of the network (e.g. ResNet-vd in ResNet-b): "
+                       + _first([f"{k} file {a} vs model {b}" for k, a, b in wrong]))
 
 
 def resume_checkpoint(model: paddle.nn.Layer, optimizer: Optional[paddle.optimizer.Optimizer],
@@ -412,7 +465,7 @@ def resume_checkpoint(model: paddle.nn.Layer, optimizer: Optional[paddle.optimiz
     prefix = re.sub(r"\.(pdparams|pdopt|commit\.json)$", "", str(path_prefix))
     _check_not_url(prefix, "resume")
     if optimizer is None:
-        load_weights(model, prefix)
+        load_weights(model, prefix, what="resume")
         return {}
     opt_file = prefix + ".pdopt"
     if not os.path.isfile(opt_file):
@@ -434,7 +487,7 @@ def resume_checkpoint(model: paddle.nn.Layer, optimizer: Optional[paddle.optimiz
                          f"come from different saves), so '{prefix}.pdparams' and '{opt_file}' may not "
                          f"belong together. Resume from an earlier checkpoint (-r auto picks the newest "
                          f"complete one).")
-    load_weights(model, prefix)
+    load_weights(model, prefix, what="resume")
     if opt_state.pop(_OPT_NAMING_KEY, None) == "structured":
         opt_state = _runtime_optimizer_state(opt_state, _unwrap(model), opt_file)
     optimizer.set_state_dict(opt_state)

@@ -69,6 +69,28 @@ def output_dir_of(cfg: dict) -> str:
     return os.path.join(str(cfg.get("save_dir", "output")), str(cfg.get("filename", "model")))
 
 
+def check_num_classes(dataset: Any, model: paddle.nn.Layer, section: str) -> None:
+    """ConfigError when the dataset's category count differs from the class count the model's heads use.
+
+    With more categories than ``num_classes`` the extra ones would silently train as background, with
+    fewer the head would learn classes that never occur.
+    """
+    categories = getattr(dataset, "clsid2catid", None)
+    if not categories:
+        return  # a dataset without category information (an image folder) has nothing to compare
+    counts = sorted({layer.num_classes for layer in model.sublayers(include_self=True)
+                     if isinstance(getattr(layer, "num_classes", None), int)})
+    for count in counts:
+        if count != len(categories):
+            anno = dataset.get_anno() if hasattr(dataset, "get_anno") else ""
+            source = f" ({anno})" if anno else ""
+            raise ConfigError(
+                f"{section} has {len(categories)} categories{source} but the model is built for "
+                f"num_classes {count}; set num_classes: {len(categories)} in the config (or "
+                f"-o num_classes={len(categories)}). Fine-tuning from weights of another class count "
+                f"works: their head is re-initialised.")
+
+
 def build_eval_loader(cfg: dict, dataset: Any = None) -> Tuple[Any, Any]:
     """(EvalReader loader, dataset) over ``dataset`` or the config's EvalDataset.
 
@@ -123,6 +145,8 @@ class Trainer:
         else:
             self.dataset = create("TestDataset", cfg)
         self.model = create(cfg["architecture"], cfg)
+        if mode != "test":
+            check_num_classes(self.dataset, self.model, "TrainDataset" if mode == "train" else "EvalDataset")
         if mode == "train":
             self._build_optimizer()
         self.train_model = self.model
@@ -135,14 +159,13 @@ class Trainer:
 
     def load_weights(self, path: str, skip_mismatch_head: bool = False) -> None:
         """Load model weights (``weights:`` for eval / test) through the checkpoint API."""
-        checkpoint.load_weights(self.model, path, skip_mismatch_head=skip_mismatch_head)
-        logger.info(f"loaded weights from {path}")
+        checkpoint.load_weights(self.model, path, skip_mismatch_head=skip_mismatch_head)  # logs its report
 
     def load_pretrain_weights(self, path: Optional[str]) -> None:
         """Load backbone / ImageNet weights (``pretrain_weights``); nothing when empty."""
         if path:
+            # A head trained for another class count is skipped and re-initialised; the report says so.
             checkpoint.load_pretrain_weights(self.model, path)
-            logger.info(f"loaded pretrained weights from {path}")
 
     def resume_weights(self, path_prefix: str) -> bool:
         """Restore model, optimizer and LR state and the epoch to continue from; True when resumed.
