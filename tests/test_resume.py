@@ -71,6 +71,15 @@ def test_resume_with_another_batch_size_continues_by_epoch(tmp_path, tiny_coco, 
     extra = paddle.load(os.path.join(resumed.output_dir, "model_final.pdopt"))[checkpoint.EXTRA_KEY]
     assert (extra["epoch"], extra["batch_size"], extra["steps_per_epoch"], extra["lr_step"]) == (4, 2, 1, 4)
 
+    # Batch 3 has the same steps per epoch: the schedule stays where it was, and the log still says so.
+    messages.clear()
+    third = Trainer(_cfg(path, epoch=5, TrainReader={"batch_size": 3}), mode="train")
+    third.resume_weights("auto")
+    assert third.lr.last_epoch == 4
+    said = "\n".join(r.getMessage() for r in messages.records if r.levelno == logging.WARNING)
+    assert "saved by a run with 1 process(es) x 2 image(s), 1 steps per epoch" in said
+    assert "this run has 1 process(es) x 3 image(s)" in said and "iteration 4, lr" in said
+
 
 def test_auto_resume_takes_the_newest_committed_checkpoint(tmp_path, tiny_coco, messages):
     path = write_tiny_config(tmp_path, tiny_coco, epoch=3)

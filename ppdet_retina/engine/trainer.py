@@ -191,7 +191,9 @@ class Trainer:
             self.lr.last_epoch = int(extra["lr_step"])
             self.lr.last_lr = self.lr.get_lr()
         self._resumed = True
-        if self.lr.last_epoch != self.start_epoch * len(self.loader):
+        self._resume_ema_and_amp(path_prefix, extra)
+        changed = any(k in extra and int(extra[k]) != v for k, v in self._run_shape().items())
+        if changed or self.lr.last_epoch != self.start_epoch * len(self.loader):
             self._continue_by_epoch(path_prefix, extra)
         else:
             logger.info(f"resumed from {path_prefix}: continuing at epoch {self.start_epoch}, "
@@ -215,6 +217,7 @@ class Trainer:
         self.lr.last_epoch = self.start_epoch * len(self.loader)
         self.lr.last_lr = self.lr.get_lr()
         now = self._run_shape()
+        moved = f" (not {old_step})" if old_step != self.lr.last_epoch else ""
         if all(k in extra for k in now):
             saved = f"{extra['world_size']} process(es) x {extra['batch_size']} image(s), " \
                     f"{extra['steps_per_epoch']} steps per epoch"
@@ -225,8 +228,8 @@ class Trainer:
         logger.warning(
             f"resumed from {path_prefix}, which was saved by a run with {saved}; this run has "
             f"{now['world_size']} process(es) x {now['batch_size']} image(s), {now['steps_per_epoch']} steps per "
-            f"epoch. Continuing the schedule by epoch: epoch {self.start_epoch}, iteration {self.lr.last_epoch} "
-            f"(not {old_step}), lr {self.lr.get_lr():.6g}; LearningRate.base_lr is not rescaled{match}")
+            f"epoch. Continuing the schedule by epoch: epoch {self.start_epoch}, iteration {self.lr.last_epoch}"
+            f"{moved}, lr {self.lr.get_lr():.6g}; LearningRate.base_lr is not rescaled{match}")
 
     def _auto_resume_point(self) -> Optional[str]:
         """``-r auto``: the newest complete checkpoint in the output folder, the same on every rank."""
