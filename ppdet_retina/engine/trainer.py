@@ -191,7 +191,6 @@ class Trainer:
             self.lr.last_epoch = int(extra["lr_step"])
             self.lr.last_lr = self.lr.get_lr()
         self._resumed = True
-        self._resume_ema_and_amp(path_prefix, extra)
         changed = any(k in extra and int(extra[k]) != v for k, v in self._run_shape().items())
         if changed or self.lr.last_epoch != self.start_epoch * len(self.loader):
             self._continue_by_epoch(path_prefix, extra)

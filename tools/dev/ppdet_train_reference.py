@@ -58,6 +58,14 @@ def load_generators():
 
 gen = load_generators()
 OVERRIDES = {"retinanet": gen.RETINANET_OVERRIDES, "faster_rcnn": gen.FASTER_RCNN_OVERRIDES}
+# Parameter attributes only (no steps) of a RetinaNet whose norms all train, with their own decay and
+# per-stage LRs: the ParamAttr rules the published config leaves unused (its norms are frozen).
+ATTRS_VARIANT = {
+    "ResNet": {"freeze_norm": False, "freeze_at": -1, "norm_decay": 0.0005, "lr_mult_list": [0.1, 0.25, 0.5, 1.0]},
+    "FPN": {"out_channel": 32, "norm_type": "gn"},
+    "RetinaHead": {"conv_feat": {"name": "RetinaFeat", "feat_in": 32, "feat_out": 32, "num_convs": 2,
+                                 "norm_type": "gn", "use_dcn": False}},
+}
 # PaddleDetection's configs, relative to its configs/ folder ($PPDET_CONFIGS), and ours.
 PPDET_CONFIGS = {"retinanet": gen.PPDET_RETINANET_CONFIG, "faster_rcnn": gen.PPDET_FASTER_RCNN_CONFIG}
 OUR_CONFIGS = {"retinanet": gen.OUR_RETINANET_CONFIG, "faster_rcnn": gen.OUR_FASTER_RCNN_CONFIG}
@@ -74,6 +82,17 @@ def update_record(name: str, delta: np.ndarray, seed: int) -> Dict[str, np.ndarr
         out[f"idx:{name}"] = idx.astype(np.int64)
         out[f"dval:{name}"] = flat[idx].astype(np.float32)
     return out
+
+
+def param_attrs(model, prefix: str = "") -> Dict[str, np.ndarray]:
+    """Per parameter (PaddleDetection's names): trainable, ParamAttr LR and own L2 factor (-1: none)."""
+    named = dict(model.named_parameters())
+    return {
+        f"{prefix}param_names": np.array(list(named)),
+        f"{prefix}trainable": np.array([bool(p.trainable) for p in named.values()]),
+        f"{prefix}lr_mult": np.array([float(p.optimize_attr["learning_rate"]) for p in named.values()], np.float64),
+        f"{prefix}reg_coeff": np.array([_regularizer_coeff(p) for p in named.values()], np.float64),
+    }
 
 
 def _regularizer_coeff(param) -> float:
@@ -163,10 +182,7 @@ def run(arch: str, config: str, seed: int) -> Dict[str, np.ndarray]:
         "state_shapes": np.array(json.dumps(shapes)),
         "state_checksum": gen.state_checksum(before),
         "changed": np.array([not np.array_equal(after[n], before[n]) for n in state_names]),
-        "param_names": np.array(list(named)),
-        "trainable": np.array([bool(p.trainable) for p in named.values()]),
-        "lr_mult": np.array([float(p.optimize_attr["learning_rate"]) for p in named.values()], np.float64),
-        "reg_coeff": np.array([_regularizer_coeff(p) for p in named.values()], np.float64),
+        **param_attrs(model),
     }
     for key, values in losses.items():
         out[f"loss:{key}"] = np.array(values, np.float64)
@@ -174,6 +190,10 @@ def run(arch: str, config: str, seed: int) -> Dict[str, np.ndarray]:
         if param.trainable:
             delta = after[name].astype(np.float64) - before[name].astype(np.float64)
             out.update(update_record(name, delta, seed))
+    if arch == "retinanet":
+        variant = gen.build_ppdet_model(config, ATTRS_VARIANT)
+        out["variant:overrides"] = np.array(json.dumps(ATTRS_VARIANT))
+        out.update(param_attrs(variant, "variant:"))
     return out
 
 
