@@ -95,8 +95,7 @@ PPDET_IGNORED_TOP_LEVEL_KEYS: Dict[str, str] = {
     "use_xpu": "other accelerators: this package runs on CPU or CUDA",
     "use_mlu": "other accelerators", "use_npu": "other accelerators", "use_gcu": "other accelerators",
     "print_flops": "FLOPs report at start", "print_params": "parameter-count report at start",
-    "use_vdl": "VisualDL logging", "vdl_log_dir": "VisualDL logging",
-    "find_unused_parameters": "DataParallel option", "save_prediction_only": "evaluation option",
+    "find_unused_parameters": "DataParallel option",
 }
 
 
