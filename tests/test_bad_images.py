@@ -112,6 +112,17 @@ def test_train_reader_replaces_a_broken_image_and_counts_it(tiny_coco, reader_lo
     assert len(reader_log) == 2 and all("img_2.png (image id 2) replaced" in w for w in reader_log)
 
 
+def test_a_broken_file_met_again_as_a_replacement_counts_once(tiny_coco, reader_log):
+    _break(tiny_coco, 1, 2)
+    ds = COCODataSet(dataset_dir=tiny_coco.dataset_dir, image_dir=tiny_coco.image_dir,
+                     anno_path=tiny_coco.anno_path)
+    loader = _reader("TrainReader", batch_size=1, shuffle=False, drop_last=False,
+                     max_bad_image_ratio=0.7)(ds, 0)
+    # Sample 0 tries images 1 and 2 before 5; sample 1 tries 2 again.
+    assert [int(b["im_id"].numpy()[0, 0]) for b in loader] == [5, 5, 5]
+    assert [r["im_id"] for r in loader.bad_images] == [1, 2] and len(reader_log) == 2
+
+
 def test_more_than_the_ratio_stops_with_a_clear_error(tiny_coco):
     _break(tiny_coco, 2)
     ds = COCODataSet(dataset_dir=tiny_coco.dataset_dir, image_dir=tiny_coco.image_dir,

@@ -124,3 +124,20 @@ def test_image_folder_shows_the_photo_as_viewers_do(tmp_path, photo):
     assert _is_red(image, VIEWED_BOX)
     # The stored orientation is the same pixels turned back.
     np.testing.assert_array_equal(decode_image(photo, STORED_HW), cv2.rotate(image, cv2.ROTATE_90_COUNTERCLOCKWISE))
+
+
+def test_image_folder_follows_the_size_its_json_records(tmp_path, photo):
+    def decoded(hw):
+        _dataset(tmp_path, hw, [5, 5, 20, 20])  # writes the json
+        folder = ImageFolder(dataset_dir=str(tmp_path), anno_path="annotations/instances.json")
+        folder.set_images(photo)
+        folder.set_transform(Compose([Decode()]))
+        sample = folder[0]
+        assert sample["im_id"] == 42  # the json's id, for --save_results
+        return sample["image"].shape[:2]
+
+    # So that saved results line up with that json's boxes; no boxes to misplace, so a size that
+    # fits neither orientation (a resized copy) is no error: the viewer's orientation is used.
+    assert decoded(STORED_HW) == STORED_HW
+    assert decoded(VIEWED_HW) == VIEWED_HW
+    assert decoded((50, 50)) == VIEWED_HW

@@ -350,8 +350,10 @@ class ImageFolder(_TransformMixin):
     label list with one name per line, whose category ids are then 0..C-1). With a
     COCO json, an image it lists (matched by its ``file_name``: the longest path
     suffix, else a unique base name) gets the json's image id, so saved results can
-    be scored against that json directly; other images get ids above the json's
-    largest. Without a json ``im_id`` is the running index. Folders are listed
+    be scored against that json directly, and is decoded in the orientation (stored or
+    EXIF-turned) whose size the json records, when one does (``anno_hw``, see Decode);
+    other images get ids above the json's largest. Without a json ``im_id`` is the
+    running index. Folders are listed
     without hidden files (``._x.jpg`` that macOS leaves, ``.DS_Store``).
 
     Config keys:
@@ -421,22 +423,25 @@ class ImageFolder(_TransformMixin):
             files = files[:self.sample_num]
         if not files:
             raise ValueError(f"no image files found in {images!r} (extensions: {', '.join(IMAGE_EXTENSIONS)})")
-        self.roidbs = [{"im_file": f, "im_id": i} for f, i in zip(files, self._image_ids(files))]
+        self.roidbs = self._records(files)
 
-    def _image_ids(self, files: Sequence[str]) -> List[int]:
-        """The json's id of each listed file; the others count up after the json's largest id."""
+    def _records(self, files: Sequence[str]) -> List[dict]:
+        """Records with the json's id (and size, as ``anno_hw``) of each listed file; the other
+        files' ids count up after the json's largest."""
         path = self.get_anno()
-        listed = _ids_by_file_name(path) if path and not path.endswith(".txt") else {}
+        listed = _images_by_file_name(path) if path and not path.endswith(".txt") else {}
         if not listed:
-            return list(range(len(files)))
+            return [{"im_file": f, "im_id": i} for i, f in enumerate(files)]
         by_base = _unique_base_names(listed)
-        ids, next_id = [], max(listed.values()) + 1
+        records, next_id = [], max(entry[0] for entry in listed.values()) + 1
         for f in files:
-            found = _listed_id(f, listed, by_base)
-            if found is None:
-                found, next_id = next_id, next_id + 1
-            ids.append(found)
-        return ids
+            entry = _listed_entry(f, listed, by_base)
+            if entry is None:
+                records.append({"im_file": f, "im_id": next_id})
+                next_id += 1
+            else:
+                records.append({"im_file": f, "im_id": entry[0], "anno_hw": entry[1]})
+        return records
 
     def get_imid2path(self) -> Dict[int, str]:
         return {r["im_id"]: r["im_file"] for r in self.roidbs}
@@ -453,18 +458,20 @@ class ImageFolder(_TransformMixin):
         return self._apply(self.roidbs[idx])
 
 
-def _ids_by_file_name(anno_file: str) -> Dict[str, int]:
-    """``file_name`` ('/'-separated, without a leading './') -> image id, for each image of a COCO json."""
+def _images_by_file_name(anno_file: str) -> Dict[str, Tuple[int, Optional[Tuple[int, int]]]]:
+    """``file_name`` ('/'-separated, without a leading './') -> (image id, (height, width) or None),
+    for each image of a COCO json."""
     with open(anno_file, "r", encoding="utf-8") as f:
         try:
             data = json.load(f)
         except json.JSONDecodeError as err:
             raise ValueError(f"{anno_file}: not a COCO json (cannot parse JSON: {err})") from None
     images = data.get("images") if isinstance(data, dict) else None
-    out: Dict[str, int] = {}
+    out: Dict[str, Tuple[int, Optional[Tuple[int, int]]]] = {}
     for img in images or []:
         if isinstance(img, dict) and "file_name" in img and "id" in img:
-            out[_norm_name(str(img["file_name"]))] = int(img["id"])
+            size = (int(img["height"]), int(img["width"])) if img.get("height") and img.get("width") else None
+            out[_norm_name(str(img["file_name"]))] = (int(img["id"]), size)
     return out
 
 
@@ -475,7 +482,7 @@ def _norm_name(name: str) -> str:
     return name
 
 
-def _unique_base_names(listed: Dict[str, int]) -> Dict[str, int]:
+def _unique_base_names(listed: Dict[str, Any]) -> Dict[str, Any]:
     counts: Dict[str, int] = {}
     for name in listed:
         base = name.rsplit("/", 1)[-1]
@@ -483,8 +490,8 @@ def _unique_base_names(listed: Dict[str, int]) -> Dict[str, int]:
     return {name.rsplit("/", 1)[-1]: i for name, i in listed.items() if counts[name.rsplit("/", 1)[-1]] == 1}
 
 
-def _listed_id(path: str, listed: Dict[str, int], by_base: Dict[str, int]) -> Optional[int]:
-    """The id of the json entry whose file_name is the longest suffix of ``path``; else a unique base name's."""
+def _listed_entry(path: str, listed: Dict[str, Any], by_base: Dict[str, Any]) -> Optional[Any]:
+    """The json entry whose file_name is the longest suffix of ``path``; else a unique base name's."""
     parts = _norm_name(os.path.abspath(path)).split("/")
     for k in range(len(parts), 0, -1):
         found = listed.get("/".join(parts[-k:]))

@@ -21,9 +21,9 @@ run. The training reader replaces such a sample with the next readable one in
 dataset order; the eval and test readers leave it out of its batch (for
 evaluation its ground truth still counts, as missed). Either way the main
 process logs one warning per file naming it and its image id, and
-``loader.bad_images`` lists this epoch's (file, image id, reason) so far. When
-more than ``max_bad_image_ratio`` of the epoch's samples (on this process) have
-failed, the loader raises a ``ValueError`` that lists the first of them.
+``loader.bad_images`` lists this epoch's broken files (file, image id, reason;
+each once) so far. When they are more than ``max_bad_image_ratio`` of the epoch's
+samples (on this process), the loader raises a ``ValueError`` naming the first.
 
 Call ``loader.batch_sampler.set_epoch(epoch)`` each epoch so that distributed
 shuffling differs between epochs (the single-process sampler reshuffles itself).
@@ -31,10 +31,9 @@ shuffling differs between epochs (the single-process sampler reshuffles itself).
 
 from __future__ import annotations
 
-from typing import Any, Dict, List, Optional, Sequence
-
 import json
 import logging
+from typing import Any, Dict, List, Optional, Sequence
 
 import numpy as np
 import paddle
@@ -166,9 +165,14 @@ class DetDataLoader(paddle.io.DataLoader):
 
     def _report_bad(self, records: List[Dict[str, Any]], limit: float) -> None:
         action = "replaced by another image" if self.replaced else "left out"
+        seen = {(r["im_file"], r["im_id"]) for r in self.bad_images}
         for rec in records:
+            # A broken file also met as another sample's replacement counts (and is named) once.
+            if (rec["im_file"], rec["im_id"]) in seen:
+                continue
+            seen.add((rec["im_file"], rec["im_id"]))
             logger.warning(f"broken image {rec['im_file']} (image id {rec['im_id']}) {action}: {rec['reason']}")
-        self.bad_images.extend(records)
+            self.bad_images.append(rec)
         if len(self.bad_images) > limit:
             shown = "; ".join(f"{r['im_file']} (image id {r['im_id']}): {r['reason']}"
                               for r in self.bad_images[:3])

@@ -68,8 +68,10 @@ class Decode(BaseOperator):
     orientation that matches that size: the EXIF-rotated one (as viewers, OpenCV and
     PaddleDetection show it) when it matches, else the stored pixels when they match; when
     neither matches, :class:`BadImageError` names the file and image id, since the boxes would
-    land in the wrong place. Without a recorded size (ImageFolder) the EXIF orientation is
-    applied. Readers replace or skip a sample that raises BadImageError (data/reader.py).
+    land in the wrong place. An ImageFolder record of a file its json lists carries that size
+    as ``anno_hw``: the same choice, but a mismatch falls back to the EXIF orientation (there
+    are no boxes to misplace). Otherwise the EXIF orientation is applied. Readers replace or
+    skip a sample that raises BadImageError (data/reader.py).
 
     Sets ``im_shape`` to the decoded (h, w), ``scale_factor`` to (1, 1), and ``h``/``w`` to
     the decoded size. An ``image`` already in the sample (uint8 RGB array) is used as is.
@@ -85,7 +87,10 @@ class Decode(BaseOperator):
         image = sample.get("image")
         if image is None:
             path = _need(sample, "im_file", "Decode")
-            image = decode_image(path, _recorded_hw(sample), sample.get("im_id"))
+            expect, strict = _recorded_hw(sample), True
+            if expect is None and sample.get("anno_hw") is not None:
+                expect, strict = tuple(sample["anno_hw"]), False
+            image = decode_image(path, expect, sample.get("im_id"), strict)
         elif image.ndim == 2:
             image = np.repeat(image[:, :, None], 3, axis=2)
         h, w = image.shape[:2]
@@ -121,11 +126,12 @@ def _recorded_hw(sample: dict) -> Optional[Tuple[int, int]]:
 
 
 def decode_image(path: str, expect_hw: Optional[Tuple[int, int]] = None,
-                 im_id: Optional[int] = None) -> np.ndarray:
+                 im_id: Optional[int] = None, strict: bool = True) -> np.ndarray:
     """uint8 RGB [H, W, 3] of ``path`` in the orientation matching ``expect_hw`` (see Decode).
 
     Raises BadImageError (naming ``path`` and ``im_id``) for a missing, unreadable, truncated
-    or undecodable file, or when ``expect_hw`` fits neither the stored nor the EXIF orientation.
+    or undecodable file, or, when ``strict``, if ``expect_hw`` fits neither the stored nor the
+    EXIF orientation (not strict: the EXIF orientation is used then).
     """
     try:
         with open(path, "rb") as f:
@@ -147,6 +153,8 @@ def decode_image(path: str, expect_hw: Optional[Tuple[int, int]] = None,
         return oriented
     if raw.shape[:2] == tuple(expect_hw):
         return raw
+    if not strict:
+        return oriented
     seen = f"{raw.shape[0]}x{raw.shape[1]}"
     if oriented.shape[:2] != raw.shape[:2]:
         seen += f" ({oriented.shape[0]}x{oriented.shape[1]} with its EXIF orientation {orientation} applied)"

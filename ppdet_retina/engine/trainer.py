@@ -501,11 +501,14 @@ class Trainer:
         self.model.eval()
         results, coco, used = [], [], set()
         catmap = getattr(dataset, "clsid2catid", None) or {}
+        # The orientation Decode chose for files the json lists (its recorded size).
+        anno_hw = {r["im_id"]: r.get("anno_hw") for r in getattr(dataset, "roidbs", [])}
         with paddle.no_grad():
             for batch in loader:
                 outputs = self.model(batch)
                 for res in _split_per_image(batch, outputs, imid2path):
-                    image = decode_image(res["im_file"])[:, :, ::-1]  # as Decode saw it, in BGR
+                    # The picture as Decode gave it to the model, in BGR.
+                    image = decode_image(res["im_file"], anno_hw.get(res["im_id"]), strict=False)[:, :, ::-1]
                     drawn = draw_detections(image, res["bbox"], labels, threshold=draw_threshold)
                     out_path = _unique_output(output_dir, res["im_file"], used)
                     write_picture(out_path, drawn)
