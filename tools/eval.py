@@ -26,6 +26,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--exported", default=None, metavar="DIR",
                         help="evaluate a model written by tools/export_model.py through the Paddle Inference "
                              "predictor (oneDNN on CPU: several times faster than the training graph)")
+    parser.add_argument("--save_prediction_only", action="store_true",
+                        help="only write bbox.json (the detections in COCO result format), without computing "
+                             "the mAP: e.g. for a test split whose annotations hold no boxes")
     parser.add_argument("--bf16", action="store_true",
                         help="with --exported: run oneDNN in bfloat16 (CPUs with avx512_bf16)")
     return parser
@@ -35,6 +38,8 @@ def main(argv=None) -> None:
     args = build_parser().parse_args(argv)
     cfg = env.load_tool_config(args)
     cfg["classwise"] = args.classwise
+    if args.save_prediction_only:
+        cfg["save_prediction_only"] = True
     if args.output_eval:
         cfg["output_eval"] = args.output_eval
     if args.exported:

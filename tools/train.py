@@ -12,6 +12,7 @@ import sys
 # Run from a clean checkout without installing the package.
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from ppdet_retina.core.workspace import ConfigError  # noqa: E402
 from ppdet_retina.engine import env  # noqa: E402
 
 
@@ -30,21 +31,63 @@ def build_parser() -> argparse.ArgumentParser:
                         help="evaluate on EvalDataset after every snapshot and keep best_model by bbox mAP")
     parser.add_argument("--seed", type=int, default=None,
                         help="random seed for python, numpy and paddle (each rank adds its rank)")
+    add_training_option_args(parser)
     return parser
+
+
+def add_training_option_args(parser: argparse.ArgumentParser) -> None:
+    """PaddleDetection's other train.py flags; each given one sets the config key of its name."""
+    flag = dict(type=env.str2bool, nargs="?", const=True, default=None, metavar="BOOL")
+    parser.add_argument("--amp", action="store_true", default=None,
+                        help="mixed precision: float16 autocast with dynamic loss scaling on a GPU (amp_level "
+                             "O1/O2 in the config; the scaler state is checkpointed). On a CPU it trains in "
+                             "float32 and says so")
+    parser.add_argument("--to_static", action="store_true", default=None,
+                        help="train a paddle.jit.to_static graph; refused with the reason for architectures "
+                             "whose training graph does not convert (RetinaNet, Faster R-CNN on Paddle 3.3)")
+    parser.add_argument("--use_vdl", **flag,
+                        help="write losses, LR and bbox mAP as VisualDL scalars (needs pip install visualdl, "
+                             "or the package's [vdl] extra)")
+    parser.add_argument("--vdl_log_dir", default=None, metavar="DIR",
+                        help="folder of the VisualDL scalars (default: vdl_log_dir/scalar)")
+    parser.add_argument("--fleet", action="store_true", default=None,
+                        help="under paddle.distributed.launch, distribute through paddle.distributed.fleet "
+                             "(collective mode) instead of paddle.DataParallel; same data-parallel result")
+    parser.add_argument("--enable_ce", **flag,
+                        help="deterministic run: seed 0 (or --seed) for python, numpy, paddle and the "
+                             "shuffling, deterministic cuDNN; two runs give the same weights")
+    parser.add_argument("--profiler_options", default=None, metavar="OPTIONS",
+                        help="profile training iterations with paddle.profiler, PaddleDetection's format: "
+                             "\"batch_range=[10,20];profile_path=output/profile;sorted_key=total;"
+                             "exit_on_finished=true\" (prints the op table, writes a Chrome trace)")
+    parser.add_argument("--slim_config", default=None, metavar="FILE",
+                        help="PaddleSlim compression configs are not supported (refused with a message)")
 
 
 def main(argv=None) -> None:
     args = build_parser().parse_args(argv)
+    if args.slim_config:
+        raise ConfigError(f"--slim_config {args.slim_config}: PaddleSlim compression (pruning, quantisation, "
+                          f"distillation) is not supported by ppdet_retina; train without --slim_config")
     cfg = env.load_tool_config(args)
-    if args.seed is not None:
+    from ppdet_retina.engine import train_options
+
+    train_options.flags_to_config(cfg, args)
+    if cfg.get("enable_ce"):
+        train_options.make_deterministic(0 if args.seed is None else args.seed)
+    elif args.seed is not None:
         env.set_random_seed(args.seed)
+    from ppdet_retina.engine.profiling import ProfilerDone
     from ppdet_retina.engine.trainer import Trainer
 
     trainer = Trainer(cfg, mode="train")
     resumed = bool(args.resume) and trainer.resume_weights(args.resume)
     if not resumed:
         trainer.load_pretrain_weights(cfg.get("pretrain_weights"))
-    trainer.train(validate=args.eval)
+    try:
+        trainer.train(validate=args.eval)
+    except ProfilerDone as done:
+        print(f"profiling finished: {done}")
 
 
 if __name__ == "__main__":

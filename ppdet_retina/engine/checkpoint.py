@@ -254,8 +254,11 @@ def _pause_for_tests(name: str) -> None:
 # --------------------------------------------------------------------------- public API
 
 def save_checkpoint(model: paddle.nn.Layer, optimizer: Optional[paddle.optimizer.Optimizer], save_dir: str,
-                    name: str, extra: Optional[Dict[str, Any]] = None) -> str:
+                    name: str, extra: Optional[Dict[str, Any]] = None,
+                    more_files: Optional[Dict[str, Any]] = None) -> str:
     """Write ``<save_dir>/<name>.pdparams`` (and ``.pdopt`` with ``extra`` if ``optimizer``) as one commit.
+
+    ``more_files`` (suffix -> object, e.g. ``{'.pdema': state_dict}``) joins the same commit.
 
     Every file is first written in full to a temp name and fsynced (this is where a full disk fails,
     raising :class:`CheckpointSaveError`, with the files already there untouched). Then the old commit
@@ -272,6 +275,7 @@ def save_checkpoint(model: paddle.nn.Layer, optimizer: Optional[paddle.optimizer
         opt_state = _structured_optimizer_state(optimizer.state_dict(), _unwrap(model))
         opt_state[EXTRA_KEY] = dict(extra or {}, **{_COMMIT_TOKEN: token})
         parts[".pdopt"] = opt_state
+    parts.update(more_files or {})
     temps: Dict[str, str] = {}
     try:
         for suffix, obj in parts.items():

@@ -28,6 +28,7 @@ __all__ = [
     "check_peers",
     "set_random_seed",
     "setup_environment",
+    "str2bool",
 ]
 
 logger = logging.getLogger("ppdet_retina.engine.env")
@@ -219,6 +220,18 @@ def add_config_args(parser) -> None:
     parser.add_argument("-o", "--opt", nargs="*", default=[], metavar="KEY=VALUE",
                         help="override config keys, dotted for nesting: -o use_gpu=false "
                              "TrainReader.batch_size=4 weights=output/x/model_final")
+
+
+def str2bool(text: str) -> bool:
+    """argparse type for PaddleDetection's boolean flags: ``--flag``, ``--flag true``, ``--flag=False``."""
+    import argparse
+
+    value = str(text).strip().lower()
+    if value in ("1", "true", "yes", "y", "on", "t"):
+        return True
+    if value in ("0", "false", "no", "n", "off", "f"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true or false, got '{text}'")
 
 
 def load_tool_config(args) -> dict:

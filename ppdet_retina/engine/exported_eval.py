@@ -100,7 +100,8 @@ def evaluate_exported(cfg: dict, model_dir: str, use_mkldnn: bool = True, bf16: 
                               use_mkldnn=use_mkldnn, bf16=bf16, cpu_threads=threads, use_gpu=use_gpu)
     loader, dataset = build_eval_loader(cfg)
     metric = COCOMetric(dataset.get_anno(), dataset.clsid2catid, classwise=classwise,
-                        output_eval=output_eval or cfg.get("output_eval") or output_dir_of(cfg))
+                        output_eval=output_eval or cfg.get("output_eval") or output_dir_of(cfg),
+                        save_prediction_only=bool(cfg.get("save_prediction_only", False)))
     tic, images = time.time(), 0
     for batch in loader:
         feeds = {key: batch[key].numpy() for key in ("image", "im_shape", "scale_factor")}

@@ -19,11 +19,13 @@ on rank 0 alone over the whole validation set while the others wait.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import hashlib
 import json
 import math
 import os
+import re
 import time
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
@@ -34,8 +36,14 @@ import paddle
 from ppdet_retina.core.workspace import ConfigError, create
 from ppdet_retina.data.transforms import decode_image
 from ppdet_retina.engine import checkpoint, env
+from ppdet_retina.engine.amp import MixedPrecision
+from ppdet_retina.engine.ema import RAW_WEIGHTS_SUFFIX, build_ema
 from ppdet_retina.engine.optimizer import build_optimizer
+from ppdet_retina.engine.profiling import StepProfiler
+from ppdet_retina.engine.train_options import distributed_model, to_static_model
+from ppdet_retina.engine.vdl import VisualDLWriter
 from ppdet_retina.metrics.coco import COCOMetric, detections_to_coco
+from ppdet_retina.modeling.layers import convert_sync_batchnorm
 from ppdet_retina.utils.logger import JsonlWriter, TrainingStats, format_eta, setup_logger
 from ppdet_retina.utils.visualize import draw_detections
 
@@ -147,13 +155,31 @@ class Trainer:
         self.model = create(cfg["architecture"], cfg)
         if mode != "test":
             check_num_classes(self.dataset, self.model, "TrainDataset" if mode == "train" else "EvalDataset")
+        self.train_model = self.model
+        self.amp = MixedPrecision(False, self.device)
+        self.ema = self.profiler = self.vdl = None
         if mode == "train":
             self._build_optimizer()
-        self.train_model = self.model
-        if mode == "train" and self.world_size > 1:
-            self.train_model = paddle.DataParallel(self.model)
+            self._setup_training_options()
 
     # ------------------------------------------------------------------ setup
+    def _setup_training_options(self) -> None:
+        """sync_bn, --amp, use_ema, --to_static, DataParallel or --fleet, --profiler_options, --use_vdl."""
+        cfg = self.cfg
+        convert_sync_batchnorm(self.model, synchronise=self.world_size > 1 and self.device.startswith("gpu"),
+                               every_batchnorm=cfg.get("norm_type") == "sync_bn")
+        self.amp = MixedPrecision.from_config(cfg, self.device)
+        self.model, self.optimizer = self.amp.decorate(self.model, self.optimizer)
+        # Only rank 0 evaluates and saves, so only it needs the average.
+        self.ema = build_ema(cfg, self.model) if env.is_main_process() else None
+        model = to_static_model(self.model) if cfg.get("to_static") else self.model
+        # step_optimizer steps (fleet wraps it); self.optimizer is what checkpoints hold.
+        self.train_model, self.step_optimizer = distributed_model(model, self.optimizer, bool(cfg.get("fleet")))
+        if cfg.get("profiler_options"):
+            self.profiler = StepProfiler(str(cfg["profiler_options"]), self.device)
+        if cfg.get("use_vdl") and env.is_main_process():
+            self.vdl = VisualDLWriter(str(cfg.get("vdl_log_dir") or "vdl_log_dir/scalar"))
+
     def _build_optimizer(self) -> None:
         self.lr, self.optimizer = build_optimizer(self.cfg, self.model, len(self.loader))
 
@@ -191,6 +217,7 @@ class Trainer:
             self.lr.last_epoch = int(extra["lr_step"])
             self.lr.last_lr = self.lr.get_lr()
         self._resumed = True
+        self._resume_ema_and_amp(path_prefix, extra)
         changed = any(k in extra and int(extra[k]) != v for k, v in self._run_shape().items())
         if changed or self.lr.last_epoch != self.start_epoch * len(self.loader):
             self._continue_by_epoch(path_prefix, extra)
@@ -198,6 +225,24 @@ class Trainer:
             logger.info(f"resumed from {path_prefix}: continuing at epoch {self.start_epoch}, "
                         f"iteration {self.lr.last_epoch}, lr {self.lr.get_lr():.6g}")
         return True
+
+    def _resume_ema_and_amp(self, path_prefix: str, extra: Dict[str, Any]) -> None:
+        """An EMA checkpoint's .pdparams holds the average and .pdema the trained weights (PaddleDetection's
+        layout): training continues from the trained ones, the average from the saved one."""
+        prefix = re.sub(r"\.(pdparams|pdopt)$", "", str(path_prefix))
+        raw = prefix + RAW_WEIGHTS_SUFFIX
+        if os.path.isfile(raw):
+            averaged = {k: v.clone() for k, v in self.model.state_dict().items()}
+            checkpoint.load_weights(self.model, raw)
+            if self.ema is not None:
+                self.ema.load(averaged, int(extra.get("ema_step", self.lr.last_epoch)), int(extra.get("ema_epoch", 0)))
+                logger.info(f"resumed the weight average ({self.ema.step} updates) and the trained weights {raw}")
+            else:
+                logger.info(f"resumed the trained weights {raw} (use_ema is off: the saved average is not used)")
+        elif self.ema is not None:
+            logger.warning(f"{prefix} has no {RAW_WEIGHTS_SUFFIX} file (not saved with use_ema): the weight "
+                           f"average starts afresh from the resumed weights")
+        self.amp.set_state_dict(extra.get("amp_scaler"))
 
     def _run_shape(self) -> Dict[str, int]:
         """What sets the number of images per step and steps per epoch; recorded in checkpoints."""
@@ -275,6 +320,10 @@ class Trainer:
             # A wrong EvalDataset should fail now, not after the first epoch of training.
             env.run_on_main_then_sync(self._build_eval_loader)
         self._run_epochs(end_epoch, log_iter, snapshot, validate, journal)
+        if self.profiler is not None:
+            self.profiler.finish()
+        if self.vdl is not None:
+            self.vdl.close()
         self._write_weights_hash()
 
     def _open_journal(self) -> JsonlWriter:
@@ -346,8 +395,11 @@ class Trainer:
             sampler.set_epoch(epoch)
 
     def _train_step(self, batch: Dict[str, paddle.Tensor], epoch: int, it: int) -> Dict[str, float]:
+        if self.profiler is not None:
+            self.profiler.step()
         try:
-            outputs = self.train_model(batch)
+            with self.amp.autocast():
+                outputs = self.train_model(batch)
         except Exception as err:  # noqa: BLE001 - one rank's bad batch must not leave the others hanging
             env.stop_all_ranks(err)
         if "loss" not in outputs:
@@ -355,10 +407,11 @@ class Trainer:
         values, bad = self._loss_values(outputs)
         if bad:
             self._stop_on_non_finite(values, epoch, it)
-        outputs["loss"].backward()
-        self.optimizer.step()
-        self.optimizer.clear_grad()
+        self.amp.backward_and_step(outputs["loss"], self.step_optimizer)
+        self.step_optimizer.clear_grad()
         self.lr.step()
+        if self.ema is not None:
+            self.ema.update()
         return values
 
     def _loss_values(self, outputs: Dict[str, paddle.Tensor]) -> Tuple[Dict[str, float], bool]:
@@ -400,6 +453,8 @@ class Trainer:
         journal.write({"type": "train", "epoch": epoch, "iter": it, "step": epoch * steps_per_epoch + it,
                        "lr": lr, **smoothed, "batch_cost": batch_cost, "data_cost": data_cost, "ips": ips,
                        "time": time.time()})
+        if self.vdl is not None:
+            self.vdl.train_step(epoch * steps_per_epoch + it, lr, smoothed)
 
     def _snapshot(self, epoch: int, last: bool, validate: bool, journal: JsonlWriter) -> None:
         """Rank 0 evaluates (with ``validate``) and then saves, so the saved best mAP is current;
@@ -407,18 +462,25 @@ class Trainer:
         env.run_on_main_then_sync(lambda: self._evaluate_and_save(epoch, last, validate, journal))
 
     def _evaluate_and_save(self, epoch: int, last: bool, validate: bool, journal: JsonlWriter) -> None:
-        improved = self._validate(epoch, journal) if validate else False
-        path = self._save("model_final" if last else str(epoch), epoch)
-        logger.info(f"saved checkpoint {path}")
-        if improved:
-            logger.info(f"new best model saved to {self._save('best_model', epoch)}")
+        # With use_ema, evaluation and the saved .pdparams see the averaged weights; .pdema keeps the trained.
+        with self.ema.applied() if self.ema is not None else contextlib.nullcontext() as trained:
+            improved = self._validate(epoch, journal) if validate else False
+            if self.ema is not None:
+                self.ema.snapshot_done()
+            path = self._save("model_final" if last else str(epoch), epoch, trained)
+            logger.info(f"saved checkpoint {path}")
+            if improved:
+                logger.info(f"new best model saved to {self._save('best_model', epoch, trained)}")
         if validate:
             logger.info(f"best bbox mAP so far: {self.best_ap:.4f}")
 
-    def _save(self, name: str, epoch: int) -> str:
+    def _save(self, name: str, epoch: int, trained: Optional[Dict[str, paddle.Tensor]] = None) -> str:
         extra = {"epoch": epoch + 1, "lr_step": int(self.lr.last_epoch), "best_ap": self.best_ap,
-                 **self._run_shape()}
-        return checkpoint.save_checkpoint(self.model, self.optimizer, self.output_dir, name, extra)
+                 **self._run_shape(), "amp_scaler": self.amp.state_dict()}
+        if self.ema is not None:
+            extra.update(self.ema.counters())
+        more = {RAW_WEIGHTS_SUFFIX: trained} if trained is not None else None
+        return checkpoint.save_checkpoint(self.model, self.optimizer, self.output_dir, name, extra, more)
 
     def _validate(self, epoch: int, journal: JsonlWriter) -> bool:
         """Evaluate, log to the journal, update ``best_ap``; True when it improved."""
@@ -427,6 +489,8 @@ class Trainer:
         step = (epoch + 1) * len(self.loader) - 1  # the last iteration of this epoch
         journal.write({"type": "eval", "epoch": epoch, "step": step, "bbox_map": ap, "bbox": stats["bbox"],
                        "time": time.time()})
+        if self.vdl is not None:
+            self.vdl.evaluation(step, ap)
         if ap <= self.best_ap:
             return False
         self.best_ap = ap
@@ -452,8 +516,10 @@ class Trainer:
             raise ConfigError(f"metric '{kind}' is not supported; set metric: COCO")
         anno = dataset.get_anno()
         output_eval = self.cfg.get("output_eval") or self.output_dir
+        # Training's evaluations need the mAP (best_model), so only tools/eval.py may skip it.
+        only_save = self.mode == "eval" and bool(self.cfg.get("save_prediction_only", False))
         return COCOMetric(anno, dataset.clsid2catid, classwise=bool(self.cfg.get("classwise", False)),
-                          output_eval=output_eval)
+                          output_eval=output_eval, save_prediction_only=only_save)
 
     def evaluate(self) -> Dict[str, List[float]]:
         """COCO bbox evaluation of the current model on ``EvalDataset``: ``{'bbox': [12 stats]}``."""
@@ -478,14 +544,16 @@ class Trainer:
 
     # ------------------------------------------------------------------ inference
     def predict(self, images: Sequence[str] | str, draw_threshold: float = 0.5, output_dir: str = "output",
-                save_results: bool = False) -> List[dict]:
-        """Detect on ``images`` (files / folders); write drawn images to ``output_dir``.
+                save_results: bool = False, save_threshold: float = 0.0, visualize: bool = True) -> List[dict]:
+        """Detect on ``images`` (files / folders / a list of files); with ``visualize`` write drawn
+        images to ``output_dir``.
 
         Returns one dict per image: ``im_file``, ``im_id`` and ``bbox`` [N, 6]
         (class, score, x1, y1, x2, y2 in original pixels). With ``save_results``
         also writes ``output_dir/bbox.json``: COCO results (xywh, original
-        category ids) with each image's ``file_name``; ``image_id`` is the id
-        ``TestDataset.anno_path`` gives the file (see ImageFolder).
+        category ids) with each image's ``file_name``, for the detections scoring at
+        least ``save_threshold``; ``image_id`` is the id ``TestDataset.anno_path``
+        gives the file (see ImageFolder).
 
         Each picture is written as soon as its batch is done. A file that cannot be
         read is skipped with a warning naming it, and once every other image is
@@ -507,16 +575,20 @@ class Trainer:
             for batch in loader:
                 outputs = self.model(batch)
                 for res in _split_per_image(batch, outputs, imid2path):
-                    # The picture as Decode gave it to the model, in BGR.
-                    image = decode_image(res["im_file"], anno_hw.get(res["im_id"]), strict=False)[:, :, ::-1]
-                    drawn = draw_detections(image, res["bbox"], labels, threshold=draw_threshold)
-                    out_path = _unique_output(output_dir, res["im_file"], used)
-                    write_picture(out_path, drawn)
                     kept = sum(1 for r in res["bbox"] if r[1] >= draw_threshold and r[0] >= 0)
-                    logger.info(f"{res['im_file']}: {kept} detection(s) >= {draw_threshold} -> {out_path}")
+                    if visualize:
+                        # The picture as Decode gave it to the model, in BGR.
+                        image = decode_image(res["im_file"], anno_hw.get(res["im_id"]), strict=False)[:, :, ::-1]
+                        drawn = draw_detections(image, res["bbox"], labels, threshold=draw_threshold)
+                        out_path = _unique_output(output_dir, res["im_file"], used)
+                        write_picture(out_path, drawn)
+                        logger.info(f"{res['im_file']}: {kept} detection(s) >= {draw_threshold} -> {out_path}")
+                    else:
+                        logger.info(f"{res['im_file']}: {kept} detection(s) >= {draw_threshold}")
                     if save_results:
-                        mapping = catmap or _identity_map(res["bbox"])
-                        for det in detections_to_coco(res["bbox"], [len(res["bbox"])], [res["im_id"]], mapping):
+                        rows = res["bbox"][res["bbox"][:, 1] >= save_threshold]
+                        mapping = catmap or _identity_map(rows)
+                        for det in detections_to_coco(rows, [len(rows)], [res["im_id"]], mapping):
                             det["file_name"] = os.path.basename(res["im_file"])
                             coco.append(det)
                     results.append(res)

@@ -131,10 +131,13 @@ class COCOMetric:
         clsid2catid: contiguous class index -> COCO category id.
         classwise: also log a per-category AP table.
         output_eval: folder for ``bbox.json``.
+        save_prediction_only: ``accumulate()`` only writes ``bbox.json`` and returns ``{}``
+            (``tools/eval.py --save_prediction_only``).
     """
 
     def __init__(self, anno_file: str, clsid2catid: Mapping[int, int], classwise: bool = False,
-                 output_eval: Optional[str] = None):
+                 output_eval: Optional[str] = None, save_prediction_only: bool = False):
+        self.save_prediction_only = bool(save_prediction_only)
         self.anno_file = anno_file
         self.clsid2catid = {int(k): int(v) for k, v in dict(clsid2catid).items()}
         self.classwise = classwise
@@ -175,6 +178,9 @@ class COCOMetric:
     def accumulate(self) -> Dict[str, List[float]]:
         path = self._write_results()
         logger.info(f"{len(self.results)} detections written to {path}")
+        if self.save_prediction_only:
+            self.stats = {}
+            return self.stats
         if not self.results:
             logger.warning("no detections on the evaluation set (every score below the threshold?): "
                            "mAP is 0")

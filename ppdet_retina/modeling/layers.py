@@ -106,9 +106,18 @@ class ConvNorm(nn.Layer):
         return F.relu(x) if self.relu else x
 
 
-def convert_sync_batchnorm(model: nn.Layer, synchronise: bool) -> int:
-    """Replace every :class:`SyncableBatchNorm` in ``model`` by ``paddle.nn.SyncBatchNorm`` when
-    ``synchronise`` (several GPU processes); otherwise keep them plain BatchNorm and log that once.
+def _wants_sync(layer: nn.Layer, every_batchnorm: bool) -> bool:
+    if isinstance(layer, SyncableBatchNorm):
+        return True
+    # A frozen BN (use_global_stats) never uses batch statistics: nothing to synchronise.
+    return every_batchnorm and type(layer) is nn.BatchNorm2D and layer._use_global_stats is not True
+
+
+def convert_sync_batchnorm(model: nn.Layer, synchronise: bool, every_batchnorm: bool = False) -> int:
+    """Replace every :class:`SyncableBatchNorm` in ``model`` (with ``every_batchnorm``, as a top-level
+    ``norm_type: sync_bn`` asks in PaddleDetection, every trainable BatchNorm2D too) by
+    ``paddle.nn.SyncBatchNorm`` when ``synchronise`` (several GPU processes); otherwise keep them
+    plain BatchNorm and log that once.
 
     The new layers share the old ones' parameter and statistics tensors, so an optimizer built
     before the conversion keeps updating them and state-dict names do not change.
@@ -117,7 +126,7 @@ def convert_sync_batchnorm(model: nn.Layer, synchronise: bool) -> int:
     found: List[tuple] = []
     for parent in [model] + list(model.sublayers()):
         for name, child in parent.named_children():
-            if isinstance(child, SyncableBatchNorm):
+            if _wants_sync(child, every_batchnorm):
                 found.append((parent, name, child))
     if not found:
         return 0

@@ -141,7 +141,8 @@ class ResNet(nn.Layer):
     Config keys (PaddleDetection's ResNet, same defaults):
       depth (18|34|50|101|152|200), ch_in (stem output width, 64), variant ('a'|'b'|'c'|'d'),
       lr_mult_list (4 learning-rate multipliers, one per stage), groups / base_width (ResNeXt),
-      norm_type ('bn'|'sync_bn'), norm_decay (weight decay of norm params, 0.),
+      norm_type ('bn'|'sync_bn', also read from the top level; sync_bn synchronises the batch statistics
+      across GPU processes), norm_decay (weight decay of norm params, 0.),
       freeze_norm (True: BN uses its running stats always and its affine params are frozen),
       freeze_at (stem and stages 0..freeze_at get stop_gradient; -1 = none; 0 = stem + res2),
       freeze_stem_only (with freeze_at >= 0, freeze only the stem), return_idx (0 = res2 ... 3 = res5),
@@ -151,6 +152,9 @@ class ResNet(nn.Layer):
     Input: ``inputs['image']`` [B, 3, H, W] (or the tensor itself).
     Output: list of [B, out_shape[k].channels, ~H / stride_k, ~W / stride_k], one per ``return_idx``.
     """
+
+    # As in PaddleDetection, a top-level ``norm_type`` (e.g. sync_bn) reaches the backbone.
+    __shared__ = ["norm_type"]
 
     def __init__(self, depth: int = 50, ch_in: int = 64, variant: str = "b",
                  lr_mult_list: Sequence[float] = (1.0, 1.0, 1.0, 1.0), groups: int = 1, base_width: int = 64,
