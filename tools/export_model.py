@@ -7,6 +7,12 @@
 Writes ``<output_dir>/<config name>/``: model.json + model.pdiparams (Paddle inference),
 infer_cfg.yml (preprocessing, labels, outputs) and, with --onnx, model.onnx. Run the result
 with tools/deploy.py --model_dir <that folder>.
+
+--onnx converts one image of a fixed size, stopping before the NMS: outputs ``boxes`` [1, M, 4]
+and ``scores`` [1, C, M]; infer_cfg.yml's ``onnx.nms`` holds the NMS settings to apply
+(ppdet_retina.engine.onnx.multiclass_nms does it in NumPy). The file is checked with
+onnxruntime against the Paddle graphs (candidates, then detections after that NMS, on a random
+image and the first eval image); a difference fails the export.
 """
 
 import argparse
@@ -34,9 +40,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--onnx_input_size", type=int, nargs=2, default=None, metavar=("H", "W"),
                         help="the ONNX model's fixed padded input size; default: TestReader's Resize target "
                              "rounded up to the PadBatch stride")
-    parser.add_argument("--onnx_opset", type=int, default=11, help="ONNX opset (>= 11; the NMS needs 11)")
+    parser.add_argument("--onnx_opset", type=int, default=11,
+                        help="ONNX opset asked of paddle2onnx (>= 11); infer_cfg.yml records the one written")
     parser.add_argument("--no_onnx_check", action="store_true",
-                        help="skip comparing the ONNX model with the Paddle predictor (needs onnxruntime)")
+                        help="skip comparing the ONNX model with the Paddle graphs in onnxruntime")
     return parser
 
 
@@ -44,12 +51,17 @@ def main(argv=None) -> None:
     args = build_parser().parse_args(argv)
     cfg = env.load_tool_config(args)
     from ppdet_retina.engine.export import export_model
+    from ppdet_retina.engine.onnx import OnnxCheckError
 
     env.setup_environment(use_gpu=False)
-    save_dir = export_model(cfg, args.output_dir, weights=cfg.get("weights") or None,
-                            raw_outputs=True if args.raw_outputs else None, onnx=args.onnx,
-                            onnx_input_size=args.onnx_input_size, onnx_opset=args.onnx_opset,
-                            check_onnx=not args.no_onnx_check, fixed_input_size=args.fixed_input_size)
+    try:
+        save_dir = export_model(cfg, args.output_dir, weights=cfg.get("weights") or None,
+                                raw_outputs=True if args.raw_outputs else None, onnx=args.onnx,
+                                onnx_input_size=args.onnx_input_size, onnx_opset=args.onnx_opset,
+                                check_onnx=not args.no_onnx_check, fixed_input_size=args.fixed_input_size)
+    except OnnxCheckError as err:
+        print(f"error: {err}\nThe Paddle export is written; model.onnx is not.", file=sys.stderr)
+        raise SystemExit(1) from None
     print(f"exported to {save_dir}")
 
 

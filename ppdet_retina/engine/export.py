@@ -1,11 +1,11 @@
-"""Export a trained detector for deployment: Paddle inference files, ``infer_cfg.yml`` and ONNX.
+"""Export a trained detector for deployment: Paddle inference files and ``infer_cfg.yml``.
 
 Layout written by :func:`export_model` under ``<output_dir>/<config name>/``::
 
     model.json + model.pdiparams   the traced graph (PIR) and its weights
     infer_cfg.yml                  everything a runtime needs besides the graph (see below)
     model.onnx                     only with ``onnx=True``: fixed input size, boxes + scores before the
-                                   NMS (paddle2onnx mis-converts the NMS; see :func:`export_onnx`)
+                                   NMS (converted and checked by :mod:`ppdet_retina.engine.onnx`)
 
 Graph inputs (dynamic batch, height and width)::
 
@@ -32,8 +32,9 @@ settings a runtime needs to decode them.
 
 from __future__ import annotations
 
+import contextlib
 import os
-import shutil
+import sys
 import tempfile
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
@@ -54,21 +55,15 @@ __all__ = [
     "preprocess_entries",
     "label_info",
     "export_model",
-    "export_onnx",
-    "default_onnx_size",
     "load_exported",
     "run_predictor",
     "graph_has_interp",
-    "check_onnx_against_paddle",
-    "compare_outputs",
 ]
 
 logger = setup_logger("ppdet_retina")
 
 MODEL_PREFIX = "model"
 INPUT_NAMES = ("image", "im_shape", "scale_factor")
-# paddle2onnx converts multiclass_nms3 only from opset 11 (opset 10 writes an invalid model).
-MIN_ONNX_OPSET = 11
 # Sample ops the deploy side knows how to replay; Decode is implicit there.
 _SKIPPED_OPS = ("Decode",)
 
@@ -139,7 +134,8 @@ def _tie_inputs(out: paddle.Tensor, im_shape: paddle.Tensor, scale_factor: paddl
     ``im_shape`` (raw outputs read neither it nor ``scale_factor``). Tying them in keeps
     one input contract (image, im_shape, scale_factor) for every export and runtime.
     """
-    zero = (im_shape.sum() + scale_factor.sum()) * 0.0
+    # One element of each suffices; a full reduction (sum) would need ONNX opset 13.
+    zero = (im_shape[0, 0] + scale_factor[0, 0]) * 0.0
     return out + zero.astype(out.dtype)
 
 
@@ -186,9 +182,40 @@ def input_spec(batch: Optional[int] = None, height: Optional[int] = None,
 def _trace_and_save(deploy: DeployModel, prefix: str, spec: List[paddle.static.InputSpec]) -> List[str]:
     """Trace ``deploy`` and write ``prefix.json`` + ``prefix.pdiparams``; returns the graph's input names."""
     deploy.eval()
-    static = paddle.jit.to_static(deploy, input_spec=spec, full_graph=True)
-    paddle.jit.save(static, prefix)
+    with _without_stderr_lines(_KNOWN_TRACE_NOISE):
+        static = paddle.jit.to_static(deploy, input_spec=spec, full_graph=True)
+        paddle.jit.save(static, prefix)
     return [s.name for s in spec]
+
+
+# Paddle 3.3 logs this glog warning the first time a traced `a + b` passes its (empty) `out=`
+# argument on; it concerns Paddle's own tensor API, not the model.
+_KNOWN_TRACE_NOISE = ("Paddle static graph(PIR) not support input out tensor",)
+
+
+@contextlib.contextmanager
+def _without_stderr_lines(needles: Sequence[str]):
+    """Pass everything written to the stderr file descriptor through, except lines holding a needle.
+
+    glog writes from C++ straight to fd 2, so neither the ``warnings`` module nor logging can
+    filter it; the block's stderr goes to a temporary file and is copied back after it.
+    """
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile() as captured:
+        os.dup2(captured.fileno(), 2)
+        try:
+            yield
+        finally:
+            sys.stderr.flush()
+            os.dup2(saved, 2)
+            os.close(saved)
+            captured.seek(0)
+            text = captured.read().decode("utf-8", errors="replace")
+            kept = [line for line in text.splitlines(keepends=True) if not any(n in line for n in needles)]
+            if kept:
+                sys.stderr.write("".join(kept))
+                sys.stderr.flush()
 
 
 # --------------------------------------------------------------------------- infer_cfg.yml
@@ -329,7 +356,7 @@ def _load_model(cfg: dict, weights: Optional[str]) -> nn.Layer:
 
 def export_model(cfg: dict, output_dir: str = "output_inference", weights: Optional[str] = None,
                  model: Optional[nn.Layer] = None, raw_outputs: Optional[bool] = None, onnx: bool = False,
-                 onnx_input_size: Optional[Sequence[int]] = None, onnx_opset: int = MIN_ONNX_OPSET,
+                 onnx_input_size: Optional[Sequence[int]] = None, onnx_opset: Optional[int] = None,
                  check_onnx: bool = True, fixed_input_size: Optional[Sequence[int]] = None) -> str:
     """Export ``cfg``'s model to ``<output_dir>/<cfg filename>/``; returns that folder.
 
@@ -341,8 +368,10 @@ def export_model(cfg: dict, output_dir: str = "output_inference", weights: Optio
         raw_outputs: True exports the raw head outputs, False forces post-processing;
             None follows ``cfg['export']``.
         onnx: also write ``model.onnx`` (needs paddle2onnx) at ``onnx_input_size`` (H, W).
-        onnx_opset: ONNX opset (>= 11).
-        check_onnx: compare the ONNX model with the Paddle predictor when onnxruntime is installed.
+        onnx_opset: ONNX opset to ask paddle2onnx for (>= 11, default 11); infer_cfg.yml records the
+            file's own.
+        check_onnx: compare the ONNX model with the Paddle graphs when onnxruntime is installed
+            (:func:`ppdet_retina.engine.onnx.check_onnx`); a difference raises OnnxCheckError.
         fixed_input_size: (H, W) to trace one image of exactly that padded size instead of dynamic
             shapes (for models whose code needs static sizes; runtimes pad every image to it).
     """
@@ -362,159 +391,20 @@ def export_model(cfg: dict, output_dir: str = "output_inference", weights: Optio
         info["input_size"] = [height, width]
     else:
         info["inputs"] = _trace_and_save(deploy, prefix, input_spec())
+    infer_cfg = os.path.join(save_dir, "infer_cfg.yml")
+    _write_yaml(infer_cfg, info)
     if onnx:
-        size = list(onnx_input_size) if onnx_input_size else default_onnx_size(info["Preprocess"])
-        info["onnx"] = export_onnx(deploy, save_dir, size, onnx_opset, check=check_onnx)
-    _write_yaml(os.path.join(save_dir, "infer_cfg.yml"), info)
+        from ppdet_retina.engine import onnx as onnx_export
+
+        size = list(onnx_input_size) if onnx_input_size else onnx_export.default_onnx_size(info["Preprocess"])
+        feeds = onnx_export.sample_feeds(cfg, *size) if check_onnx else None
+        info["onnx"] = onnx_export.export_onnx(
+            deploy, save_dir, size, onnx_export.ONNX_OPSET if onnx_opset is None else onnx_opset,
+            check=check_onnx, feeds=feeds, paddle_dir=None if fixed_input_size else save_dir)
+        _write_yaml(infer_cfg, info)
     logger.info(f"export: {info['arch']} ({settings['mode']} outputs: {', '.join(info['outputs'])}) "
                 f"written to {save_dir}")
     return save_dir
-
-
-def default_onnx_size(preprocess: Sequence[Dict[str, Any]]) -> List[int]:
-    """The padded (H, W) the test preprocessing produces at most: Resize target rounded up to the stride.
-
-    With ``keep_ratio`` the target is [short, long]; a fixed-size ONNX model is given a landscape
-    image padded to (short, long), the usual case for COCO.
-    """
-    resize = next((p for p in preprocess if p["type"] == "Resize"), None)
-    if resize is None:
-        raise ConfigError("ONNX export needs a fixed input size: TestReader has no Resize, so pass "
-                          "--onnx_input_size H W")
-    target = resize["target_size"]
-    size = [min(target), max(target)] if resize["keep_ratio"] else list(target)
-    stride = next((p["stride"] for p in preprocess if p["type"] == "PadStride"), 0) or 1
-    return [int(-(-s // stride) * stride) for s in size]
-
-
-# --------------------------------------------------------------------------- ONNX
-
-def export_onnx(deploy: DeployModel, save_dir: str, input_size: Sequence[int], opset: int = MIN_ONNX_OPSET,
-                check: bool = True) -> Dict[str, Any]:
-    """Write ``save_dir/model.onnx`` for one image of exactly ``input_size`` (H, W).
-
-    The graph is re-traced with every dimension fixed ([1, 3, H, W]) and without the NMS:
-    a detection export gives ``boxes`` [1, M, 4] (original pixels) and ``scores`` [1, C, M],
-    and the runtime applies class-wise NMS with the settings written under ``nms``; raw
-    exports stay raw. Returns the ``onnx`` entry of infer_cfg.yml (file, input_size, opset,
-    outputs, and the check's result when run).
-    """
-    try:
-        import paddle2onnx
-    except ImportError:
-        raise ConfigError("ONNX export needs paddle2onnx: pip install paddle2onnx==2.1.0") from None
-    if int(opset) < MIN_ONNX_OPSET:
-        raise ConfigError(f"--onnx_opset {opset}: the NMS op converts only from opset {MIN_ONNX_OPSET}; "
-                          f"use {MIN_ONNX_OPSET} or higher")
-    height, width = (int(s) for s in input_size)
-    onnx_file = os.path.join(save_dir, f"{MODEL_PREFIX}.onnx")
-    # With the NMS inside, a fixed-size graph gave wrong rows for classes > 0 (scores off by up to
-    # 0.5, in onnxruntime and in the fixed-size Paddle graph alike), while the candidates before the
-    # NMS match exactly. So the ONNX graph stops before the NMS and the runtime runs it; decoding
-    # and the nms_pre top-k stay inside (verified end to end in tests/test_export.py).
-    onnx_deploy = DeployModel(deploy.model, "no_nms" if deploy.mode == "detect" else deploy.mode)
-    tmp = tempfile.mkdtemp(prefix="ppdet_retina_onnx_")
-    try:
-        prefix = os.path.join(tmp, MODEL_PREFIX)
-        _trace_and_save(onnx_deploy, prefix, input_spec(1, height, width))
-        # optimize_tool="None": the default ("polygraphy") tries to pip-install packages at run time.
-        paddle2onnx.export(prefix + ".json", prefix + ".pdiparams", save_file=onnx_file, opset_version=int(opset),
-                           auto_upgrade_opset=True, verbose=False, enable_onnx_checker=True,
-                           optimize_tool="None")
-        entry: Dict[str, Any] = {"file": os.path.basename(onnx_file), "input_size": [height, width],
-                                 "opset": int(opset), "batch": 1, "outputs": onnx_deploy.output_names(),
-                                 "nms_inside": False}
-        if onnx_deploy.mode == "no_nms":
-            entry["nms"] = _anchor_settings(deploy.model)["nms"]
-        if check:
-            nms = deploy.model.head.nms if onnx_deploy.mode == "no_nms" else None
-            entry["check"] = check_onnx_against_paddle(onnx_file, prefix, height, width, nms=nms)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    if not os.path.isfile(onnx_file):
-        raise RuntimeError(f"paddle2onnx wrote no file at {onnx_file}; run it with verbose=True to see why")
-    logger.info(f"export: ONNX model (opset {opset}, input 1x3x{height}x{width}) written to {onnx_file}")
-    return entry
-
-
-def check_onnx_against_paddle(onnx_file: str, paddle_prefix: str, height: int, width: int,
-                              seed: int = 0, nms: Any = None) -> str:
-    """Run the ONNX file and the Paddle predictor on one random input; returns a one-line verdict.
-
-    With ``nms`` (a MultiClassNMS) the outputs are candidates (boxes [1, M, 4], scores [1, C, M])
-    and are compared after that NMS, as a runtime uses them: two anchors whose best logits differ in
-    the last bits may be ranked either way by the two runtimes, which reorders the candidates (or
-    swaps the last one kept by nms_pre) without changing the detections.
-    'skipped: ...' when onnxruntime is missing; raises RuntimeError when the outputs differ.
-    """
-    try:
-        import onnxruntime as ort
-    except ImportError:
-        return "skipped: onnxruntime is not installed"
-    feeds = _random_feeds(height, width, seed)
-    predictor = load_exported(paddle_prefix + ".json", paddle_prefix + ".pdiparams", use_mkldnn=False)
-    expected = run_predictor(predictor, feeds)
-    options = ort.SessionOptions()
-    options.log_severity_level = 3  # paddle2onnx leaves unused initialisers; ORT warns about each one
-    try:
-        session = ort.InferenceSession(onnx_file, options, providers=["CPUExecutionProvider"])
-    except Exception as err:  # noqa: BLE001 - onnxruntime raises its own untyped failures
-        raise RuntimeError(
-            f"onnxruntime cannot load {onnx_file}: {err}. A 'TopK ... less than the requested k' error means "
-            f"the graph keeps an If over the head's per-level nms_pre top-k whose untaken branch asks for more "
-            f"anchors than a small level has at {height}x{width}; the head must pick that branch from the "
-            f"static level size when the input size is fixed (see the export report), or use a larger "
-            f"--onnx_input_size") from None
-    names = [i.name for i in session.get_inputs()]
-    got = session.run(None, {n: feeds[n] for n in names if n in feeds})
-    if nms is not None:
-        expected, got = _detections(nms, expected), _detections(nms, got)
-    try:
-        worst = compare_outputs(expected, got)
-    except RuntimeError as err:
-        # Not fatal: near-tied scores may be ranked differently by the two runtimes at the nms_pre
-        # cut, which swaps a candidate; a conversion bug shows up as many rows off.
-        logger.warning(f"export: ONNX check on a random {height}x{width} input: {err}. Near-tied anchor "
-                       f"scores at the nms_pre cut can cause this; compare on real images before relying on it")
-        return f"differs: {err}"
-    return f"ok: max abs difference {worst:.3g} against the Paddle predictor at {height}x{width}"
-
-
-def _detections(nms: Any, candidates: Sequence[np.ndarray]) -> List[np.ndarray]:
-    bbox, bbox_num = nms(paddle.to_tensor(candidates[0]), paddle.to_tensor(candidates[1]))
-    return [bbox.numpy(), bbox_num.numpy()]
-
-
-def _random_feeds(height: int, width: int, seed: int) -> Dict[str, np.ndarray]:
-    rng = np.random.default_rng(seed)
-    return {"image": rng.normal(size=(1, 3, height, width)).astype(np.float32),
-            "im_shape": np.array([[height, width]], np.float32),
-            "scale_factor": np.ones((1, 2), np.float32)}
-
-
-def compare_outputs(expected: Sequence[np.ndarray], got: Sequence[np.ndarray], atol: float = 1e-2) -> float:
-    """Max abs difference of two output lists; RuntimeError on a shape mismatch or one above ``atol``."""
-    if len(expected) != len(got):
-        raise RuntimeError(f"ONNX model has {len(got)} outputs, the Paddle model {len(expected)}")
-    worst = 0.0
-    for i, (a, b) in enumerate(zip(expected, got)):
-        a, b = np.asarray(a), np.asarray(b)
-        if a.shape != b.shape:
-            raise RuntimeError(f"output {i}: ONNX shape {b.shape} differs from Paddle's {a.shape}")
-        if a.ndim == 2 and a.shape[1] == 6:
-            # Detection rows: runtimes may order equal-score rows differently.
-            a, b = _canonical_rows(a), _canonical_rows(b)
-        if a.size:
-            diff = float(np.abs(a.astype(np.float64) - b.astype(np.float64)).max())
-            if diff > atol:
-                raise RuntimeError(f"output {i}: ONNX differs from Paddle by {diff:.3g} (> {atol})")
-            worst = max(worst, diff)
-    return worst
-
-
-def _canonical_rows(rows: np.ndarray) -> np.ndarray:
-    """Detection rows ordered by class, then score descending, then x1."""
-    return rows[np.lexsort((rows[:, 2], -rows[:, 1], rows[:, 0]))]
 
 
 # --------------------------------------------------------------------------- running an export

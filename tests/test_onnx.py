@@ -1,0 +1,158 @@
+"""ONNX export of the demo RetinaNet, as a user runs it: tools/export_model.py --onnx, then onnxruntime
+plus the NMS settings infer_cfg.yml records must give the Paddle export's detections.
+
+The model is the demo config's (GroupNorm towers, whose epsilon paddle2onnx 2.1.0 misconverts) with
+weights set to behave like a trained detector instead of a fresh one: a few anchors score above 0.9,
+most are background, boxes move off their anchors. Training the demo long enough for that takes
+minutes; these weights give the same kind of outputs in no time.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+
+import numpy as np
+import paddle
+import pytest
+import yaml
+
+from ppdet_retina.core.workspace import create, load_config
+from ppdet_retina.data.shapes import ensure_demo_dataset
+from ppdet_retina.engine import export as E
+from ppdet_retina.engine import onnx as O
+from ppdet_retina.modeling.post_process import MultiClassNMS
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+DEMO = os.path.join(REPO, "configs", "demo", "retinanet_demo.yml")
+
+needs_onnx = pytest.mark.skipif(
+    any(importlib.util.find_spec(m) is None for m in ("paddle2onnx", "onnxruntime", "onnx")),
+    reason="paddle2onnx, onnx and onnxruntime are test extras (pip install -e .[test])")
+
+
+def _export_tool():
+    spec = importlib.util.spec_from_file_location("export_model_tool", os.path.join(REPO, "tools", "export_model.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _confident(model) -> None:
+    """Weights whose outputs look trained: logits spread over ~+-15 with a -6 bias, so a few anchors
+    score > 0.9 and most < 0.01, and box deltas of ~0.5 (the GN towers normalise their inputs)."""
+    rng = np.random.default_rng(0)
+    head = model.head
+    with paddle.no_grad():
+        head.cls_logits.weight.set_value(rng.normal(scale=0.3, size=head.cls_logits.weight.shape).astype("float32"))
+        head.cls_logits.bias.set_value(np.full(head.cls_logits.bias.shape, -6.0, "float32"))
+        head.bbox_deltas.weight.set_value(rng.normal(scale=0.02, size=head.bbox_deltas.weight.shape).astype("float32"))
+
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory):
+    root = tmp_path_factory.mktemp("onnx")
+    data = ensure_demo_dataset(str(root / "shapes"), num_train=1, num_val=2)
+    overrides = [f"{k}.dataset_dir={data}" for k in ("TrainDataset", "EvalDataset", "TestDataset")]
+    cfg = load_config(DEMO, overrides)
+    paddle.seed(0)
+    model = create("RetinaNet", cfg)
+    model.eval()
+    _confident(model)
+    weights = str(root / "confident.pdparams")
+    paddle.save(model.state_dict(), weights)
+    return {"root": root, "data": data, "overrides": overrides, "cfg": cfg, "model": model, "weights": weights}
+
+
+def _image_feeds(cfg, data):
+    """The first val image through the demo's TestReader (128 px, the ONNX input size)."""
+    dataset = create("EvalDataset", cfg)
+    batch = next(iter(create("TestReader", cfg)(dataset, 0)))
+    return {k: batch[k].numpy()[:1] for k in ("image", "im_shape", "scale_factor")}
+
+
+@needs_onnx
+def test_export_tool_writes_a_checked_onnx_that_gives_paddles_detections(demo):
+    out = demo["root"] / "inference"
+    tool = _export_tool()
+    tool.main(["-c", DEMO, "-o", f"weights={demo['weights']}", *demo["overrides"], "--onnx",
+               "--output_dir", str(out)])
+    model_dir = out / "retinanet_demo"
+    with open(model_dir / "infer_cfg.yml") as f:
+        info = yaml.safe_load(f)
+    entry = info["onnx"]
+    # What infer_cfg.yml says is what the file holds (read back with the onnx package).
+    written = O.describe(str(model_dir / "model.onnx"))
+    assert written == {"opset": 11, "inputs": ["image", "im_shape", "scale_factor"], "outputs": ["boxes", "scores"]}
+    assert {k: entry[k] for k in ("opset", "inputs", "outputs")} == written
+    assert entry["input_size"] == [128, 128] and entry["nms_inside"] is False
+    assert entry["nms"] == {"score_threshold": 0.05, "nms_top_k": 1000, "keep_top_k": 100, "nms_threshold": 0.5,
+                            "normalized": True, "nms_eta": 1.0, "background_label": -1}
+    # The export checked a random image and the first val image, both passing.
+    assert entry["check"].startswith("ok: random: ") and "; 000001.png: " in entry["check"]
+
+    # As a runtime uses it: onnxruntime, then the recorded NMS, on a real image.
+    feeds = _image_feeds(demo["cfg"], demo["data"])
+    session = O.ort_session(str(model_dir / "model.onnx"))
+    boxes, scores = session.run(None, feeds)
+    assert boxes.shape == (1, 1720, 4) and scores.shape == (1, 3, 1720)  # 1000 of P3's 2304 + 576 + 144
+    assert np.isfinite(boxes).all()
+    bbox, bbox_num = O.multiclass_nms(boxes, scores, **entry["nms"])
+    predictor = E.load_exported(str(model_dir / "model.json"), str(model_dir / "model.pdiparams"))
+    expected = E.run_predictor(predictor, feeds)
+    assert 20 <= int(expected[1][0]) <= 100 and expected[0][:, 1].max() > 0.9  # confident detections
+    result = O.compare_detections(expected[:2], (bbox, bbox_num))
+    assert result["count"] == int(expected[1][0]) and result["box"] < 1e-2 and result["score_rel"] < 1e-3
+
+
+@needs_onnx
+def test_a_conversion_error_fails_the_export_with_the_numbers(demo, monkeypatch, capsys):
+    # paddle2onnx 2.1.0's own GroupNorm epsilons (garbage) stand in for any conversion error.
+    real = O.repair_norm_epsilons
+    monkeypatch.setattr(O, "repair_norm_epsilons", lambda model, eps: real(model, [1.0] * len(eps)))
+    out = demo["root"] / "failed"
+    with pytest.raises(SystemExit) as exit_info:
+        _export_tool().main(["-c", DEMO, "-o", f"weights={demo['weights']}", *demo["overrides"], "--onnx",
+                             "--onnx_input_size", "64", "64", "--output_dir", str(out)])
+    assert exit_info.value.code == 1
+    err = capsys.readouterr().err
+    assert "ONNX check on random (64x64)" in err and "relative (> 0.001)" in err
+    model_dir = out / "retinanet_demo"
+    assert not (model_dir / "model.onnx").exists()  # no unchecked file is left behind
+    assert (model_dir / "model.json").exists() and "onnx" not in yaml.safe_load((model_dir / "infer_cfg.yml").read_text())
+
+
+def test_numpy_nms_equals_the_nms_op():
+    rng = np.random.default_rng(0)
+    xy = rng.uniform(0, 100, size=(2, 300, 2))
+    boxes = np.concatenate([xy, xy + rng.uniform(1, 40, size=(2, 300, 2))], -1).astype(np.float32)
+    scores = (rng.uniform(size=(2, 4, 300)) ** 3).astype(np.float32)
+    scores[0, 0, :5] = 0.05  # exactly at the threshold: dropped by both (scores must exceed it)
+    for settings in ({"keep_top_k": 100}, {"nms_top_k": 50, "keep_top_k": -1, "nms_threshold": 0.3},
+                     {"keep_top_k": 10, "normalized": False}, {"keep_top_k": -1, "nms_eta": 0.9},
+                     {"keep_top_k": 100, "background_label": 0}):
+        kwargs = {"score_threshold": 0.05, **settings}
+        op_bbox, op_num = MultiClassNMS(**kwargs)(paddle.to_tensor(boxes), paddle.to_tensor(scores))
+        bbox, num = O.multiclass_nms(boxes, scores, **kwargs)
+        np.testing.assert_array_equal(num, op_num.numpy())
+        np.testing.assert_array_equal(bbox, op_bbox.numpy())  # same rows in the same order
+        assert num.sum() > 0
+
+
+def test_numpy_nms_keeps_nothing_below_the_threshold():
+    bbox, num = O.multiclass_nms(np.zeros((1, 3, 4), np.float32), np.full((1, 2, 3), 0.01, np.float32))
+    assert bbox.shape == (0, 6) and num.tolist() == [0]
+
+
+def test_candidates_match_by_box_not_by_position():
+    boxes = np.array([[[0, 0, 10, 10], [20, 20, 30, 30], [5, 5, 9, 9]]], np.float32)
+    scores = np.array([[[0.9, 0.8, 0.01]]], np.float32)
+    swapped = (boxes[:, [1, 0, 2]], scores[:, :, [1, 0, 2]])
+    assert O.compare_candidates((boxes, scores), swapped, 0.05)["compared"] == 2
+    moved = (boxes + np.float32(0.5), scores)
+    with pytest.raises(O.OnnxCheckError, match=r"2 of the 2 Paddle candidates.*0\.5 px"):
+        O.compare_candidates((boxes, scores), moved, 0.05)
+    nan = boxes.copy()
+    nan[0, 1] = np.nan
+    with pytest.raises(O.OnnxCheckError, match="1 of 3 ONNX candidates have non-finite"):
+        O.compare_candidates((boxes, scores), (nan, scores), 0.05)
