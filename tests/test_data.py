@@ -116,10 +116,13 @@ def test_created_from_the_coco_detection_config_keys(tiny_coco):
 def test_missing_dataset_dir_and_anno(tmp_path):
     with pytest.raises(ConfigError) as err:
         COCODataSet(dataset_dir=str(tmp_path / "nope"), image_dir="images", anno_path="a.json")
-    assert "nope" in str(err.value) and "make demo-data" in str(err.value)
-    assert "TrainDataset.dataset_dir" in str(err.value)
-    with pytest.raises(ConfigError, match="a.json.*make demo-data"):
+    # A dataset other than the demo's is laid out, not generated.
+    assert "nope" in str(err.value) and "make demo-data" not in str(err.value)
+    assert "annotations/instances_train2017.json" in str(err.value) and "TrainDataset.dataset_dir" in str(err.value)
+    with pytest.raises(ConfigError, match="a.json.*lay the data out as COCO"):
         COCODataSet(dataset_dir=str(tmp_path), image_dir="images", anno_path="a.json")
+    with pytest.raises(ConfigError, match="shapes.*make demo-data"):
+        COCODataSet(dataset_dir=str(tmp_path / "dataset" / "shapes"), image_dir="images/val", anno_path="a.json")
     with pytest.raises(ConfigError, match="anno_path"):
         COCODataSet(dataset_dir=str(tmp_path))
 

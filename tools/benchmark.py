@@ -1,6 +1,6 @@
 """Measure a detector's speed and memory on random data; prints one JSON object.
 
-Default case (issue 2): RetinaNet R50-FPN, 80 classes, random init; a train step on a batch of
+Default case: RetinaNet R50-FPN, 80 classes, random init; a train step on a batch of
 2 x 3 x 512 x 512 with 3-8 random gts per image, split into backbone+neck forward, head forward, loss
 (anchors + assignment + focal + box loss) and backward+update; inference at 1 x 3 x 800 x 1216 with
 post-processing timed on its own on the freshly initialised model's outputs (measured before the

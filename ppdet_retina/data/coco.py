@@ -33,8 +33,17 @@ IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
 # RetinaNet pipeline op reads them, so asking for them is a config mistake here.
 _KNOWN_FIELDS = ("image", "gt_bbox", "gt_class", "is_crowd")
 _GT_FIELDS = ("gt_bbox", "gt_class", "is_crowd")
-_FIX_HINT = ("run `make demo-data` or fix the config key TrainDataset.{key} "
-             "(EvalDataset.{key} for evaluation; relative paths start at the working directory)")
+_FIX_KEY = ("fix the config key TrainDataset.{key} (EvalDataset.{key} for evaluation; relative paths "
+            "start at the working directory)")
+
+
+def _fix_hint(dataset_dir: Optional[str], key: str) -> str:
+    """What to do about a missing dataset: the demo's synthetic set is generated, others laid out."""
+    if dataset_dir and os.path.basename(os.path.normpath(dataset_dir)) == "shapes":
+        return "run `make demo-data` (it writes the synthetic set to dataset/shapes) or " + _FIX_KEY.format(key=key)
+    return ("lay the data out as COCO ships it: <dataset_dir>/annotations/instances_train2017.json and "
+            "instances_val2017.json, images in <dataset_dir>/train2017/ and val2017/ (the config's image_dir "
+            "and anno_path name them); or " + _FIX_KEY.format(key=key))
 
 
 def _join(root: Optional[str], sub: Optional[str]) -> str:
@@ -162,14 +171,14 @@ class COCODataSet(_TransformMixin):
     def _checked_anno_file(self) -> str:
         if not self.anno_path:
             raise ConfigError("COCODataSet: anno_path is not set; "
-                              + _FIX_HINT.format(key="anno_path"))
+                              + _fix_hint(self.dataset_dir, "anno_path"))
         if self.dataset_dir and not os.path.isdir(self.dataset_dir):
             raise ConfigError(f"COCODataSet: dataset_dir '{self.dataset_dir}' does not exist; "
-                              + _FIX_HINT.format(key="dataset_dir"))
+                              + _fix_hint(self.dataset_dir, "dataset_dir"))
         anno_file = self.get_anno()
         if not os.path.isfile(anno_file):
             raise ConfigError(f"COCODataSet: annotation file '{anno_file}' does not exist; "
-                              + _FIX_HINT.format(key="dataset_dir / anno_path"))
+                              + _fix_hint(self.dataset_dir, "dataset_dir / anno_path"))
         return anno_file
 
     def _make_record(self, coco, img_id: int, image_root: str, anno_file: str) -> Tuple[dict, int]:
