@@ -86,3 +86,62 @@ def test_readme_command(command):
         argv = ["python"] + argv[tool_at:]
     assert argv[1].startswith("tools/") and os.path.isfile(os.path.join(REPO, argv[1])), command
     _check_tool_command(argv[1:])
+
+
+# ----------------------------------------------------------------------------- the custom component example
+
+def _custom_component_example():
+    """The README's python and yaml blocks after 'Your own component', each with its file name
+    (their first line, a comment)."""
+    with open(os.path.join(REPO, "README.md"), encoding="utf-8") as f:
+        text = f.read()
+    section = text[text.index("Your own component, without forking"):]
+    blocks = []
+    for lang in ("python", "yaml"):
+        code = re.search(rf"```{lang}\n(.*?)```", section, flags=re.S).group(1)
+        name = re.match(r"# ([\w/.]+)", code).group(1)
+        blocks.append((name, code))
+    return blocks
+
+
+def test_readme_custom_component_example_runs(tmp_path, monkeypatch):
+    import numpy as np
+    import paddle
+
+    from ppdet_retina.core.workspace import ConfigError, create
+
+    (module_path, module_code), (config_name, config_text) = _custom_component_example()
+    assert module_path == "my_pkg/my_head.py" and config_name == "my_retina.yml"
+    (tmp_path / "my_pkg").mkdir()
+    (tmp_path / module_path).write_text(module_code)
+    (tmp_path / config_name).write_text(config_text)
+    os.symlink(os.path.join(REPO, "configs"), tmp_path / "configs")  # the example sits beside tools/ and configs/
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.chdir(tmp_path)
+
+    cfg = load_config(config_name)
+    paddle.seed(0)
+    model = create(cfg["architecture"], cfg)
+    head = model.head
+    assert type(head).__name__ == "TemperedRetinaHead"
+    # Its own key, the parent's keys from its own section and num_classes from the demo's top level.
+    assert head.temperature.numpy().tolist() == [2.0] and head.conv_feat.feat_in == 64 and head.num_classes == 3
+    assert list(head.anchor_generator.strides) == [8.0, 16.0, 32.0]
+
+    rng = np.random.RandomState(0)
+    batch = {"image": paddle.to_tensor(rng.randn(2, 3, 128, 128).astype("float32")),
+             "im_shape": paddle.to_tensor([[128.0, 128.0]] * 2), "scale_factor": paddle.to_tensor([[1.0, 1.0]] * 2),
+             "gt_bbox": paddle.to_tensor([[[10, 12, 40, 50]], [[30, 20, 90, 76]]], dtype="float32"),
+             "gt_class": paddle.to_tensor([[[0]], [[2]]], dtype="int32")}
+    model.train()
+    losses = model(batch)
+    assert np.isfinite(float(losses["loss"])) and float(losses["loss"]) > 0
+    losses["loss"].backward()
+    assert head.temperature.grad is not None  # the new parameter trains
+    model.eval()
+    with paddle.no_grad():
+        out = model(batch)
+    assert out["bbox"].shape[1] == 6 and out["bbox_num"].shape == [2]
+    # A mistake in the section names the class the config built, not its parent.
+    with pytest.raises(ConfigError, match=r"^TemperedRetinaHead\.nms_pre must be >= 1"):
+        create("TemperedRetinaHead", {**cfg, "TemperedRetinaHead": {**cfg["TemperedRetinaHead"], "nms_pre": 0}})

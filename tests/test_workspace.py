@@ -283,3 +283,48 @@ def test_overrides_of_the_wrong_type_name_the_key(tmp_path, item, message):
     path = _write(tmp_path, "c.yml", "use_gpu: true\nepoch: 12\n_ws_list: [0]\n")
     with pytest.raises(ConfigError, match=message):
         load_config(path, [item])
+
+
+@register
+class _WsWideHead(_WsHead):
+    """A user's subclass: its own key, the parent's through **kwargs."""
+
+    def __init__(self, depth: int = 2, width: int = 16, **kwargs):
+        if depth < 1:
+            raise ConfigError(f"_WsHead.depth must be >= 1, got {depth}")  # a check written against the parent
+        super().__init__(width=width, **kwargs)
+        self.depth = depth
+
+
+def test_a_subclass_takes_its_parents_keys_shared_and_injected_from_its_own_section(tmp_path):
+    spec = ws._REGISTRY["_WsWideHead"]
+    assert spec.keys == ["depth", "width", "num_classes", "nms"]
+    assert spec.shared == ["num_classes"] and spec.inject == ["nms"] and spec.defaults["width"] == 16
+    cfg = load_config(_write(tmp_path, "c.yml", "num_classes: 5\n"
+                                                "_WsWideHead: {depth: 3, nms: {keep_top_k: 7}}\n"))
+    head = create("_WsWideHead", cfg)
+    # num_classes from the top level (__shared__), nms built from a dict without name (__inject__,
+    # the parent's default class), width the subclass's default.
+    assert (head.num_classes, head.depth, head.width) == (5, 3, 16)
+    assert isinstance(head.nms, _WsNms) and head.nms.keep_top_k == 7
+    with pytest.raises(ConfigError, match=r"_WsWideHead: unknown config key 'widht' \(did you mean 'width'\?\) "
+                                          r"for _WsWideHead; valid keys: depth, width, num_classes, nms"):
+        create("_WsWideHead", {"_WsWideHead": {"widht": 3}})
+    # Errors raised by checks written for the parent name the class the config built.
+    with pytest.raises(ConfigError, match=r"^_WsWideHead\.depth must be >= 1, got 0$"):
+        create("_WsWideHead", {"_WsWideHead": {"depth": 0}})
+
+
+def test_a_subclass_of_an_unregistered_class_keeps_accepting_any_key():
+    class Base:
+        def __init__(self, **kwargs):
+            self.kwargs = kwargs
+
+    @register
+    class _WsFreeForm(Base):
+        def __init__(self, a: int = 1, **kwargs):
+            super().__init__(**kwargs)
+            self.a = a
+
+    built = create("_WsFreeForm", {"_WsFreeForm": {"a": 2, "anything": 3}})
+    assert built.a == 2 and built.kwargs == {"anything": 3}

@@ -31,6 +31,7 @@ import difflib
 import importlib
 import inspect
 import os
+import re
 from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence
 
 import yaml
@@ -125,23 +126,62 @@ class AttrDict(dict):
 
 
 class _Spec:
-    """What the registry knows of one component class."""
+    """What the registry knows of one component class.
+
+    A subclass whose constructor takes ``**kwargs`` passes them on to its parent's, so the keys
+    of its registered bases are its keys too (a redeclared key keeps the subclass's default), and
+    their ``__shared__`` / ``__inject__`` lists add to its own: ``MyHead(RetinaHead)`` reads
+    ``num_classes`` from the top level and takes RetinaHead's keys in its own section.
+    """
 
     def __init__(self, cls: type):
         self.cls = cls
         self.name = cls.__name__
-        self.shared: List[str] = list(getattr(cls, "__shared__", []))
-        self.inject: List[str] = list(getattr(cls, "__inject__", []))
-        sig = inspect.signature(cls.__init__)
-        params = [p for p in sig.parameters.values() if p.name != "self"]
-        self.accepts_var_kwargs = any(p.kind == p.VAR_KEYWORD for p in params)
-        self.params = [p for p in params if p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL)]
+        chain = _constructor_chain(cls)
+        self.shared: List[str] = _union(getattr(c, "__shared__", []) for c in chain)
+        self.inject: List[str] = _union(getattr(c, "__inject__", []) for c in chain)
+        params: Dict[str, inspect.Parameter] = {}
+        self.accepts_var_kwargs = False
+        for klass in chain:
+            own = [p for p in inspect.signature(klass.__init__).parameters.values() if p.name != "self"]
+            for p in own:
+                if p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL):
+                    params.setdefault(p.name, p)
+            self.accepts_var_kwargs = any(p.kind == p.VAR_KEYWORD for p in own)
+        self.params = list(params.values())
         self.defaults = {p.name: p.default for p in self.params if p.default is not p.empty}
         self.required = [p.name for p in self.params if p.default is p.empty]
 
     @property
     def keys(self) -> List[str]:
         return [p.name for p in self.params]
+
+
+def _constructor_chain(cls: type) -> List[type]:
+    """``cls``, then each registered base its constructor's ``**kwargs`` reach, most derived first.
+
+    The chain stops at a constructor without ``**kwargs`` or at an unregistered base (whose keys
+    are not known: the last ``**kwargs`` then accepts any key, as before).
+    """
+    chain = [cls]
+    for base in cls.__mro__[1:]:
+        if "__init__" not in vars(base):
+            continue
+        last = inspect.signature(chain[-1].__init__).parameters.values()
+        if not any(p.kind == p.VAR_KEYWORD for p in last):
+            break
+        spec = _REGISTRY.get(base.__name__)
+        if spec is None or spec.cls is not base:
+            break
+        chain.append(base)
+    return chain
+
+
+def _union(lists: Iterable[Sequence[str]]) -> List[str]:
+    out: List[str] = []
+    for keys in lists:
+        out.extend(k for k in keys if k not in out)
+    return out
 
 
 _REGISTRY: Dict[str, _Spec] = {}
@@ -553,6 +593,9 @@ def _build(spec: _Spec, section: dict, cfg: dict, where: str, extra: Optional[di
             resolved[key] = copy.deepcopy(cfg[key])
         elif key in spec.defaults:
             resolved[key] = copy.deepcopy(spec.defaults[key])
+    if spec.accepts_var_kwargs:
+        # Keys the registry cannot name go to the constructor's **kwargs (an unregistered base's).
+        resolved.update({k: v for k, v in section.items() if k not in resolved})
     for key in spec.inject:
         if key in resolved and key not in extra:
             resolved[key] = _build_injected(spec, key, resolved[key], cfg, where)
@@ -561,6 +604,8 @@ def _build(spec: _Spec, section: dict, cfg: dict, where: str, extra: Optional[di
         _ACTIVE_CONFIGS.append(cfg)
         try:
             resolved.update(from_config(dict(resolved), **extra))
+        except ConfigError as err:
+            raise _named_for(spec, err)
         finally:
             _ACTIVE_CONFIGS.pop()
     else:
@@ -571,10 +616,30 @@ def _build(spec: _Spec, section: dict, cfg: dict, where: str, extra: Optional[di
                           f"valid keys: {', '.join(spec.keys)}")
     try:
         return spec.cls(**resolved)
-    except (ConfigError, NotImplementedError):
+    except ConfigError as err:
+        raise _named_for(spec, err)
+    except NotImplementedError:
         raise
     except TypeError as err:
         raise ConfigError(f"{where}: cannot build {spec.name} from {sorted(resolved)}: {err}") from err
+
+
+def _named_for(spec: _Spec, err: ConfigError) -> ConfigError:
+    """``err`` with the names of ``spec``'s registered bases replaced by its own.
+
+    A subclass runs its parent's checks, whose messages name the parent ('RetinaHead.nms_pre must
+    be >= 1'); the user's config has a section of the subclass.
+    """
+    message = original = str(err)
+    for base in spec.cls.__mro__[1:]:
+        known = _REGISTRY.get(base.__name__)
+        if known is not None and known.cls is base:
+            message = re.sub(rf"\b{re.escape(base.__name__)}\b", spec.name, message)
+    if message == original:
+        return err
+    renamed = ConfigError(message)
+    renamed.__cause__ = err
+    return renamed
 
 
 def _check_keys(spec: _Spec, section: dict, where: str) -> None:
