@@ -154,13 +154,20 @@ def test_eval_reader_leaves_broken_images_out(tiny_coco, reader_log):
 def test_training_replaces_broken_image_and_reports_it(tmp_path, tiny_coco):
     _break(tiny_coco, 2)
     cfg = write_tiny_config(tmp_path, tiny_coco, epoch=1)
-    # One batch of two per epoch (images 1 and 2); a worker process reads them.
-    proc = _run("train.py", "-c", cfg, "-o", "worker_num=1", "TrainReader.max_bad_image_ratio=0.5")
-    out = proc.stdout + proc.stderr
-    assert proc.returncode == 0, out
+    # Two processes, batch 2 (DataLoader workers: see the reader test above): rank 0 reads
+    # images 1 and 2 (rank 1 image 5, and 1 again as padding).
+    env = dict(os.environ, GLOG_minloglevel="2", PYTHONWARNINGS="ignore::UserWarning", PYTHONUNBUFFERED="1")
+    proc = subprocess.run([sys.executable, "-m", "paddle.distributed.launch", "--log_level", "WARNING",
+                           "--log_dir", str(tmp_path / "log"), "--nproc_per_node", "2",
+                           os.path.join(REPO, "tools", "train.py"), "-c", cfg, "-o",
+                           "TrainReader.max_bad_image_ratio=0.5"],
+                          capture_output=True, text=True, timeout=120, cwd=REPO, env=env)
+    with open(tmp_path / "log" / "workerlog.0") as f:
+        rank0 = f.read()
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     bad = os.path.join(tiny_coco.image_root, "img_2.png")
-    assert f"broken image {bad} (image id 2) replaced by another image" in out
-    assert "Epoch: [0/1] done; 1 broken image(s) were replaced by others this epoch" in out
+    assert f"broken image {bad} (image id 2) replaced by another image" in rank0
+    assert "Epoch: [0/1] done; 1 broken image(s) were replaced by others this epoch" in rank0
 
     proc = _run("train.py", "-c", cfg)  # the default 1% of 2 images allows none
     assert proc.returncode != 0
