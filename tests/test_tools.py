@@ -77,7 +77,7 @@ def test_unreachable_pretrain_weights_url_gives_one_line_error(tiny_coco, tmp_pa
     # The shipped config (found by its bare name) with its URL pointed at a server that is not there.
     monkeypatch.setenv("PPDET_WEIGHTS_HOME", str(tmp_path / "cache"))
     url = _closed_port_url("ResNet50_cos_pretrained.pdparams")
-    proc = run_tool("train.py", "-c", "retinanet_r50_fpn_1x", "-o", "use_gpu=false", "epoch=1",
+    proc = run_tool("train.py", "-c", "retinanet_r50_fpn_1x", "-o", "use_gpu=false", "epoch=1", "num_classes=3",
                     f"pretrain_weights={url}",
                     f"TrainDataset.dataset_dir={tiny_coco.dataset_dir}",
                     f"TrainDataset.image_dir={tiny_coco.image_dir}",
@@ -96,6 +96,7 @@ def test_unreachable_pretrain_weights_url_gives_one_line_error(tiny_coco, tmp_pa
     ("eval.py", ["-o", f"weights={_closed_port_url('model_final.pdparams')}"], "cannot download weights"),
     ("infer.py", ["-o", "weights=x", "--infer_img", "/nonexistent.png"], "--infer_img"),
     ("train.py", ["-o", "TrainReader.batchsize=2"], "batch_size"),
+    ("train.py", ["-o", "epochs=3"], "'epochs' from -o (did you mean 'epoch'?)"),
 ])
 def test_user_errors_exit_2(tmp_path, tiny_coco, tool, extra, message, monkeypatch):
     monkeypatch.setenv("PPDET_WEIGHTS_HOME", str(tmp_path / "weights_cache"))  # never the user's cache

@@ -4,8 +4,8 @@ Files go to PaddleDetection's cache, ``~/.cache/paddle/weights/<file name>`` (th
 segment), so a file PaddleDetection downloaded before is reused; ``$PPDET_WEIGHTS_HOME`` moves the
 cache (PaddleDetection itself has no such variable). A cached file is used as is, without the network.
 
-A download is written to ``<file>.part<pid>`` and renamed when it is complete: its length matches the
-server's Content-Length and ``paddle.load`` reads it. A dropped connection, a short or unreadable file
+A download is written to ``<file>.part.<host>.<pid>`` and renamed when it is complete: its length
+matches the server's Content-Length and ``paddle.load`` reads it. A dropped connection, a short or unreadable file
 or a server error is retried a few times; a 4xx answer is not. Processes that share the cache folder
 (the ranks on one machine) take an ``fcntl`` lock on ``<file>.lock``: one downloads, the others wait
 and then find the finished file.
@@ -22,6 +22,7 @@ import contextlib
 import http.client
 import logging
 import os
+import socket
 import time
 import urllib.error
 import urllib.parse
@@ -113,7 +114,8 @@ def _download_with_retries(url: str, target: str, what: str, retries: int, timeo
                            retry_wait: float) -> None:
     reasons = []
     for attempt in range(1, max(1, retries) + 1):
-        tmp = f"{target}.part{os.getpid()}"
+        # Host and pid: processes of two machines sharing a cache folder never write the same temp file.
+        tmp = f"{target}.part.{socket.gethostname()}.{os.getpid()}"
         try:
             _download_once(url, tmp, timeout)
             _check_loadable(tmp)
@@ -154,7 +156,7 @@ def _download_once(url: str, tmp: str, timeout: float) -> None:
     with urllib.request.urlopen(request, timeout=timeout) as response:
         length = response.headers.get("Content-Length")
         total = int(length) if length and length.isdigit() else None
-        name = os.path.basename(tmp).rsplit(".part", 1)[0]
+        name = os.path.basename(tmp).split(".part.", 1)[0]
         progress = _Progress(name, total)
         received = 0
         with open(tmp, "wb") as out:
