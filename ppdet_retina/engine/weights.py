@@ -5,8 +5,8 @@ segment), so a file PaddleDetection downloaded before is reused; ``$PPDET_WEIGHT
 cache (PaddleDetection itself has no such variable). A cached file is used as is, without the network.
 
 A download is written to ``<file>.part.<host>.<pid>`` and renamed when it is complete: its length
-matches the server's Content-Length and ``paddle.load`` reads it. A dropped connection, a short or unreadable file
-or a server error is retried a few times; a 4xx answer is not. Processes that share the cache folder
+matches the server's Content-Length and ``paddle.load`` reads it. A dropped connection, a short or
+unreadable file or a server error is retried a few times; a 4xx answer is not. Processes that share the cache folder
 (the ranks on one machine) take an ``fcntl`` lock on ``<file>.lock``: one downloads, the others wait
 and then find the finished file.
 
