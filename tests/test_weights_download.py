@@ -240,3 +240,17 @@ def test_train_tool_fine_tunes_from_a_url_with_another_class_count(server, cache
     assert "head.cls_logits.weight file [45, 16, 3, 3] vs model [27, 16, 3, 3]" in proc.stdout
     assert server.requests == ["/five_classes.pdparams"]
     assert os.path.isfile(os.path.join(str(tmp_path), "output", "tiny_retina", "model_final.pdparams"))
+
+
+def test_a_broken_file_placed_in_the_cache_is_named_with_how_to_refetch(cache):
+    """A file already in the cache is trusted without the network; when it does not load, the error
+    says where it is and that deleting it fetches it again."""
+    from ppdet_retina.engine.checkpoint import load_pretrain_weights
+
+    cache.mkdir()
+    (cache / "R18.pdparams").write_bytes(b"half a file")
+    url = f"http://127.0.0.1:{_closed_port()}/R18.pdparams"  # never contacted
+    with pytest.raises(ValueError) as err:
+        load_pretrain_weights(paddle.nn.Linear(2, 2), url)
+    assert f"cannot read weights file '{cache / 'R18.pdparams'}'" in str(err.value)
+    assert str(err.value).endswith("it is in the download cache: delete it to download it again")

@@ -85,8 +85,10 @@ def _load_numpy_state(file: str) -> Dict[str, np.ndarray]:
     try:
         raw = paddle.load(file, return_numpy=True)
     except Exception as err:  # pickle/paddle errors have many types; all mean "not a weight file"
+        cached = os.path.dirname(os.path.abspath(file)) == weights.weights_home()
+        hint = "; it is in the download cache: delete it to download it again" if cached else ""
         raise ValueError(f"cannot read weights file '{file}' ({type(err).__name__}: {err}); "
-                         f"it may be truncated or not a .pdparams file") from err
+                         f"it may be truncated or not a .pdparams file{hint}") from err
     if not isinstance(raw, dict):
         raise ValueError(f"weights file '{file}' holds a {type(raw).__name__}, not a state dict")
     return {k: np.asarray(v) for k, v in raw.items() if isinstance(v, (np.ndarray, paddle.Tensor))}
