@@ -17,15 +17,15 @@ from conftest import write_tiny_config
 class TwoParams(paddle.nn.Layer):
     """Two parameters: ``a`` (one value) and ``b`` (two values)."""
 
-    def __init__(self):
+    def __init__(self, dtype="float32"):
         super().__init__()
-        self.a = self.create_parameter([1])
-        self.b = self.create_parameter([2])
+        self.a = self.create_parameter([1], dtype=dtype)
+        self.b = self.create_parameter([2], dtype=dtype)
 
 
 def _set(model, a, b):
-    model.a.set_value(np.array([a], "float32"))
-    model.b.set_value(np.array(b, "float32"))
+    model.a.set_value(np.array([a], model.a.dtype.name.lower()))
+    model.b.set_value(np.array(b, model.b.dtype.name.lower()))
 
 
 def _run(ema, model, steps):
@@ -38,8 +38,9 @@ def _averaged(ema):
     return {k: v.numpy() for k, v in ema.averaged_state().items()}
 
 
-def test_threshold_decay_warms_up_and_corrects_the_zero_start():
-    model = TwoParams()
+@pytest.mark.parametrize("dtype", ["float32", "float64"])  # float64: the Paddle-kernel path (as on GPU)
+def test_threshold_decay_warms_up_and_corrects_the_zero_start(dtype):
+    model = TwoParams(dtype)
     ema = ModelEMA(model, decay=0.9998)  # 'threshold': decay_s = min(0.9998, (1 + s) / (10 + s))
     assert [ema.decay_at(s) for s in (0, 1, 2)] == pytest.approx([1 / 10, 2 / 11, 3 / 12])
     _run(ema, model, [(1.0, [0.0, 10.0]), (2.0, [0.0, 20.0]), (4.0, [6.0, 40.0])])

@@ -21,15 +21,6 @@ from ppdet_retina.core.workspace import ConfigError  # noqa: E402
 from ppdet_retina.engine import env  # noqa: E402
 
 
-def str2bool(text: str) -> bool:
-    value = str(text).strip().lower()
-    if value in ("1", "true", "yes", "y", "on"):
-        return True
-    if value in ("0", "false", "no", "n", "off"):
-        return False
-    raise argparse.ArgumentTypeError(f"expected true or false, got '{text}'")
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     env.add_config_args(parser)
@@ -44,7 +35,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="where the drawn images (same file names) and bbox.json go (default: output)")
     parser.add_argument("--draw_threshold", type=float, default=0.5,
                         help="draw only boxes scoring at least this (default: 0.5)")
-    parser.add_argument("--save_results", type=str2bool, nargs="?", const=True, default=False,
+    parser.add_argument("--save_results", type=env.str2bool, nargs="?", const=True, default=False,
                         help="also write output_dir/bbox.json: COCO results (xywh, original category ids) "
                              "holding every detection the model returned scoring at least --save_threshold, "
                              "whatever --draw_threshold; "
@@ -53,7 +44,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--save_threshold", type=float, default=0.0,
                         help="with --save_results, write only detections scoring at least this "
                              "(default: 0.0, every detection)")
-    parser.add_argument("--visualize", type=str2bool, nargs="?", const=True, default=True, metavar="BOOL",
+    parser.add_argument("--visualize", type=env.str2bool, nargs="?", const=True, default=True, metavar="BOOL",
                         help="draw the detections into pictures in output_dir (default: true; "
                              "--visualize false with --save_results writes only bbox.json)")
     return parser

@@ -27,6 +27,7 @@ import contextlib
 import math
 from typing import Dict, Iterator, List, Optional, Sequence
 
+import numpy as np
 import paddle
 
 from ppdet_retina.core.workspace import ConfigError, register_top_level_keys
@@ -115,10 +116,7 @@ class ModelEMA:
         decay = self.decay_at(self.step)
         state = self.model.state_dict()
         for name in self.names:
-            value = state[name]
-            # lerp: acc + (1 - d) * (w - acc) == d * acc + (1 - d) * w, one kernel per tensor
-            self._acc[name].lerp_(value.astype("float32") if value.dtype != paddle.float32 else value,
-                                  1.0 - decay)
+            _fold_in(self._acc[name], state[name], decay)
         self.step += 1
 
     @paddle.no_grad()
@@ -173,6 +171,18 @@ class ModelEMA:
         for name in self.names:
             value = paddle.to_tensor(averaged[name]).astype("float32")
             self._acc[name] = value * factor
+
+
+def _fold_in(acc: paddle.Tensor, value: paddle.Tensor, decay: float) -> None:
+    """``acc <- decay * acc + (1 - decay) * value`` in place (``acc`` float32)."""
+    if value.place.is_cpu_place() and value.dtype == paddle.float32 and acc.place.is_cpu_place():
+        # NumPy on zero-copy views: R50-FPN's 34 M values take 75-90 ms a step this way, 217 ms with
+        # Paddle's scale_/add_ and 560 ms with lerp_ (2-core CPU).
+        view = np.from_dlpack(acc)
+        view *= decay
+        view += (1.0 - decay) * np.from_dlpack(value.detach())
+        return
+    acc.scale_(decay).add_(value.astype("float32") * (1.0 - decay))
 
 
 def build_ema(cfg: dict, model: paddle.nn.Layer) -> Optional[ModelEMA]:
