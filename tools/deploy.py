@@ -1,7 +1,9 @@
 #!/usr/bin/env python
 """Run an exported detector with Paddle Inference (PaddleDetection's deploy/python/infer.py flags).
 
-Needs only paddle, opencv-python, numpy and PyYAML: copy this file next to an export and run
+Needs only paddle, opencv-python, numpy and PyYAML, and the package's predictor runtime
+``ppdet_retina/engine/predictor.py`` (read by file path: from the checkout, or copied next to this
+file). To deploy without the package, copy both files next to an export and run
 
     python deploy.py --model_dir output_inference/retinanet_r50_fpn_1x --image_dir demo/ \\
         --output_dir out --save_results --run_benchmark
@@ -26,6 +28,7 @@ from __future__ import annotations
 import argparse
 import ast
 import colorsys
+import importlib.util
 import json
 import os
 import sys
@@ -34,108 +37,36 @@ from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import cv2
 import numpy as np
-import yaml
 
-MODEL_FILE = "model.json"
-PARAMS_FILE = "model.pdiparams"
-INFER_CFG = "infer_cfg.yml"
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
-_INTERPS = (cv2.INTER_NEAREST, cv2.INTER_LINEAR, cv2.INTER_CUBIC, cv2.INTER_AREA, cv2.INTER_LANCZOS4)
+_RUNTIME_FILE = "predictor.py"
 
 
-class DeployError(ValueError):
-    """A user mistake (bad flag, missing file, unsupported export); printed as one line."""
+def load_runtime() -> Any:
+    """The package's predictor runtime (ppdet_retina/engine/predictor.py), loaded by file path:
+    next to this script in a copied deployment, else from the checkout this script belongs to.
+    Only that one file is read, so the rest of the package is never needed."""
+    here = os.path.dirname(os.path.abspath(__file__))
+    name = "ppdet_retina_predictor_runtime"
+    if name in sys.modules:
+        return sys.modules[name]
+    for path in (os.path.join(here, _RUNTIME_FILE),
+                 os.path.join(here, os.pardir, "ppdet_retina", "engine", _RUNTIME_FILE)):
+        if os.path.isfile(path):
+            spec = importlib.util.spec_from_file_location(name, path)
+            module = importlib.util.module_from_spec(spec)
+            spec.loader.exec_module(module)
+            sys.modules[name] = module
+            return module
+    raise SystemExit(f"error: deploy.py needs {_RUNTIME_FILE} (ppdet_retina/engine/{_RUNTIME_FILE} of the "
+                     f"package) next to it; copy that file beside deploy.py")
 
 
-# --------------------------------------------------------------------------- preprocessing
-
-def resize_scale(h: int, w: int, target_size: Sequence[int], keep_ratio: bool) -> Tuple[float, float]:
-    """(scale_y, scale_x) of the training package's Resize: keep_ratio fits [short, long] targets."""
-    if keep_ratio:
-        scale = min(min(target_size) / min(h, w), max(target_size) / max(h, w))
-        return scale, scale
-    return target_size[0] / h, target_size[1] / w
-
-
-class Resize:
-    """Resize to ``target_size`` as the training reader (and PaddleDetection) does.
-
-    The pixels go through ``cv2.resize`` at the nominal scale (fx/fy; OpenCV rounds the output
-    size), ``im_shape`` is the unrounded (h * sy, w * sx) and ``scale_factor`` (sy, sx): the
-    exported model's weights expect exactly these inputs.
-    """
-
-    def __init__(self, target_size: Sequence[int], keep_ratio: bool = True, interp: int = 1):
-        self.target_size = [int(s) for s in target_size]
-        self.keep_ratio = bool(keep_ratio)
-        if interp not in _INTERPS:
-            raise DeployError(f"infer_cfg.yml: Resize.interp {interp!r} is not a cv2 flag 0..4")
-        self.interp = int(interp)
-
-    def __call__(self, image: np.ndarray, info: Dict[str, np.ndarray]) -> np.ndarray:
-        h, w = image.shape[:2]
-        sy, sx = resize_scale(h, w, self.target_size, self.keep_ratio)
-        resized = (h * sy, w * sx) if self.keep_ratio else (float(self.target_size[0]), float(self.target_size[1]))
-        if round(resized[0]) < 1 or round(resized[1]) < 1:
-            raise DeployError(f"a {h}x{w} (h x w) image resized by ({sy:.4g}, {sx:.4g}) leaves no pixel on one "
-                              f"side; leave it out")
-        image = cv2.resize(image, None, None, fx=sx, fy=sy, interpolation=self.interp)
-        info["im_shape"] = np.array(resized, np.float32)
-        prev = info["scale_factor"]
-        info["scale_factor"] = np.array([prev[0] * sy, prev[1] * sx], np.float32)
-        return image
-
-
-class NormalizeImage:
-    """((image / 255 if is_scale) - mean) / std per RGB channel, as float32."""
-
-    def __init__(self, mean: Sequence[float], std: Sequence[float], is_scale: bool = True,
-                 norm_type: str = "mean_std"):
-        scale = np.full(3, 1.0 / 255.0 if is_scale else 1.0, np.float32)
-        offset = np.zeros(3, np.float32)
-        if norm_type == "mean_std":
-            scale /= np.asarray(std, np.float32)
-            offset = -np.asarray(mean, np.float32) / np.asarray(std, np.float32)
-        self.scale, self.offset = scale, offset
-
-    def __call__(self, image: np.ndarray, info: Dict[str, np.ndarray]) -> np.ndarray:
-        image = image.astype(np.float32)
-        image *= self.scale
-        image += self.offset
-        return image
-
-
-class Permute:
-    """HWC -> CHW."""
-
-    def __call__(self, image: np.ndarray, info: Dict[str, np.ndarray]) -> np.ndarray:
-        return np.ascontiguousarray(image.transpose(2, 0, 1))
-
-
-class PadStride:
-    """Remembers the stride; padding happens per batch in :func:`stack_batch`."""
-
-    def __init__(self, stride: int = 0):
-        self.stride = int(stride)
-
-    def __call__(self, image: np.ndarray, info: Dict[str, np.ndarray]) -> np.ndarray:
-        return image
-
-
-_OPS = {"Resize": Resize, "NormalizeImage": NormalizeImage, "Permute": Permute, "PadStride": PadStride}
-
-
-def build_preprocess(entries: Sequence[Dict[str, Any]]) -> List[Any]:
-    """Ops from infer_cfg.yml's ``Preprocess`` list."""
-    ops = []
-    for i, entry in enumerate(entries or []):
-        params = dict(entry)
-        kind = params.pop("type", None)
-        if kind not in _OPS:
-            raise DeployError(f"infer_cfg.yml: Preprocess[{i}] type {kind!r} is not supported "
-                              f"(supported: {', '.join(_OPS)}); re-export with a plain TestReader")
-        ops.append(_OPS[kind](**params))
-    return ops
+rt = load_runtime()
+# The runtime's errors are deploy's user errors (printed as one line).
+DeployError = rt.PredictorError
+cpu_has_flag = rt.cpu_has_flag
+split_detections = rt.split_detections
 
 
 class UnreadableImage(DeployError):
@@ -182,58 +113,7 @@ def read_image(path: str) -> np.ndarray:
     return cv2.cvtColor(read_image_bgr(path), cv2.COLOR_BGR2RGB)
 
 
-def preprocess(image: np.ndarray, ops: Sequence[Any]) -> Tuple[np.ndarray, Dict[str, np.ndarray]]:
-    """Run ``ops`` on one RGB image; returns CHW float32 and its im_shape / scale_factor."""
-    h, w = image.shape[:2]
-    info = {"im_shape": np.array([h, w], np.float32), "scale_factor": np.ones(2, np.float32)}
-    for op in ops:
-        image = op(image, info)
-    return image, info
-
-
-def stack_batch(images: Sequence[np.ndarray], infos: Sequence[Dict[str, np.ndarray]],
-                stride: int, fixed_size: Optional[Sequence[int]] = None) -> Dict[str, np.ndarray]:
-    """Zero-pad CHW images bottom/right to one size and stack the feeds.
-
-    The size is the batch's largest rounded up to ``stride``, or ``fixed_size`` (H, W) for an
-    export traced at one size.
-    """
-    max_h = max(im.shape[1] for im in images)
-    max_w = max(im.shape[2] for im in images)
-    if fixed_size:
-        if max_h > fixed_size[0] or max_w > fixed_size[1]:
-            raise DeployError(f"a preprocessed image is {max_h}x{max_w} but the model was exported for a fixed "
-                              f"{fixed_size[0]}x{fixed_size[1]} input; re-export with a larger --fixed_input_size")
-        max_h, max_w = int(fixed_size[0]), int(fixed_size[1])
-    elif stride > 0:
-        max_h, max_w = int(np.ceil(max_h / stride) * stride), int(np.ceil(max_w / stride) * stride)
-    batch = np.zeros((len(images), 3, max_h, max_w), np.float32)
-    for i, im in enumerate(images):
-        batch[i, :, :im.shape[1], :im.shape[2]] = im
-    return {"image": batch,
-            "im_shape": np.stack([i["im_shape"] for i in infos]).astype(np.float32),
-            "scale_factor": np.stack([i["scale_factor"] for i in infos]).astype(np.float32)}
-
-
 # --------------------------------------------------------------------------- predictor
-
-def cpu_has_flag(flag: str, cpuinfo: str = "/proc/cpuinfo") -> bool:
-    """True when ``flag`` is among the CPU's feature flags (Linux /proc/cpuinfo)."""
-    try:
-        with open(cpuinfo, "r", encoding="utf-8", errors="ignore") as f:
-            for line in f:
-                if line.startswith("flags"):
-                    return flag in line.split(":", 1)[1].split()
-    except OSError:
-        return False
-    return False
-
-
-def graph_has_interp(model_file: str) -> bool:
-    """True when the saved graph resizes feature maps (FPN upsampling)."""
-    with open(model_file, "r", encoding="utf-8", errors="ignore") as f:
-        return "_interp\"" in f.read()
-
 
 def check_flags(args: argparse.Namespace) -> None:
     """Refuse flag combinations that cannot run here, with the reason and the fix."""
@@ -250,65 +130,7 @@ def check_flags(args: argparse.Namespace) -> None:
                               "fp32; run without --enable_mkldnn_bfloat16")
 
 
-def create_predictor(model_dir: str, device: str = "cpu", run_mode: str = "paddle", cpu_threads: int = 1,
-                     enable_mkldnn: bool = True, enable_bf16: bool = False, batch_size: int = 1,
-                     min_subgraph_size: int = 3) -> Any:
-    """A ``paddle.inference`` predictor for the export in ``model_dir``."""
-    from paddle import inference
-
-    model_file, params_file = os.path.join(model_dir, MODEL_FILE), os.path.join(model_dir, PARAMS_FILE)
-    for path in (model_file, params_file):
-        if not os.path.isfile(path):
-            raise DeployError(f"'{path}' not found; --model_dir must be a folder written by "
-                              f"tools/export_model.py")
-    config = inference.Config(model_file, params_file)
-    config.disable_glog_info()
-    if device == "gpu":
-        config.enable_use_gpu(200, 0)
-        if run_mode in ("trt_fp32", "trt_fp16"):
-            precision = inference.PrecisionType.Half if run_mode == "trt_fp16" else inference.PrecisionType.Float32
-            config.enable_tensorrt_engine(workspace_size=1 << 30, max_batch_size=batch_size,
-                                          min_subgraph_size=min_subgraph_size, precision_mode=precision,
-                                          use_static=False, use_calib_mode=False)
-    else:
-        config.disable_gpu()
-        config.set_cpu_math_library_num_threads(int(cpu_threads))
-        if enable_mkldnn:
-            config.enable_mkldnn()
-            if enable_bf16:
-                config.enable_mkldnn_bfloat16()
-            if graph_has_interp(model_file):
-                # Paddle 3.3.1 bug (Paddle issue #79749): a saved interp op cannot run as a
-                # oneDNN kernel. Without the placement pass interp runs natively while the
-                # oneDNN fuse passes still move every conv (+bias/relu/add) to oneDNN.
-                config.delete_pass("onednn_placement_pass")
-        else:
-            config.disable_mkldnn()
-    return inference.create_predictor(config)
-
-
-def run(predictor: Any, feeds: Dict[str, np.ndarray]) -> List[np.ndarray]:
-    """Feed by input name, run, return every output in graph order."""
-    for name in predictor.get_input_names():
-        handle = predictor.get_input_handle(name)
-        handle.reshape(feeds[name].shape)
-        handle.copy_from_cpu(np.ascontiguousarray(feeds[name]))
-    predictor.run()
-    return [predictor.get_output_handle(n).copy_to_cpu() for n in predictor.get_output_names()]
-
-
 # --------------------------------------------------------------------------- results
-
-def split_detections(bbox: np.ndarray, bbox_num: np.ndarray) -> List[np.ndarray]:
-    """[N, 6] rows + per-image counts -> one [n_i, 6] array per image (padding rows dropped)."""
-    bbox = np.asarray(bbox, np.float32).reshape(-1, 6)
-    out, start = [], 0
-    for count in np.asarray(bbox_num).reshape(-1).astype(np.int64):
-        rows = bbox[start:start + count]
-        out.append(rows[rows[:, 0] >= 0])
-        start += count
-    return out
-
 
 def class_color(class_id: int) -> Tuple[int, int, int]:
     """A stable BGR colour per class (golden-ratio hue steps)."""
@@ -342,17 +164,6 @@ def coco_results(rows: np.ndarray, image_id: int, file_name: str, catids: Sequen
     return results
 
 
-def output_path(output_dir: str, image_file: str, used: set) -> str:
-    """``output_dir/<input name>``; a second input of the same name gets ``_1``, ``_2`` ..."""
-    stem, ext = os.path.splitext(os.path.basename(image_file))
-    ext = ext if ext.lower() in (".jpg", ".jpeg", ".png", ".bmp") else ".jpg"
-    path, n = os.path.join(output_dir, stem + ext), 1
-    while path in used:
-        path, n = os.path.join(output_dir, f"{stem}_{n}{ext}"), n + 1
-    used.add(path)
-    return path
-
-
 # --------------------------------------------------------------------------- detector
 
 class Detector:
@@ -360,34 +171,33 @@ class Detector:
 
     def __init__(self, model_dir: str, device: str = "cpu", run_mode: str = "paddle", cpu_threads: int = 1,
                  enable_mkldnn: bool = True, enable_bf16: bool = False, batch_size: int = 1):
-        cfg_path = os.path.join(model_dir, INFER_CFG)
-        if not os.path.isfile(cfg_path):
-            raise DeployError(f"'{cfg_path}' not found; --model_dir must be a folder written by "
-                              f"tools/export_model.py")
-        with open(cfg_path, "r", encoding="utf-8") as f:
-            self.cfg = yaml.safe_load(f) or {}
+        cfg_path = os.path.join(model_dir, rt.INFER_CFG)
+        self.cfg = rt.read_infer_cfg(model_dir)
         if not self.cfg.get("nms_inside", True):
             raise DeployError(f"{cfg_path}: this export has outputs {self.cfg.get('outputs')} without NMS "
                               f"(export.post_process/nms false or benchmark true); deploy.py needs boxes. "
                               f"Re-export with export.post_process=true export.nms=true")
-        self.ops = build_preprocess(self.cfg.get("Preprocess", []))
-        self.stride = next((op.stride for op in self.ops if isinstance(op, PadStride)), 0)
+        self.ops = rt.build_preprocess(self.cfg.get("Preprocess", []))
+        self.stride = next((op.stride for op in self.ops if isinstance(op, rt.PadStride)), 0)
         self.fixed_size = None if self.cfg.get("use_dynamic_shape", True) else self.cfg.get("input_size")
         if self.fixed_size and batch_size != 1:
             raise DeployError(f"{cfg_path}: the model was exported for one image of a fixed size; use --batch_size 1")
         self.labels = list(self.cfg.get("label_list") or [])
         self.catids = list(self.cfg.get("catid_list") or [])
-        self.predictor = create_predictor(model_dir, device, run_mode, cpu_threads, enable_mkldnn, enable_bf16,
-                                          batch_size, int(self.cfg.get("min_subgraph_size", 3)))
+        trt = {"trt_fp32": "fp32", "trt_fp16": "fp16"}.get(run_mode)
+        self.predictor = rt.create_predictor(*rt.model_files(model_dir), device=device, cpu_threads=cpu_threads,
+                                             mkldnn=enable_mkldnn, bf16=enable_bf16, trt_precision=trt,
+                                             batch_size=batch_size,
+                                             min_subgraph_size=int(self.cfg.get("min_subgraph_size", 3)))
         self.times = {"preprocess": 0.0, "inference": 0.0, "postprocess": 0.0}
 
     def predict(self, images_rgb: Sequence[np.ndarray]) -> List[np.ndarray]:
         """Detections [n_i, 6] (class, score, x1, y1, x2, y2 in original pixels) per image."""
         tic = time.perf_counter()
-        done = [preprocess(im, self.ops) for im in images_rgb]
-        feeds = stack_batch([d[0] for d in done], [d[1] for d in done], self.stride, self.fixed_size)
+        done = [rt.preprocess(im, self.ops) for im in images_rgb]
+        feeds = rt.stack_batch([d[0] for d in done], [d[1] for d in done], self.stride, self.fixed_size)
         toc = time.perf_counter()
-        bbox, bbox_num = run(self.predictor, feeds)[:2]
+        bbox, bbox_num = rt.run(self.predictor, feeds)[:2]
         toc2 = time.perf_counter()
         rows = split_detections(bbox, bbox_num)
         end = time.perf_counter()
@@ -475,7 +285,7 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
         rows = detector.predict([rgb for _, _, _, rgb in batch])
         # Written batch by batch, so an interrupted run keeps what it finished.
         for (i, f, bgr, _), dets in zip(batch, rows):
-            path = output_path(args.output_dir, f, used)
+            path = rt.unique_output_path(args.output_dir, f, used)
             if not cv2.imwrite(path, draw(bgr, dets, detector.labels, args.threshold)):
                 raise DeployError(f"cannot write {path}; check the free space and permissions of --output_dir")
             kept = int((dets[:, 1] >= args.threshold).sum())

@@ -44,6 +44,7 @@ import paddle.nn as nn
 import yaml
 
 from ppdet_retina.core.workspace import ConfigError, create
+from ppdet_retina.engine import predictor
 from ppdet_retina.utils.logger import setup_logger
 
 __all__ = [
@@ -62,7 +63,7 @@ __all__ = [
 
 logger = setup_logger("ppdet_retina")
 
-MODEL_PREFIX = "model"
+MODEL_PREFIX = predictor.MODEL_PREFIX
 INPUT_NAMES = ("image", "im_shape", "scale_factor")
 # Sample ops the deploy side knows how to replay; Decode is implicit there.
 _SKIPPED_OPS = ("Decode",)
@@ -408,51 +409,16 @@ def export_model(cfg: dict, output_dir: str = "output_inference", weights: Optio
 
 
 # --------------------------------------------------------------------------- running an export
+# The runtime lives in ppdet_retina.engine.predictor (shared with tools/deploy.py); these names stay
+# here for callers that run what they just exported.
+
+run_predictor = predictor.run
+graph_has_interp = predictor.graph_has_interp
+
 
 def load_exported(model_file: str, params_file: str, use_mkldnn: bool = True, bf16: bool = False,
                   cpu_threads: int = 1, use_gpu: bool = False) -> Any:
-    """A ``paddle.inference`` predictor for an exported model (CPU oneDNN by default)."""
-    from paddle import inference
-
-    for path in (model_file, params_file):
-        if not os.path.isfile(path):
-            raise FileNotFoundError(f"exported model file '{path}' not found; run tools/export_model.py first")
-    config = inference.Config(model_file, params_file)
-    config.disable_glog_info()
-    if use_gpu:
-        config.enable_use_gpu(256, 0)
-    else:
-        config.disable_gpu()
-        config.set_cpu_math_library_num_threads(int(cpu_threads))
-        if use_mkldnn:
-            config.enable_mkldnn()
-            if bf16:
-                config.enable_mkldnn_bfloat16()
-            if graph_has_interp(model_file):
-                # Paddle 3.3.1 bug (Paddle issue #79749): a saved interp op's `scale`
-                # attribute cannot run as a oneDNN kernel. Without the placement pass,
-                # interp runs natively while the oneDNN fuse passes still turn every
-                # conv (+bias, +relu, +add) into a oneDNN kernel.
-                config.delete_pass("onednn_placement_pass")
-        else:
-            config.disable_mkldnn()
-    return inference.create_predictor(config)
-
-
-def graph_has_interp(model_file: str) -> bool:
-    """True when the saved graph resizes feature maps (FPN upsampling: nearest/bilinear interp)."""
-    with open(model_file, "r", encoding="utf-8", errors="ignore") as f:
-        text = f.read()
-    return "_interp\"" in text
-
-
-def run_predictor(predictor: Any, feeds: Dict[str, np.ndarray]) -> List[np.ndarray]:
-    """Feed ``feeds`` by input name, run, and return every output as numpy in graph order."""
-    for name in predictor.get_input_names():
-        if name not in feeds:
-            raise KeyError(f"the exported model needs input '{name}'; got {sorted(feeds)}")
-        handle = predictor.get_input_handle(name)
-        handle.reshape(feeds[name].shape)
-        handle.copy_from_cpu(np.ascontiguousarray(feeds[name]))
-    predictor.run()
-    return [predictor.get_output_handle(n).copy_to_cpu() for n in predictor.get_output_names()]
+    """A ``paddle.inference`` predictor for an exported model (CPU oneDNN by default); see
+    :func:`ppdet_retina.engine.predictor.create_predictor`."""
+    return predictor.create_predictor(model_file, params_file, device="gpu" if use_gpu else "cpu",
+                                      cpu_threads=cpu_threads, mkldnn=use_mkldnn, bf16=bf16)

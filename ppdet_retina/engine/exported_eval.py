@@ -1,6 +1,6 @@
 """COCO evaluation of an exported model through the Paddle Inference predictor.
 
-On CPU the predictor runs the convolutions with oneDNN (optionally in bf16), while dygraph
+On CPU the predictor (:mod:`ppdet_retina.engine.predictor`) runs the convolutions with oneDNN (optionally in bf16), while dygraph
 convolutions use Paddle's plain CPU kernel even with the oneDNN flags on, so evaluating an
 export is the fast way to score a model on a CPU. Data and metric are the package's own: ``EvalDataset``,
 ``EvalReader`` and :class:`~ppdet_retina.metrics.coco.COCOMetric`, so the numbers are
@@ -13,14 +13,12 @@ comparable with ``tools/eval.py`` on the dygraph model.
 
 from __future__ import annotations
 
-import os
 import time
 from typing import Any, Dict, List, Optional
 
-import yaml
-
 from ppdet_retina.core.workspace import ConfigError
-from ppdet_retina.engine.export import MODEL_PREFIX, load_exported, preprocess_entries, run_predictor
+from ppdet_retina.engine.export import preprocess_entries
+from ppdet_retina.engine.predictor import cpu_supports_bf16, create_predictor, model_files, read_infer_cfg, run
 from ppdet_retina.engine.trainer import build_eval_loader, output_dir_of
 from ppdet_retina.metrics.coco import COCOMetric
 from ppdet_retina.utils.logger import setup_logger
@@ -28,28 +26,6 @@ from ppdet_retina.utils.logger import setup_logger
 __all__ = ["evaluate_exported", "read_infer_cfg", "cpu_supports_bf16"]
 
 logger = setup_logger("ppdet_retina")
-
-
-def cpu_supports_bf16(cpuinfo: str = "/proc/cpuinfo") -> bool:
-    """True when the CPU has native bf16 dot products (avx512_bf16); elsewhere bf16 is emulated and slow."""
-    try:
-        with open(cpuinfo, "r", encoding="utf-8", errors="ignore") as f:
-            for line in f:
-                if line.startswith("flags"):
-                    return "avx512_bf16" in line.split(":", 1)[1].split()
-    except OSError:
-        return False
-    return False
-
-
-def read_infer_cfg(model_dir: str) -> Dict[str, Any]:
-    """``model_dir/infer_cfg.yml``; FileNotFoundError naming the folder when it is not an export."""
-    path = os.path.join(model_dir, "infer_cfg.yml")
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"'{path}' not found: --exported must be a folder written by "
-                                f"tools/export_model.py (model.json, model.pdiparams, infer_cfg.yml)")
-    with open(path, "r", encoding="utf-8") as f:
-        return yaml.safe_load(f) or {}
 
 
 def _check_export(infer_cfg: Dict[str, Any], cfg: dict, model_dir: str) -> None:
@@ -95,9 +71,8 @@ def evaluate_exported(cfg: dict, model_dir: str, use_mkldnn: bool = True, bf16: 
     infer_cfg = read_infer_cfg(model_dir)
     _check_export(infer_cfg, cfg, model_dir)
     threads = env.cpu_threads_per_process() if cpu_threads is None else int(cpu_threads)
-    predictor = load_exported(os.path.join(model_dir, MODEL_PREFIX + ".json"),
-                              os.path.join(model_dir, MODEL_PREFIX + ".pdiparams"),
-                              use_mkldnn=use_mkldnn, bf16=bf16, cpu_threads=threads, use_gpu=use_gpu)
+    predictor = create_predictor(*model_files(model_dir), device="gpu" if use_gpu else "cpu", cpu_threads=threads,
+                                 mkldnn=use_mkldnn, bf16=bf16)
     loader, dataset = build_eval_loader(cfg)
     metric = COCOMetric(dataset.get_anno(), dataset.clsid2catid, classwise=classwise,
                         output_eval=output_eval or cfg.get("output_eval") or output_dir_of(cfg),
@@ -105,7 +80,7 @@ def evaluate_exported(cfg: dict, model_dir: str, use_mkldnn: bool = True, bf16: 
     tic, images = time.time(), 0
     for batch in loader:
         feeds = {key: batch[key].numpy() for key in ("image", "im_shape", "scale_factor")}
-        bbox, bbox_num = run_predictor(predictor, feeds)[:2]
+        bbox, bbox_num = run(predictor, feeds)[:2]
         metric.update(batch, {"bbox": bbox, "bbox_num": bbox_num})
         images += int(feeds["image"].shape[0])
     cost = time.time() - tic
