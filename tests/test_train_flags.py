@@ -150,6 +150,17 @@ def test_enable_ce_runs_repeat_exactly(tmp_path, tiny_coco):
         np.testing.assert_array_equal(digests[0][key], digests[1][key], err_msg=key)
 
 
+def test_given_flags_set_their_config_keys():
+    from ppdet_retina.engine.train_options import flags_to_config
+
+    parser = runpy.run_path(os.path.join(REPO, "tools", "train.py"), run_name="flags_test")["build_parser"]()
+    args = parser.parse_args(["-c", "x.yml", "--amp", "--use_vdl", "false", "--enable_ce",
+                              "--profiler_options", "batch_range=[1,2]"])
+    cfg = flags_to_config({"use_vdl": True, "fleet": True}, args)
+    assert cfg == {"use_vdl": False, "fleet": True, "amp": True, "enable_ce": True,
+                   "profiler_options": "batch_range=[1,2]"}
+
+
 @pytest.mark.parametrize("flag, message", [
     (["--to_static"], "--to_static is not supported for RetinaNet"),
     (["--slim_config", "prune.yml"], "PaddleSlim compression"),

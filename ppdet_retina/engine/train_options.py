@@ -31,10 +31,11 @@ logger = logging.getLogger("ppdet_retina.engine.train_options")
 
 
 def flags_to_config(cfg: dict, args: Any, keys=TRAIN_FLAG_KEYS) -> dict:
-    """Copy the flags the user gave (value not None / not False) into ``cfg``; returns ``cfg``."""
+    """Copy the flags the user gave (not None: ``--use_vdl false`` does turn a config's true off) into
+    ``cfg``; returns ``cfg``."""
     for key in keys:
         value = getattr(args, key, None)
-        if value is not None and value is not False:
+        if value is not None:
             cfg[key] = value
     return cfg
 
