@@ -18,6 +18,7 @@ one place that finds PaddleDetection's own config files (:func:`ppdet_config`).
 from __future__ import annotations
 
 import json
+import logging
 import os
 from types import SimpleNamespace
 from typing import Dict, List, Optional, Sequence
@@ -83,6 +84,15 @@ def make_coco(root: str, spec=_TINY_IMAGES, categories=TINY_CATEGORIES, image_di
     return SimpleNamespace(dataset_dir=root, image_dir=image_dir, anno_path=anno_path,
                            anno_file=anno_file, image_root=os.path.join(root, image_dir),
                            images={i[0]: (i[1], i[2]) for i in spec})
+
+
+@pytest.fixture
+def messages(caplog):
+    """Log records of the package logger (which does not propagate to the root logger)."""
+    logger = logging.getLogger("ppdet_retina")
+    logger.addHandler(caplog.handler)
+    yield caplog
+    logger.removeHandler(caplog.handler)
 
 
 @pytest.fixture

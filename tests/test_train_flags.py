@@ -2,7 +2,6 @@
 --slim_config (train), --save_prediction_only (eval), --infer_list / --save_threshold / --visualize (infer)."""
 
 import json
-import logging
 import os
 import runpy
 
@@ -18,15 +17,6 @@ from ppdet_retina.engine.trainer import Trainer
 from ppdet_retina.engine.vdl import VisualDLWriter
 
 from conftest import REPO, write_tiny_config
-
-
-@pytest.fixture
-def messages(caplog):
-    """Log records of the package logger (which does not propagate to the root logger)."""
-    logger = logging.getLogger("ppdet_retina")
-    logger.addHandler(caplog.handler)
-    yield caplog
-    logger.removeHandler(caplog.handler)
 
 
 def tool_main(name):
