@@ -123,6 +123,17 @@ def test_profiler_records_the_batch_range_and_stops_the_run(tmp_path, tiny_coco)
     assert not os.path.exists(os.path.join(trainer.output_dir, "model_final.pdparams"))
 
 
+def test_profiler_range_past_the_run_still_writes_its_trace(tmp_path, tiny_coco):
+    trace = str(tmp_path / "late.json")
+    cfg = load_config(write_tiny_config(tmp_path, tiny_coco, epoch=2),
+                      [f"profiler_options=batch_range=[1,5];profile_path={trace};exit_on_finished=false"])
+    trainer = Trainer(cfg, mode="train")
+    trainer.train()  # iterations 0 and 1 only: the range is cut short by the end of training
+    assert os.path.exists(os.path.join(trainer.output_dir, "model_final.pdparams"))
+    with open(trace) as f:
+        assert json.load(f)["traceEvents"]
+
+
 # --------------------------------------------------------------------------- tools/train.py flags
 
 def test_enable_ce_runs_repeat_exactly(tmp_path, tiny_coco):
