@@ -119,7 +119,12 @@ class Trainer:
             ``epoch``, ``log_iter``, ``snapshot_epoch``, ``save_dir``, ``filename``,
             ``worker_num``, ``metric``, ``classwise``, ``output_eval`` and the
             ``{Train,Eval,Test}{Dataset,Reader}``, ``LearningRate``,
-            ``OptimizerBuilder`` sections.
+            ``OptimizerBuilder`` sections; in training also PaddleDetection's
+            switches: ``amp`` (engine/amp.py), ``use_ema`` and its keys
+            (engine/ema.py), ``norm_type: sync_bn``, ``to_static``, ``fleet``,
+            ``profiler_options``, ``use_vdl`` / ``vdl_log_dir``
+            (engine/train_options.py, profiling.py, vdl.py); in evaluation
+            ``save_prediction_only``.
         mode: ``train`` (optimizer, LR, train loader), ``eval`` (eval loader,
             metric) or ``test`` (inference on images given to ``predict``).
     """
