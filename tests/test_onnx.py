@@ -109,7 +109,7 @@ def test_export_tool_writes_a_checked_onnx_that_gives_paddles_detections(demo):
 def test_a_conversion_error_fails_the_export_with_the_numbers(demo, monkeypatch, capsys):
     # paddle2onnx 2.1.0's own GroupNorm epsilons (garbage) stand in for any conversion error.
     real = O.repair_norm_epsilons
-    monkeypatch.setattr(O, "repair_norm_epsilons", lambda model, eps: real(model, [1.0] * len(eps)))
+    monkeypatch.setattr(O, "repair_norm_epsilons", lambda model, eps: real(model, [100.0] * len(eps)))
     out = demo["root"] / "failed"
     with pytest.raises(SystemExit) as exit_info:
         _export_tool().main(["-c", DEMO, "-o", f"weights={demo['weights']}", *demo["overrides"], "--onnx",
@@ -156,3 +156,17 @@ def test_candidates_match_by_box_not_by_position():
     nan[0, 1] = np.nan
     with pytest.raises(O.OnnxCheckError, match="1 of 3 ONNX candidates have non-finite"):
         O.compare_candidates((boxes, scores), (nan, scores), 0.05)
+
+
+@needs_onnx
+def test_saturated_scores_are_reported_as_not_comparable(demo, tmp_path):
+    # Untrained-looking weights: every logit far above 0, every score exactly 1.0 in float32, so
+    # the top-k and the NMS may keep any of the tied anchors, in Paddle as in onnxruntime.
+    model = create("RetinaNet", demo["cfg"])
+    model.eval()
+    with paddle.no_grad():
+        model.head.cls_logits.bias.set_value(np.full(model.head.cls_logits.bias.shape, 40.0, "float32"))
+    entry = O.export_onnx(E.DeployModel(model, "detect"), str(tmp_path), [64, 64])
+    assert entry["check"] == ("not comparable: random: 756 of 756 candidates score exactly 1.0 (saturated "
+                              "logits, as untrained weights give), so their order is arbitrary")
+    assert os.path.isfile(tmp_path / "model.onnx")

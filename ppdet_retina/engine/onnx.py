@@ -360,8 +360,10 @@ def check_onnx(onnx_file: str, paddle_prefix: str, feeds: Sequence[Tuple[str, Di
     With ``nms`` (settings of :func:`multiclass_nms`) the outputs are candidates: they must match
     Paddle's (:func:`compare_candidates`), and the NMS applied to the ONNX candidates must give
     Paddle's detections, those of ``detect_prefix`` (the Paddle export with its NMS inside) when
-    given. Otherwise every output must match elementwise. Returns a one-line verdict with the
-    largest differences; 'skipped: ...' without onnxruntime; raises OnnxCheckError on a mismatch.
+    given. Otherwise every output must match elementwise. An input on which several candidates
+    score exactly 1.0 is not compared: such ties have no defined order in any runtime. Returns a
+    one-line verdict with the largest differences ('ok: ...', 'not comparable: ...' when no input
+    could be compared, 'skipped: ...' without onnxruntime); raises OnnxCheckError on a mismatch.
     """
     try:
         import onnxruntime  # noqa: F401
@@ -375,7 +377,7 @@ def check_onnx(onnx_file: str, paddle_prefix: str, feeds: Sequence[Tuple[str, Di
     detector = None
     if detect_prefix is not None:
         detector = create_predictor(detect_prefix + ".json", detect_prefix + ".pdiparams", mkldnn=False)
-    summaries = []
+    summaries, skipped = [], []
     for label, inputs in feeds:
         expected = run_predictor(paddle_graph, inputs)
         got = session.run(None, {n: inputs[n] for n in names})
@@ -383,6 +385,12 @@ def check_onnx(onnx_file: str, paddle_prefix: str, feeds: Sequence[Tuple[str, Di
         if nms is None:
             worst = _compare_elementwise(expected, got, where)
             summaries.append(f"{label}: max relative difference {worst:.2g}")
+            continue
+        saturated = int((np.asarray(expected[1])[0].max(axis=0) >= 1.0).sum())
+        if saturated > 1:
+            # Scores of exactly 1.0 tie: the top-k and the NMS may keep any of them, in Paddle too.
+            skipped.append(f"{label}: {saturated} of {expected[1].shape[2]} candidates score exactly 1.0 "
+                           f"(saturated logits, as untrained weights give), so their order is arbitrary")
             continue
         cand = compare_candidates(expected, got, float(nms["score_threshold"]), where=where)
         reference = run_predictor(detector, inputs)[:2] if detector is not None else \
@@ -392,7 +400,10 @@ def check_onnx(onnx_file: str, paddle_prefix: str, feeds: Sequence[Tuple[str, Di
                          f"max score difference {cand['score_rel']:.2g} (relative), box {cand['box']:.2g} px; "
                          f"{dets['count']} detections after NMS, max score difference {dets['score_rel']:.2g}, "
                          f"box {dets['box']:.2g} px")
-    return "ok: " + "; ".join(summaries)
+    if skipped and not summaries:
+        logger.warning("export: the ONNX file could not be checked: " + "; ".join(skipped))
+        return "not comparable: " + "; ".join(skipped)
+    return "ok: " + "; ".join(summaries + [f"not compared on {s}" for s in skipped])
 
 
 def _compare_elementwise(expected: Sequence[np.ndarray], got: Sequence[np.ndarray], where: str) -> float:
