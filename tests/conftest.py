@@ -86,6 +86,19 @@ def make_coco(root: str, spec=_TINY_IMAGES, categories=TINY_CATEGORIES, image_di
                            images={i[0]: (i[1], i[2]) for i in spec})
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _export_cache_in_tmp(tmp_path_factory):
+    """eval / infer trace their Paddle Inference export into a cache (engine/fast_engine.py); tests and
+    the tools they start keep it out of the user's ~/.cache."""
+    previous = os.environ.get("PPDET_RETINA_EXPORT_CACHE")
+    os.environ["PPDET_RETINA_EXPORT_CACHE"] = str(tmp_path_factory.mktemp("export_cache"))
+    yield
+    if previous is None:
+        os.environ.pop("PPDET_RETINA_EXPORT_CACHE", None)
+    else:
+        os.environ["PPDET_RETINA_EXPORT_CACHE"] = previous
+
+
 @pytest.fixture
 def messages(caplog):
     """Log records of the package logger (which does not propagate to the root logger)."""

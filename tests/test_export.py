@@ -12,6 +12,9 @@ import importlib.util
 import json
 import os
 import re
+import shutil
+import subprocess
+import sys
 import textwrap
 
 import numpy as np
@@ -348,6 +351,24 @@ def test_deploy_end_to_end(setup, tmp_path):
         bench = json.load(f)
     assert bench["images"] == 4 and bench["inference_ms"] > 0 and bench["images_per_s"] > 0
     assert summary["benchmark"] == bench
+
+
+def test_deploy_runs_from_a_copy_without_the_package(setup, tmp_path):
+    # deploy.py and predictor.py copied beside each other run with ppdet_retina made unimportable.
+    app = tmp_path / "app"
+    app.mkdir()
+    shutil.copy(DEPLOY_PY, app / "deploy.py")
+    shutil.copy(os.path.join(REPO, "ppdet_retina", "engine", "predictor.py"), app / "predictor.py")
+    script = ("import runpy, sys; sys.modules['ppdet_retina'] = None; "
+              "sys.argv = ['deploy.py'] + sys.argv[1:]; runpy.run_path('deploy.py', run_name='__main__')")
+    image = os.path.join(setup["data"].image_root, "img_1.png")
+    proc = subprocess.run([sys.executable, "-c", script, "--model_dir", setup["model_dir"], "--image_file", image,
+                           "--output_dir", str(tmp_path / "out"), "--save_results", "--threshold", "0.3"],
+                          cwd=str(app), capture_output=True, text=True, timeout=120,
+                          env=dict(os.environ, GLOG_minloglevel="2", PYTHONPATH=""))
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    with open(tmp_path / "out" / "bbox.json") as f:
+        assert len(json.load(f)) > 0
 
 
 def test_deploy_refuses_bf16_without_avx512_bf16(monkeypatch):

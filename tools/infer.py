@@ -3,6 +3,10 @@
 
     python tools/infer.py -c <config> -o weights=output/<config>/model_final --infer_img demo.jpg
     python tools/infer.py -c <config> -o weights=... --infer_dir images/ --save_results
+    python tools/infer.py -c <config> -o weights=... --infer_img demo.jpg --engine dygraph
+
+On CPU the weights run on Paddle Inference with oneDNN by default (--engine auto): traced once per
+weights file into ~/.cache/ppdet_retina/exports, same detections as dygraph, about twice as fast.
 
 Each picture is written as soon as it is done. Files that cannot be read are skipped with a
 warning naming each (hidden files such as ._x.jpg and non-image extensions are not listed at
@@ -47,6 +51,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--visualize", type=env.str2bool, nargs="?", const=True, default=True, metavar="BOOL",
                         help="draw the detections into pictures in output_dir (default: true; "
                              "--visualize false with --save_results writes only bbox.json)")
+    from ppdet_retina.engine.fast_engine import add_engine_args
+
+    add_engine_args(parser)
     return parser
 
 
@@ -95,6 +102,7 @@ def main(argv=None) -> None:
     from ppdet_retina.engine.trainer import Trainer
 
     trainer = Trainer(cfg, mode="test")
+    trainer.set_engine(args.engine, args.bf16)
     trainer.load_weights(cfg["weights"])
     if not args.visualize and not args.save_results:
         raise ValueError("--visualize false without --save_results would write nothing; add --save_results")

@@ -29,6 +29,9 @@ def build_parser() -> argparse.ArgumentParser:
                              "train_log.jsonl is always appended to")
     parser.add_argument("--eval", action="store_true",
                         help="evaluate on EvalDataset after every snapshot and keep best_model by bbox mAP")
+    from ppdet_retina.engine.fast_engine import add_engine_args
+
+    add_engine_args(parser, training=True)
     parser.add_argument("--seed", type=int, default=None,
                         help="random seed for python, numpy and paddle (each rank adds its rank)")
     add_training_option_args(parser)
@@ -81,6 +84,7 @@ def main(argv=None) -> None:
     from ppdet_retina.engine.trainer import Trainer
 
     trainer = Trainer(cfg, mode="train")
+    trainer.set_engine(args.engine, args.bf16)
     resumed = bool(args.resume) and trainer.resume_weights(args.resume)
     if not resumed:
         trainer.load_pretrain_weights(cfg.get("pretrain_weights"))

@@ -38,6 +38,8 @@ from ppdet_retina.data.transforms import decode_image
 from ppdet_retina.engine import checkpoint, env
 from ppdet_retina.engine.amp import MixedPrecision
 from ppdet_retina.engine.ema import RAW_WEIGHTS_SUFFIX, build_ema
+from ppdet_retina.engine.fast_engine import EngineChooser
+from ppdet_retina.engine.predictor import unique_output_path
 from ppdet_retina.engine.optimizer import build_optimizer
 from ppdet_retina.engine.profiling import StepProfiler
 from ppdet_retina.engine.train_options import distributed_model, to_static_model
@@ -149,6 +151,8 @@ class Trainer:
         self.optimizer = None
         self._eval_loader = None
         self._eval_dataset = None
+        # What evaluate / predict run on (Paddle Inference on CPU by default); tools call set_engine.
+        self.engine = EngineChooser("auto", False, self.device, training=mode == "train")
 
         if mode == "train":
             self.dataset = create("TrainDataset", cfg)
@@ -187,6 +191,12 @@ class Trainer:
 
     def _build_optimizer(self) -> None:
         self.lr, self.optimizer = build_optimizer(self.cfg, self.model, len(self.loader))
+
+    def set_engine(self, engine: str = "auto", bf16: bool = False) -> None:
+        """Engine of evaluate / predict: ``auto``, ``paddle_inference`` or ``dygraph``
+        (:mod:`ppdet_retina.engine.fast_engine`); ``bf16`` for oneDNN bfloat16. Checked at once."""
+        self.engine = EngineChooser(engine, bf16, self.device, training=self.mode == "train")
+        self.engine.check(str(self.cfg["architecture"]))
 
     def load_weights(self, path: str, skip_mismatch_head: bool = False) -> None:
         """Load model weights (``weights:`` for eval / test) through the checkpoint API."""
@@ -530,14 +540,15 @@ class Trainer:
         """COCO bbox evaluation of the current model on ``EvalDataset``: ``{'bbox': [12 stats]}``."""
         loader = self._build_eval_loader()
         metric = self._build_metric(self._eval_dataset)
-        self.model.eval()
+        runner = self.engine.runner(self.model, self.cfg)
         tic, images = time.time(), 0
         with paddle.no_grad():
             for batch in loader:
-                outputs = self.model(batch)
+                outputs = runner(batch)
                 metric.update(batch, outputs)
                 images += int(batch["image"].shape[0])
         cost = time.time() - tic
+        self.engine.finished(cost)
         logger.info(f"evaluated {images} images in {cost:.2f} s ({images / max(cost, 1e-9):.2f} images/s)")
         if loader.bad_images:
             logger.warning(f"{len(loader.bad_images)} broken image(s) were left out of the evaluation; their "
@@ -571,21 +582,21 @@ class Trainer:
         imid2path = dataset.get_imid2path()
         labels = dataset.get_label_list() if hasattr(dataset, "get_label_list") else []
         os.makedirs(output_dir, exist_ok=True)
-        self.model.eval()
+        runner = self.engine.runner(self.model, self.cfg)
         results, coco, used = [], [], set()
         catmap = getattr(dataset, "clsid2catid", None) or {}
         # The orientation Decode chose for files the json lists (its recorded size).
         anno_hw = {r["im_id"]: r.get("anno_hw") for r in getattr(dataset, "roidbs", [])}
         with paddle.no_grad():
             for batch in loader:
-                outputs = self.model(batch)
+                outputs = runner(batch)
                 for res in _split_per_image(batch, outputs, imid2path):
                     kept = sum(1 for r in res["bbox"] if r[1] >= draw_threshold and r[0] >= 0)
                     if visualize:
                         # The picture as Decode gave it to the model, in BGR.
                         image = decode_image(res["im_file"], anno_hw.get(res["im_id"]), strict=False)[:, :, ::-1]
                         drawn = draw_detections(image, res["bbox"], labels, threshold=draw_threshold)
-                        out_path = _unique_output(output_dir, res["im_file"], used)
+                        out_path = unique_output_path(output_dir, res["im_file"], used)
                         write_picture(out_path, drawn)
                         logger.info(f"{res['im_file']}: {kept} detection(s) >= {draw_threshold} -> {out_path}")
                     else:
@@ -675,13 +686,3 @@ def _raise_if_skipped(bad: List[dict], done: int, output_dir: str) -> None:
     raise ValueError(f"{len(bad)} image(s) could not be read and were skipped ({done} written to "
                      f"{output_dir}): {shown}{more}")
 
-
-def _unique_output(output_dir: str, im_file: str, used: set) -> str:
-    """Output path named after the input; two inputs with one name do not overwrite each other."""
-    stem, ext = os.path.splitext(os.path.basename(im_file))
-    ext = ext if ext.lower() in (".jpg", ".jpeg", ".png", ".bmp") else ".jpg"
-    path, n = os.path.join(output_dir, stem + ext), 1
-    while path in used:
-        path, n = os.path.join(output_dir, f"{stem}_{n}{ext}"), n + 1
-    used.add(path)
-    return path
