@@ -7,7 +7,8 @@ import sys
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 KEYS = ["threads", "train_step_ms", "train_backbone_neck_ms", "train_head_ms", "train_loss_ms",
-        "train_backward_ms", "infer_ms", "postprocess_ms", "postprocess_dense_ms", "peak_rss_mb"]
+        "train_backward_ms", "infer_ms", "postprocess_ms", "postprocess_dense_ms", "peak_rss_mb",
+        "infer_default_engine_ms", "default_engine_trace_s"]
 DENSE_ONLY_KEYS = ["postprocess_sparse_ms"]
 
 
@@ -29,10 +30,20 @@ def _assert_numbers(out, keys):
         assert isinstance(out[key], (int, float)) and not isinstance(out[key], bool), (key, out[key])
 
 
+def _assert_engines(out, threads=1):
+    """The default engine on CPU is Paddle Inference, and the eval throughput is given for both engines."""
+    assert out["default_engine"] == f"Paddle Inference (oneDNN fp32, {threads} thread(s))"
+    rates = out["eval_images_per_s"]
+    assert sorted(rates) == ["dygraph", "paddle_inference"]
+    _assert_numbers(rates, ["dygraph", "paddle_inference"])
+    assert min(rates.values()) > 0 and out["default_engine_trace_s"] > 0
+
+
 def test_retinanet_benchmark_json():
     out = run_benchmark("--config", "configs/demo/retinanet_demo.yml", "--train-size", "64",
                         "--infer-size", "64", "96", "--iters", "1", "--warmup", "0", "--threads", "1")
     _assert_numbers(out, KEYS + DENSE_ONLY_KEYS)
+    _assert_engines(out)
     assert out["threads"] == 1 and out["num_classes"] == 3
     assert out["train_input"] == [2, 3, 64, 64] and out["infer_input"] == [1, 3, 64, 96]
 
@@ -45,5 +56,6 @@ def test_faster_rcnn_benchmark_json(tmp_path):
     out = run_benchmark("--config", str(cfg), "--num-classes", "4", "--train-size", "64", "--infer-size", "64",
                         "--iters", "1", "--warmup", "0", "--threads", "1")
     _assert_numbers(out, KEYS)
+    _assert_engines(out)
     assert out["threads"] == 1 and out["num_classes"] == 4
     assert out["train_input"] == [2, 3, 64, 64] and out["infer_input"] == [1, 3, 64, 64]

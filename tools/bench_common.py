@@ -93,11 +93,13 @@ def post_process_variants(run: Callable[[list], object], cls_logits: list, warmu
 
 
 def measure(model, args: argparse.Namespace, rng, num_classes: int, random_batch: Callable,
-            bench_infer: Callable, bench_train: Callable, result: Dict[str, object]) -> Dict[str, object]:
+            bench_infer: Callable, bench_train: Callable, result: Dict[str, object],
+            bench_engines: Optional[Callable] = None) -> Dict[str, object]:
     """Both tools' measuring sequence: inference, then a train step, then peak RSS; prints the JSON.
 
     Inference comes first, on the freshly initialised model: a few training steps on random data
     drive a randomly initialised R50 with frozen BN to huge activations, which would skew it.
+    ``bench_engines(model, inputs)`` (ours only) then times the other engines on the same input.
     """
     import json
     import resource
@@ -109,6 +111,8 @@ def measure(model, args: argparse.Namespace, rng, num_classes: int, random_batch
         inputs = random_batch(1, h, w, rng, num_classes)
         result["infer_input"] = [1, 3, h, w]
         result.update(bench_infer(model, inputs, args.warmup, args.iters))
+        if bench_engines is not None:
+            result.update(bench_engines(model, inputs))
     if not args.skip_train:
         h, w = hw(args.train_size)
         inputs = random_batch(args.batch_size, h, w, rng, num_classes)

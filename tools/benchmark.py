@@ -7,12 +7,20 @@ post-processing timed on its own on the freshly initialised model's outputs (mea
 train step changes the weights), then with the logits shifted so no score passes 0.05 (sparse: the
 selection and decoding alone) and centred on 0 so most scores pass (dense worst case).
 
+Then the engines tools/eval.py and tools/infer.py choose from, on the same input and weights:
+`infer_default_engine_ms` is what tools/infer.py runs by default (on CPU: the model traced and run on
+Paddle Inference with oneDNN, in bf16 with --bf16), `default_engine` names it and
+`default_engine_trace_s` is its one-off trace + load time; `eval_images_per_s` gives the evaluation
+loop's images per second (forward, NMS, detections to COCO results) per engine, `paddle_inference`
+and `dygraph`.
+
 All times are medians in milliseconds after warm-up; `peak_rss_mb` is the process's peak resident
 memory. Usage:
 
     python tools/benchmark.py                       # the default case above
     python tools/benchmark.py --threads 2 --iters 3 --train-size 512 --infer-size 800 1216
     python tools/benchmark.py --config configs/demo/retinanet_demo.yml --num-classes 3
+    python tools/benchmark.py --bf16 --skip-train   # CPUs with avx512_bf16
 """
 
 from __future__ import annotations
@@ -42,6 +50,9 @@ DEFAULT_CONFIG = "configs/retinanet/retinanet_r50_fpn_1x.yml"
 def parse_args(argv: List[str] | None = None) -> argparse.Namespace:
     parser = build_parser(__doc__, DEFAULT_CONFIG)
     parser.add_argument("-o", "--opt", nargs="*", default=[], help="config overrides key=value")
+    parser.add_argument("--bf16", action="store_true", help="the default engine in oneDNN bfloat16")
+    parser.add_argument("--skip-engines", action="store_true",
+                        help="leave out the default engine and the eval throughput per engine")
     return parser.parse_args(argv)
 
 
@@ -161,6 +172,41 @@ def bench_infer_two_stage(model, inputs: Dict, warmup: int, iters: int) -> Dict[
     return result
 
 
+def engine_benchmark(cfg: Dict, args: argparse.Namespace, threads: int):
+    """``bench_engines`` for :func:`bench_common.measure`: the default engine's forward, its trace cost,
+    and the evaluation loop's images/s on it and on dygraph (same input, same weights)."""
+    from ppdet_retina.engine import fast_engine
+    from ppdet_retina.metrics.coco import detections_to_coco
+
+    def eval_images_per_s(runner, inputs: Dict) -> float:
+        catids = {c: c + 1 for c in range(int(cfg.get("num_classes", 80)))}
+
+        def one():
+            out = runner(inputs)
+            return detections_to_coco(out["bbox"].numpy(), out["bbox_num"].numpy(), inputs["im_id"].numpy(), catids)
+
+        for _ in range(args.warmup):
+            one()
+        total = sum(timed(one)[1] for _ in range(args.iters))
+        return round(1000.0 * args.iters / total, 3)
+
+    def run(model, inputs: Dict) -> Dict[str, object]:
+        # Traced into a temporary folder: random weights have no place in the user's export cache.
+        with paddle.no_grad():
+            runner, trace_ms = timed(lambda: fast_engine.inference_runner(
+                model, cfg, "auto", args.bf16, "cpu", cache=False, threads=threads))
+            times = [timed(lambda: runner(inputs))[1] for _ in range(args.warmup + args.iters)][args.warmup:]
+            name = "dygraph" if runner is model else "paddle_inference"
+            rates = {name: eval_images_per_s(runner, inputs)}
+            if name != "dygraph":
+                rates["dygraph"] = eval_images_per_s(model, inputs)
+        return {"default_engine": getattr(runner, "description", "dygraph"),
+                "default_engine_trace_s": round(trace_ms / 1000.0, 2),
+                "infer_default_engine_ms": round(statistics.median(times), 2), "eval_images_per_s": rates}
+
+    return run
+
+
 def main(argv: List[str] | None = None) -> Dict:
     args = parse_args(argv)
     paddle.set_device("cpu")
@@ -176,7 +222,8 @@ def main(argv: List[str] | None = None) -> Dict:
     num_classes = int(cfg.get("num_classes", 80))
     result: Dict[str, object] = {"config": os.path.relpath(cfg["config_path"], ROOT), "threads": threads,
                                  "num_classes": num_classes, "paddle": paddle.__version__}
-    return measure(model, args, rng, num_classes, random_batch, bench_infer, bench_train, result)
+    engines = None if args.skip_engines else engine_benchmark(cfg, args, threads)
+    return measure(model, args, rng, num_classes, random_batch, bench_infer, bench_train, result, engines)
 
 
 if __name__ == "__main__":
