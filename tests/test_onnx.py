@@ -177,3 +177,24 @@ def test_saturated_scores_are_reported_as_not_comparable(demo, tmp_path):
     assert entry["check"] == ("not comparable: random: 756 of 756 candidates score exactly 1.0 (saturated "
                               "logits, as untrained weights give), so their order is arbitrary")
     assert os.path.isfile(tmp_path / "model.onnx")
+
+
+def test_detections_may_differ_only_at_the_score_or_keep_top_k_cut():
+    def rows(*r):
+        return np.array(r, np.float32).reshape(-1, 6), np.array([len(r)], np.int32)
+
+    paddle_dets = rows([0, 0.9, 0, 0, 10, 10], [1, 0.3, 20, 20, 30, 30], [1, 0.2, 40, 40, 50, 50])
+    reordered = rows([1, 0.3, 20, 20, 30, 30], [1, 0.2, 40, 40, 50, 50], [0, 0.9, 0, 0, 10, 10])
+    assert O.compare_detections(paddle_dets, reordered)["at_cut"] == 0
+    # One more row whose score sits on the threshold in the last bits: accepted, and counted.
+    on_threshold = rows(*paddle_dets[0].tolist(), [2, 0.0500001, 60, 60, 70, 70])
+    assert O.compare_detections(paddle_dets, on_threshold, score_threshold=0.05)["at_cut"] == 1
+    # keep_top_k = 3 reached on both sides: the last kept row may be another near-tied one.
+    other_last = rows([0, 0.9, 0, 0, 10, 10], [1, 0.3, 20, 20, 30, 30], [2, 0.2000001, 80, 80, 90, 90])
+    assert O.compare_detections(paddle_dets, other_last, keep_top_k=3)["at_cut"] == 2
+    with pytest.raises(O.OnnxCheckError, match=r"Paddle's detection class 1 score 0\.20000 .* has no equal"):
+        O.compare_detections(paddle_dets, other_last, keep_top_k=100)
+    # A confident detection that moved is an error whatever the cuts.
+    moved = rows([0, 0.9, 0.5, 0, 10.5, 10], [1, 0.3, 20, 20, 30, 30], [1, 0.2, 40, 40, 50, 50])
+    with pytest.raises(O.OnnxCheckError, match=r"class 0 score 0\.90000 .*nearest \[0\.5, 0\.0, 10\.5, 10\.0\]"):
+        O.compare_detections(paddle_dets, moved, score_threshold=0.05, keep_top_k=3)
