@@ -45,7 +45,8 @@ def test_the_shipped_configs_are_all_found():
     names = sorted(os.path.relpath(p, REPO) for p in CONFIGS)
     assert names == ["configs/demo/faster_rcnn_demo.yml", "configs/demo/retinanet_demo.yml",
                      "configs/faster_rcnn/faster_rcnn_r50_fpn_1x.yml", "configs/faster_rcnn/faster_rcnn_vgg16_1x.yml",
-                     "configs/retinanet/retinanet_r50_fpn_1x.yml"]
+                     "configs/retinanet/retinanet_r50_fpn_1x.yml",
+                     "configs/retinanet/retinanet_r50_fpn_finetune_mydata.yml"]
 
 
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda p: os.path.relpath(p, REPO))
