@@ -38,7 +38,7 @@ def _batch(num_classes: int, num_images: int = 2) -> dict:
 def test_demo_config_trains_one_step_and_evaluates(config):
     cfg = load_config(os.path.join(ROOT, config))
     paddle.seed(0)
-    model = create(cfg.architecture)
+    model = create(cfg.architecture, cfg)
     # The config's own optimizer and schedule, as the trainer builds them (50 steps per epoch
     # stands in for the loader's length).
     lr = create("LearningRate", cfg)(50)

@@ -54,7 +54,7 @@ def test_loader_converts_paddledetection_head_names_onto_our_r50_fpn():
 
 def test_ppdet_config_builds_with_the_published_parameters_and_settings():
     cfg = load_config(ppdet_config(PPDET_CONFIG))
-    model = create(cfg.architecture)
+    model = create(cfg.architecture, cfg)
     assert isinstance(model, FasterRCNN)
     assert convert_ppdet_state_dict(read_param_table("faster_rcnn"), _shapes(model).keys()) == _shapes(model)
     rpn = model.rpn_head
@@ -101,7 +101,8 @@ LOSS_KEYS = ("loss_rpn_cls", "loss_rpn_reg", "loss_bbox_cls", "loss_bbox_reg")
 
 def test_tiny_faster_rcnn_every_loss_goes_down(tmp_path):
     paddle.seed(0)
-    model = create(tiny_faster_rcnn_config(tmp_path).architecture)
+    cfg = tiny_faster_rcnn_config(tmp_path)
+    model = create(cfg.architecture, cfg)
     inputs = _batch()
     opt = paddle.optimizer.SGD(learning_rate=0.02, parameters=model.parameters())
     model.train()
@@ -131,7 +132,8 @@ def test_tiny_faster_rcnn_every_loss_goes_down(tmp_path):
 @pytest.mark.parametrize("empty_second", [False, True])
 def test_batch_of_two_gives_every_parameter_a_gradient(tmp_path, empty_second):
     paddle.seed(1)
-    model = create(tiny_faster_rcnn_config(tmp_path).architecture)
+    cfg = tiny_faster_rcnn_config(tmp_path)
+    model = create(cfg.architecture, cfg)
     model.train()
     losses = model(_batch(2, empty_second))
     assert all(np.isfinite(float(losses[k])) for k in LOSS_KEYS)
@@ -145,7 +147,7 @@ def test_vgg16_config_trains_and_evaluates_narrowed(tmp_path):
         "VGG.channels=[4,4,8,8,8]", "TwoFCHead.out_channel=16", "num_classes=3",
         "RPNHead.anchor_generator.anchor_sizes=[16,32]", "RPNHead.train_proposal.pre_nms_top_n=200",
         "RPNHead.train_proposal.post_nms_top_n=50", "RPNHead.test_proposal.post_nms_top_n=20"])
-    model = create(cfg.architecture)
+    model = create(cfg.architecture, cfg)
     assert model.neck is None and model.backbone.out_shape[0].stride == 16
     assert type(model.bbox_head.roi_extractor).__name__ == "RoIPool"
     assert model.bbox_head.head.fc6.weight.shape == [8 * 7 * 7, 16]

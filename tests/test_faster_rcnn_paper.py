@@ -30,7 +30,7 @@ def _t(values, dtype="float32"):
 @pytest.fixture(scope="module")
 def vgg_rpn():
     cfg = load_config(VGG_CONFIG, ["VGG.channels=[4,4,8,8,8]", "TwoFCHead.out_channel=16"])
-    return create(cfg["architecture"]).rpn_head
+    return create(cfg["architecture"], cfg).rpn_head
 
 
 def test_config_carries_the_paper_settings(vgg_rpn):

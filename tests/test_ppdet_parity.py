@@ -61,7 +61,7 @@ def model(ref, ppdet_state, tmp_path_factory):
     """Our RetinaNet from our config + the fixture's overrides, weights loaded from PaddleDetection names."""
     paddle.set_device("cpu")
     cfg = load_config(os.path.join(ROOT, gen.OUR_RETINANET_CONFIG), json.loads(str(ref["overrides"])))
-    net = create(cfg["architecture"])
+    net = create(cfg["architecture"], cfg)
     path = str(tmp_path_factory.mktemp("ppdet_weights") / "retinanet_ppdet.pdparams")
     paddle.save({k: paddle.to_tensor(v) for k, v in ppdet_state.items()}, path)
     report = load_weights(net, path)
@@ -187,7 +187,7 @@ def frcnn(tmp_path_factory):
     np.testing.assert_allclose(gen.state_checksum(state), fref["param_checksum"], rtol=1e-9)
     paddle.set_device("cpu")
     cfg = load_config(os.path.join(ROOT, gen.OUR_FASTER_RCNN_CONFIG), json.loads(str(fref["overrides"])))
-    net = create(cfg["architecture"])
+    net = create(cfg["architecture"], cfg)
     path = str(tmp_path_factory.mktemp("ppdet_weights") / "faster_rcnn_ppdet.pdparams")
     paddle.save({k: paddle.to_tensor(v) for k, v in state.items()}, path)
     assert load_weights(net, path)["style"] == "ppdet"

@@ -26,7 +26,7 @@ CONFIGS = sorted(os.path.relpath(p, ROOT) for arch in ("retinanet", "faster_rcnn
 @pytest.mark.parametrize("relative", CONFIGS or ["none"], ids=[os.path.basename(p) for p in CONFIGS] or None)
 def test_reference_config_builds(relative):
     cfg = load_config(os.path.join(ROOT, relative))
-    model = create(cfg["architecture"])
+    model = create(cfg["architecture"], cfg)
     depth = cfg["ResNet"]["depth"]
     assert type(model).__name__ == cfg["architecture"]
     # The backbone is the one the file asks for (depth and variant decide the block count and stem).
@@ -34,10 +34,10 @@ def test_reference_config_builds(relative):
     assert sum(1 for name, _ in model.backbone.named_sublayers() if name.count(".") == 1
                and name.startswith("res")) == blocks
     assert (len(model.backbone.stem) == 3) == (cfg["ResNet"].get("variant", "b") == "d")
-    lr = create("LearningRate")(steps_per_epoch=100)
-    optimizer = create("OptimizerBuilder")(lr, model)
+    lr = create("LearningRate", cfg)(steps_per_epoch=100)
+    optimizer = create("OptimizerBuilder", cfg)(lr, model)
     assert isinstance(optimizer, paddle.optimizer.Momentum)
     warmup = cfg["LearningRate"]["schedulers"][1]
     assert lr.get_lr() == pytest.approx(cfg["LearningRate"]["base_lr"] * warmup.start_factor)
     for reader in ("TrainReader", "EvalReader", "TestReader"):
-        assert create(reader).batch_size == cfg[reader]["batch_size"]
+        assert create(reader, cfg).batch_size == cfg[reader]["batch_size"]

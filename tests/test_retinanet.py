@@ -46,9 +46,9 @@ TINY_CFG = textwrap.dedent("""
 def tiny_model(tmp_path):
     path = tmp_path / "tiny_retinanet.yml"
     path.write_text(TINY_CFG)
-    load_config(str(path))
+    cfg = load_config(str(path))
     paddle.seed(0)
-    return create("RetinaNet")
+    return create("RetinaNet", cfg)
 
 
 def _batch():
@@ -134,14 +134,14 @@ def test_eval_requires_scale_factor(tiny_model):
 def test_missing_stage_is_a_config_error(tmp_path):
     path = tmp_path / "bad.yml"
     path.write_text(TINY_CFG.replace("  neck: FPN\n", ""))
-    load_config(str(path))
+    cfg = load_config(str(path))
     with pytest.raises(ConfigError, match="neck"):
-        create("RetinaNet")
+        create("RetinaNet", cfg)
 
 
 def test_our_r50_config_matches_paddledetection_parameter_table():
-    load_config(os.path.join(REPO, "configs/retinanet/_base_/retinanet_r50_fpn.yml"))
-    model = create("RetinaNet")
+    cfg = load_config(os.path.join(REPO, "configs/retinanet/_base_/retinanet_r50_fpn.yml"))
+    model = create("RetinaNet", cfg)
     ours = sum(int(np.prod(v.shape)) for v in model.state_dict().values())
     table = read_param_table("retinanet")
     assert len(table) == len(model.state_dict()) == 301

@@ -328,3 +328,59 @@ def test_a_subclass_of_an_unregistered_class_keeps_accepting_any_key():
 
     built = create("_WsFreeForm", {"_WsFreeForm": {"a": 2, "anything": 3}})
     assert built.a == 2 and built.kwargs == {"anything": 3}
+
+
+def test_create_without_config_uses_class_defaults_not_the_last_loaded(tmp_path):
+    load_config(_write(tmp_path, "c.yml", "num_classes: 3\n_WsHead: {width: 2, nms: {keep_top_k: 9}}\n"))
+    head = create("_WsHead")
+    assert (head.num_classes, head.width, head.nms.keep_top_k) == (80, 8, 100)
+    # Inside a from_config hook a bare create reads the config being built from.
+    arch = create("_WsArch", {"_WsArch": {"head": "_WsHead"}, "_WsHead": {"width": 5}})
+    assert arch.head.width == 5
+
+
+@register
+class _WsBox:
+    """A component whose PaddleDetection-only keys are declared once, and a subclass changing a default."""
+
+    __shared__ = ["num_classes"]
+    __inject__ = ["nms"]
+    __ignored__ = {"trt": "TensorRT switch", "cpu": "device switch"}
+
+    def __init__(self, num_classes: int = 80, nms=None, size: int = 4):
+        self.num_classes = num_classes
+        self.nms = ws.build_component(nms, "_WsNms", "_WsBox.nms")
+        self.size = size
+
+
+@register
+class _WsSmallBox(_WsBox):
+    def __init__(self, size: int = 2, **kwargs):
+        super().__init__(size=size, **kwargs)
+
+
+def test_ignored_keys_are_accepted_from_config_and_never_reach_the_constructor(tmp_path):
+    cfg = load_config(_write(tmp_path, "c.yml", "_WsSmallBox: {trt: true, cpu: false, num_classes: 4}\n"))
+    box = create("_WsSmallBox", cfg)
+    assert (box.size, box.num_classes) == (2, 4)
+    assert not hasattr(box, "trt") and not hasattr(box, "cpu")
+    with pytest.raises(TypeError):  # plain Python: not a parameter at all
+        _WsBox(trt=True)
+    with pytest.raises(ConfigError, match=r"'trtt' \(did you mean 'trt'\?\).*accepted and ignored: trt, cpu"):
+        load_config(_write(tmp_path, "d.yml", "_WsBox: {trtt: true}\n"))
+
+
+def test_build_component_one_rule_for_plain_python(tmp_path):
+    load_config(_write(tmp_path, "c.yml", "_WsNms: {keep_top_k: 1}\n"))  # must not leak into plain Python
+    assert _WsBox().nms.keep_top_k == 100  # None -> the default class with its defaults
+    assert _WsBox(nms="_WsNms").nms.keep_top_k == 100
+    assert _WsBox(nms={"keep_top_k": 7}).nms.keep_top_k == 7
+    built = _WsNms(0.9)
+    assert _WsBox(nms=built).nms is built
+    head = ws.build_component({"name": "_WsHead", "width": 3}, None, "x.head", shared={"num_classes": 6})
+    assert (head.num_classes, head.width) == (6, 3)
+    assert ws.build_component(None, None, "x.loss") is None
+    with pytest.raises(ConfigError, match=r"unknown component '_WsNmz' \(in _WsBox.nms\)"):
+        _WsBox(nms="_WsNmz")
+    with pytest.raises(ConfigError, match="x.loss: give the component's class with 'name:'"):
+        ws.build_component({"beta": 1.0}, None, "x.loss")

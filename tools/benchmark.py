@@ -218,7 +218,7 @@ def main(argv: List[str] | None = None) -> Dict:
         overrides.append(f"num_classes={args.num_classes}")
     cfg = load_config(os.path.join(ROOT, args.config) if not os.path.isabs(args.config) else args.config,
                       overrides)
-    model = create(cfg["architecture"])
+    model = create(cfg["architecture"], cfg)
     num_classes = int(cfg.get("num_classes", 80))
     result: Dict[str, object] = {"config": os.path.relpath(cfg["config_path"], ROOT), "threads": threads,
                                  "num_classes": num_classes, "paddle": paddle.__version__}

@@ -11,10 +11,20 @@ extra semantics:
   registered name (``nms: MultiClassNMS``), a top-level section name, a dict
   with ``name:`` plus keys, a dict without ``name:`` (the class named by the
   argument's default is used), or an already built object.
+* ``__ignored__``: ``{key: why}`` of keys accepted from a config only because
+  PaddleDetection's configs carry them. They are checked like other keys but
+  never reach the constructor (and so are never stored); a subclass inherits
+  them, so it only re-declares the parameters whose defaults it changes.
 * ``from_config(cls, cfg, **kwargs) -> dict``: optional hook. ``create`` calls
   it with the resolved keyword arguments and any extra ``kwargs`` the caller
   passed (e.g. ``input_shape`` of the previous stage); the dict it returns
   updates the constructor arguments.
+
+One rule for sub-components: from a config the workspace resolves every ``__inject__`` key before
+the constructor runs; in plain Python a constructor receives built objects, or a name / dict that
+it hands to :func:`build_component`, which builds from the class defaults. Nothing reads the
+config loaded last: ``create(name)`` without a config builds from the class defaults too (inside
+a ``from_config`` hook it reads the config being built from).
 
 Classes decorated with :func:`serializable` may also be written as YAML tags
 (``- !PiecewiseDecay {milestones: [8, 11]}``) and are built while loading.
@@ -42,6 +52,7 @@ __all__ = [
     "register",
     "serializable",
     "create",
+    "build_component",
     "load_config",
     "merge_config",
     "parse_overrides",
@@ -140,6 +151,10 @@ class _Spec:
         chain = _constructor_chain(cls)
         self.shared: List[str] = _union(getattr(c, "__shared__", []) for c in chain)
         self.inject: List[str] = _union(getattr(c, "__inject__", []) for c in chain)
+        # Most derived first, so a subclass may re-word a base's reason.
+        self.ignored: Dict[str, str] = {}
+        for klass in reversed(chain):
+            self.ignored.update(getattr(klass, "__ignored__", {}))
         params: Dict[str, inspect.Parameter] = {}
         self.accepts_var_kwargs = False
         for klass in chain:
@@ -148,6 +163,10 @@ class _Spec:
                 if p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL):
                     params.setdefault(p.name, p)
             self.accepts_var_kwargs = any(p.kind == p.VAR_KEYWORD for p in own)
+        clash = sorted(k for k in self.ignored if k in params)
+        if clash:
+            raise ConfigError(f"{cls.__name__}: {clash} are both constructor parameters and __ignored__; "
+                              f"an ignored key must not reach the constructor")
         self.params = list(params.values())
         self.defaults = {p.name: p.default for p in self.params if p.default is not p.empty}
         self.required = [p.name for p in self.params if p.default is p.empty]
@@ -553,12 +572,14 @@ def create(component: Any, cfg: Optional[dict] = None, **kwargs: Any) -> Any:
     ``component`` is a registered class name (its section in ``cfg`` gives the
     arguments), a top-level config key whose value is a dict with ``name:``
     (e.g. ``TrainDataset``), a dict with ``name:``, or an already built object
-    (returned as is). ``cfg`` defaults to the global config. ``kwargs`` go to
-    the class's ``from_config`` hook when it has one, else to the constructor,
-    and win over config values.
+    (returned as is). Without ``cfg`` the component is built from its class
+    defaults (inside a ``from_config`` hook: from the config being built from),
+    never from the config loaded last. ``kwargs`` go to the class's
+    ``from_config`` hook when it has one, else to the constructor, and win over
+    config values.
     """
     if cfg is None:
-        cfg = _ACTIVE_CONFIGS[-1] if _ACTIVE_CONFIGS else _GLOBAL_CONFIG
+        cfg = _ACTIVE_CONFIGS[-1] if _ACTIVE_CONFIGS else AttrDict()
     if isinstance(component, dict):
         section = dict(component)
         if "name" not in section:
@@ -580,11 +601,31 @@ def create(component: Any, cfg: Optional[dict] = None, **kwargs: Any) -> Any:
     return _build(spec, dict(top or {}), cfg, where=component, extra=kwargs)
 
 
+def build_component(value: Any, default: Optional[str], where: str, shared: Optional[dict] = None,
+                    **kwargs: Any) -> Any:
+    """The one way a constructor turns a sub-component argument into an object.
+
+    ``value`` is a built object (returned as is), a registered name, a dict of keys (its
+    ``name:`` or else ``default`` picks the class) or None (``default``'s class; None when
+    ``default`` is None too, for optional parts). Names and dicts are built from the class
+    defaults, never from a loaded config; ``shared`` gives values of the owner's ``__shared__``
+    keys (e.g. ``{"num_classes": 3}``) and ``kwargs`` go to the class's ``from_config`` hook
+    (e.g. ``input_shape``). ``where`` (``"BBoxHead.bbox_assigner"``) names the argument in errors.
+    """
+    if value is None:
+        if default is None:
+            return None
+        value = default
+    return _build_value(value, default, AttrDict(shared or {}), where, extra=kwargs)
+
+
 def _build(spec: _Spec, section: dict, cfg: dict, where: str, extra: Optional[dict] = None) -> Any:
     extra = dict(extra or {})
     section = copy.deepcopy(section)
     section.pop("name", None)
     _check_keys(spec, section, where)
+    for key in spec.ignored:
+        section.pop(key, None)
     resolved: Dict[str, Any] = {}
     for key in spec.keys:
         if key in section:
@@ -645,34 +686,42 @@ def _named_for(spec: _Spec, err: ConfigError) -> ConfigError:
 def _check_keys(spec: _Spec, section: dict, where: str) -> None:
     if spec.accepts_var_kwargs:
         return
-    valid = spec.keys
+    valid = spec.keys + list(spec.ignored)
     unknown = [k for k in section if k not in valid]
     if unknown:
         parts = []
         for key in unknown:
             close = difflib.get_close_matches(key, valid, n=1, cutoff=0.6)
             parts.append(f"'{key}'" + (f" (did you mean '{close[0]}'?)" if close else ""))
+        ignored = f" (accepted and ignored: {', '.join(spec.ignored)})" if spec.ignored else ""
         raise ConfigError(f"{where}: unknown config key {', '.join(parts)} for {spec.name}; "
-                          f"valid keys: {', '.join(valid)}")
+                          f"valid keys: {', '.join(spec.keys)}{ignored}")
 
 
 def _build_injected(spec: _Spec, key: str, value: Any, cfg: dict, where: str) -> Any:
-    sub_where = f"{where}.{key}"
     if value is None:
         return None
+    return _build_value(value, _default_class_name(spec, key), cfg, f"{where}.{key}")
+
+
+def _build_value(value: Any, default: Optional[str], cfg: dict, where: str,
+                 extra: Optional[dict] = None) -> Any:
+    """A component from a name (a registered class, whose section in ``cfg`` gives its keys, or a
+    top-level section with ``name:``), a dict of keys (``name:`` or else ``default`` is the class)
+    or a built object (returned as is)."""
     if isinstance(value, str):
         top = cfg.get(value)
         if isinstance(top, dict) and "name" in top and value not in _REGISTRY:
-            return create(value, cfg)
-        return _build(_spec(value, where=sub_where), dict(top or {}) if isinstance(top, dict) else {},
-                      cfg, where=f"{sub_where} ({value})")
+            return create(value, cfg, **(extra or {}))
+        return _build(_spec(value, where=where), dict(top or {}) if isinstance(top, dict) else {},
+                      cfg, where=f"{where} ({value})", extra=extra)
     if isinstance(value, dict):
         section = dict(value)
-        name = section.pop("name", None) or _default_class_name(spec, key)
+        name = section.pop("name", None) or default
         if name is None:
-            raise ConfigError(f"{sub_where}: give the component's class with 'name:' "
-                              f"(e.g. {key}: {{name: SomeClass, ...}})")
-        return _build(_spec(name, where=sub_where), section, cfg, where=f"{sub_where} ({name})")
+            raise ConfigError(f"{where}: give the component's class with 'name:' "
+                              f"(e.g. {where.rsplit('.', 1)[-1]}: {{name: SomeClass, ...}})")
+        return _build(_spec(name, where=where), section, cfg, where=f"{where} ({name})", extra=extra)
     return value
 
 

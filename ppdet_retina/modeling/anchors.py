@@ -77,24 +77,25 @@ class AnchorGenerator:
             level, or a list of lists, one per level (``[[32], [64], ...]``).
         aspect_ratios: h / w ratios; flat, or one list per level.
         strides: one stride per level; their count sets the number of levels.
-        variance: kept for config compatibility (box coder weights live elsewhere).
         offset: anchor centre offset in units of stride (0 = at ``x*stride``).
+        variance: accepted and ignored (``__ignored__``).
 
     Call: ``gen(feature_sizes)`` with a list of ``(h, w)`` or of feature tensors
     [B, C, h, w], returns one float32 tensor [h*w*A, 4] per level (x1y1x2y2).
     Results for a given (level, h, w) are cached.
     """
 
+    __ignored__ = {"variance": "PaddleDetection's box-coder weights; the heads' own coder weights are used"}
+
     def __init__(self, anchor_sizes: Sequence = (32, 64, 128, 256, 512),
                  aspect_ratios: Sequence = (0.5, 1.0, 2.0), strides: Sequence[float] = (16.0,),
-                 variance: Sequence[float] = (1.0, 1.0, 1.0, 1.0), offset: float = 0.0):
+                 offset: float = 0.0):
         if not isinstance(strides, (list, tuple)) or len(strides) == 0:
             raise ConfigError(f"AnchorGenerator.strides must be a non-empty list, got {strides!r}")
         self.strides = [float(s) for s in strides]
         self.anchor_sizes = _per_level(list(anchor_sizes), len(self.strides), "anchor_sizes")
         self.aspect_ratios = _per_level(list(aspect_ratios), len(self.strides), "aspect_ratios")
         self._check_positive()
-        self.variance = [float(v) for v in variance]
         self.offset = float(offset)
         self.cells = [cell_anchors(s, r) for s, r in zip(self.anchor_sizes, self.aspect_ratios)]
         counts = {len(c) for c in self.cells}
@@ -157,14 +158,13 @@ class RetinaAnchorGenerator(AnchorGenerator):
     aspect ratio, so A = scales_per_octave * len(aspect_ratios) (9 by default).
 
     Config keys: octave_base_scale, scales_per_octave, aspect_ratios, strides,
-    variance, offset (see :class:`AnchorGenerator`). Call and output as there:
+    offset; variance is ignored (see :class:`AnchorGenerator`). Call and output as there:
     one [h*w*A, 4] float32 tensor per level.
     """
 
     def __init__(self, octave_base_scale: float = 4, scales_per_octave: int = 3,
                  aspect_ratios: Sequence = (0.5, 1.0, 2.0),
-                 strides: Sequence[float] = (8.0, 16.0, 32.0, 64.0, 128.0),
-                 variance: Sequence[float] = (1.0, 1.0, 1.0, 1.0), offset: float = 0.0):
+                 strides: Sequence[float] = (8.0, 16.0, 32.0, 64.0, 128.0), offset: float = 0.0):
         if int(scales_per_octave) < 1:
             raise ConfigError(f"RetinaAnchorGenerator.scales_per_octave must be >= 1, got {scales_per_octave}")
         if not isinstance(strides, (list, tuple)) or len(strides) == 0:
@@ -173,5 +173,4 @@ class RetinaAnchorGenerator(AnchorGenerator):
         self.scales_per_octave = int(scales_per_octave)
         sizes = [[float(stride) * self.octave_base_scale * 2.0 ** (i / self.scales_per_octave)
                   for i in range(self.scales_per_octave)] for stride in strides]
-        super().__init__(anchor_sizes=sizes, aspect_ratios=aspect_ratios, strides=strides,
-                         variance=variance, offset=offset)
+        super().__init__(anchor_sizes=sizes, aspect_ratios=aspect_ratios, strides=strides, offset=offset)

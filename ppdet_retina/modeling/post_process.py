@@ -29,8 +29,7 @@ class MultiClassNMS:
         background_label: class index skipped entirely (-1: none).
         return_index: also return each kept row's index into the flattened
             input boxes ([K, 1] int32, third output).
-        return_rois_num, trt, cpu: accepted for PaddleDetection config
-            compatibility; they change nothing here.
+        return_rois_num, trt, cpu: accepted and ignored (``__ignored__``).
 
     Defaults are PaddleDetection's (nms_top_k -1, normalized True), so configs
     that leave a key out behave as they do there.
@@ -45,10 +44,13 @@ class MultiClassNMS:
     When nothing survives, ``bbox`` is an empty [0, 6] tensor and ``bbox_num`` zeros.
     """
 
+    __ignored__ = {"return_rois_num": "bbox_num is always returned",
+                   "trt": "PaddleDetection's TensorRT switch; the NMS op is the same",
+                   "cpu": "PaddleDetection's device switch; the NMS op is the same"}
+
     def __init__(self, score_threshold: float = 0.05, nms_top_k: int = -1, keep_top_k: int = 100,
                  nms_threshold: float = 0.5, normalized: bool = True, nms_eta: float = 1.0,
-                 background_label: int = -1, return_index: bool = False, return_rois_num: bool = True,
-                 trt: bool = False, cpu: bool = False):
+                 background_label: int = -1, return_index: bool = False):
         if not 0.0 <= nms_threshold <= 1.0:
             raise ConfigError(f"MultiClassNMS.nms_threshold must be in [0, 1], got {nms_threshold}")
         if nms_top_k == 0 or keep_top_k == 0:
@@ -62,7 +64,6 @@ class MultiClassNMS:
         self.nms_eta = float(nms_eta)
         self.background_label = int(background_label)
         self.return_index = bool(return_index)
-        self.return_rois_num = bool(return_rois_num)
 
     def __call__(self, bboxes: paddle.Tensor, scores: paddle.Tensor,
                  rois_num: Optional[paddle.Tensor] = None,

@@ -8,7 +8,7 @@ on [B, N] label maps (``subsample_labels``), so no Python loop runs per image.
 
 from __future__ import annotations
 
-from typing import Dict, NamedTuple, Optional, Sequence, Tuple
+from typing import Dict, NamedTuple, Optional, Tuple
 
 import paddle
 
@@ -66,6 +66,9 @@ def cross_boundary(anchors: paddle.Tensor, im_shape: paddle.Tensor, tolerance: f
     return paddle.logical_or(outside, y2 > h + tolerance)
 
 
+_ON_CPU_WHY = "PaddleDetection's device switch; the batched assignment runs where the model runs"
+
+
 def _check_fraction(owner: str, batch_size_per_im: int, fg_fraction: float) -> None:
     if int(batch_size_per_im) <= 0:
         raise ConfigError(f"{owner}.batch_size_per_im must be > 0, got {batch_size_per_im}")
@@ -86,10 +89,10 @@ class RPNTargetAssign:
     Config keys: batch_size_per_im (256), fg_fraction (0.5), positive_overlap (0.7),
     negative_overlap (0.3), ignore_thresh (-1: off; > 0 ignores anchors overlapping a
     crowd box by more than this), use_random (True: random subset; False: lowest
-    indices), assign_on_cpu (accepted for PaddleDetection configs; no effect),
-    ignore_cross_boundary (False, as PaddleDetection; True: anchors reaching more than
+    indices), ignore_cross_boundary (False, as PaddleDetection; True: anchors reaching more than
     ``straddle_thresh`` px (0) outside the image are neither positive, negative nor any gt's
-    best match, as the Faster R-CNN paper trains its RPN).
+    best match, as the Faster R-CNN paper trains its RPN). assign_on_cpu is accepted and
+    ignored (``__ignored__``).
 
     Call: ``assign(anchors [N, 4], gt_bbox [B, G, 4], gt_valid [B, G], crowd [B, G] | None,
     im_shape [B, 2] (needed with ignore_cross_boundary))``
@@ -97,9 +100,11 @@ class RPNTargetAssign:
     matched_gt [B, N] int64)``. The loss normaliser is ``batch_size_per_im * B``.
     """
 
+    __ignored__ = {"assign_on_cpu": _ON_CPU_WHY}
+
     def __init__(self, batch_size_per_im: int = 256, fg_fraction: float = 0.5,
                  positive_overlap: float = 0.7, negative_overlap: float = 0.3,
-                 ignore_thresh: float = -1.0, use_random: bool = True, assign_on_cpu: bool = False,
+                 ignore_thresh: float = -1.0, use_random: bool = True,
                  ignore_cross_boundary: bool = False, straddle_thresh: float = 0.0):
         _check_fraction("RPNTargetAssign", batch_size_per_im, fg_fraction)
         if not 0.0 <= negative_overlap <= positive_overlap <= 1.0:
@@ -169,19 +174,20 @@ class BBoxAssigner:
 
     Config keys: batch_size_per_im (512), fg_fraction (0.25), fg_thresh (0.5),
     bg_thresh (0.5), ignore_thresh (-1: off; see RPNTargetAssign), use_random (True),
-    cascade_iou (accepted for Cascade R-CNN configs; unused), num_classes (shared, 80),
-    assign_on_cpu (accepted; no effect).
+    num_classes (shared, 80); cascade_iou and assign_on_cpu are accepted and ignored
+    (``__ignored__``).
 
     Call: ``assign(rois [B, P, 4], rois_valid [B, P], gt_bbox [B, G, 4], gt_class [B, G, 1],
     gt_valid [B, G], crowd [B, G] | None)`` -> :class:`RoITargets`.
     """
 
+    # assign_on_cpu stays shared so that a top-level key of that name is accepted too.
     __shared__ = ["num_classes", "assign_on_cpu"]
+    __ignored__ = {"assign_on_cpu": _ON_CPU_WHY, "cascade_iou": "Cascade R-CNN's stage IoUs; there is no cascade here"}
 
     def __init__(self, batch_size_per_im: int = 512, fg_fraction: float = 0.25, fg_thresh: float = 0.5,
                  bg_thresh: float = 0.5, ignore_thresh: float = -1.0, use_random: bool = True,
-                 cascade_iou: Sequence[float] = (0.5, 0.6, 0.7), num_classes: int = 80,
-                 assign_on_cpu: bool = False):
+                 num_classes: int = 80):
         _check_fraction("BBoxAssigner", batch_size_per_im, fg_fraction)
         if not 0.0 <= bg_thresh <= fg_thresh <= 1.0:
             raise ConfigError("BBoxAssigner needs 0 <= bg_thresh <= fg_thresh <= 1, got "
@@ -192,7 +198,6 @@ class BBoxAssigner:
         self.bg_thresh = float(bg_thresh)
         self.ignore_thresh = float(ignore_thresh)
         self.use_random = bool(use_random)
-        self.cascade_iou = list(cascade_iou)
         self.num_classes = int(num_classes)
 
     def __call__(self, rois: paddle.Tensor, rois_valid: paddle.Tensor, gt_bbox: paddle.Tensor,

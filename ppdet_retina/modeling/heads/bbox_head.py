@@ -17,18 +17,17 @@ import paddle.nn.functional as F
 from paddle import ParamAttr
 from paddle.nn.initializer import Normal, XavierUniform
 
-from ppdet_retina.core.workspace import ConfigError, create, register
+from ppdet_retina.core.workspace import ConfigError, build_component, create, register
 from ppdet_retina.modeling.box_ops import bbox2delta, clip_boxes, delta2bbox
 from ppdet_retina.modeling.losses import GIoULoss
-from ppdet_retina.modeling.post_process import MultiClassNMS
 from ppdet_retina.modeling.proposal_generator import flatten_rois
-from ppdet_retina.modeling.roi_extractor import RoIAlign, RoIPool
-from ppdet_retina.modeling.samplers import BBoxAssigner, RoITargets, gt_masks
+from ppdet_retina.modeling.samplers import RoITargets, gt_masks
 from ppdet_retina.modeling.shape_spec import ShapeSpec, in_channel_kwargs
 
 __all__ = ["TwoFCHead", "BBoxHead", "RCNNBox", "BBoxPostProcess"]
 
-_ROI_EXTRACTORS = {"RoIAlign": RoIAlign, "RoIPool": RoIPool}
+# FPN's RoI feature head pools 7x7 (RoIAlign's own default, 14, is the C4 head's).
+_DEFAULT_ROI_EXTRACTOR = {"name": "RoIAlign", "resolution": 7}
 
 
 @register
@@ -75,18 +74,13 @@ class TwoFCHead(nn.Layer):
         return x
 
 
-def _build_roi_extractor(spec: Any, input_shape: Optional[Sequence[ShapeSpec]]) -> Any:
-    """A RoIAlign/RoIPool from a dict of its keys (``name:`` picks RoIPool; default RoIAlign)."""
-    if not isinstance(spec, dict):
-        return spec
-    kwargs = dict(spec)
-    name = kwargs.pop("name", "RoIAlign")
-    if name not in _ROI_EXTRACTORS:
-        raise ConfigError(f"BBoxHead.roi_extractor.name '{name}' is not one of {sorted(_ROI_EXTRACTORS)}")
-    cls = _ROI_EXTRACTORS[name]
-    if input_shape is not None and "spatial_scale" not in kwargs:
-        kwargs.update(cls.from_config(kwargs, input_shape=input_shape))
-    return cls(**kwargs)
+def _build_roi_extractor(value: Any, input_shape: Optional[Sequence[ShapeSpec]] = None) -> Any:
+    """The RoI extractor from a dict of its keys (``name:`` RoIAlign by default, or RoIPool), a name or
+    an object; with ``input_shape`` its spatial_scale comes from the strides unless the dict sets one."""
+    value = _DEFAULT_ROI_EXTRACTOR if value is None else value
+    if input_shape is None or (isinstance(value, dict) and "spatial_scale" in value):
+        return build_component(value, "RoIAlign", "BBoxHead.roi_extractor")
+    return build_component(value, "RoIAlign", "BBoxHead.roi_extractor", input_shape=input_shape)
 
 
 def select_class_deltas(deltas: paddle.Tensor, labels: paddle.Tensor, num_classes: int) -> paddle.Tensor:
@@ -103,13 +97,13 @@ class BBoxHead(nn.Layer):
     Config keys:
         head: the RoI feature head (TwoFCHead), built with input_shape.
         in_channel: the head's output width (from the head when built from a config).
-        roi_extractor: dict of RoIAlign keys (``name: RoIPool`` for max pooling).
+        roi_extractor: dict of RoIAlign keys (``name: RoIPool`` for max pooling; default
+            RoIAlign with resolution 7).
         bbox_assigner: BBoxAssigner (training RoI sampling).
         with_pool: average-pool the head's output map to 1x1 (for conv heads).
         num_classes (shared), bbox_weight ([10, 10, 5, 5], delta encoding weights).
         bbox_loss: None = L1 on deltas; SmoothL1Loss on deltas; GIoULoss on decoded boxes.
-        loss_normalize_pos: accepted for PaddleDetection configs; both forms divide by
-            the number of sampled RoIs here.
+        loss_normalize_pos: accepted and ignored (``__ignored__``).
 
     forward(feats, rois [B, K, 4], rois_valid [B, K], inputs) ->
     training: {'loss_bbox_cls': softmax CE averaged over sampled RoIs, 'loss_bbox_reg':
@@ -119,24 +113,22 @@ class BBoxHead(nn.Layer):
 
     __shared__ = ["num_classes"]
     __inject__ = ["bbox_assigner", "bbox_loss"]
+    __ignored__ = {"loss_normalize_pos": "both of PaddleDetection's forms divide by the sampled RoIs here"}
 
     def __init__(self, head: Any, in_channel: int = 1024, roi_extractor: Any = None,
                  bbox_assigner: Any = "BBoxAssigner", with_pool: bool = False, num_classes: int = 80,
-                 bbox_weight: Sequence[float] = (10.0, 10.0, 5.0, 5.0), bbox_loss: Any = None,
-                 loss_normalize_pos: bool = False):
+                 bbox_weight: Sequence[float] = (10.0, 10.0, 5.0, 5.0), bbox_loss: Any = None):
         super().__init__()
         if int(num_classes) <= 0:
             raise ConfigError(f"BBoxHead.num_classes must be > 0, got {num_classes}")
         self.head = head
-        self.roi_extractor = _build_roi_extractor(roi_extractor if roi_extractor is not None
-                                                  else {"resolution": 7}, None)
-        self.bbox_assigner = (BBoxAssigner(num_classes=num_classes) if bbox_assigner is None
-                              or isinstance(bbox_assigner, str) else bbox_assigner)
+        self.roi_extractor = _build_roi_extractor(roi_extractor)
+        self.bbox_assigner = build_component(bbox_assigner, "BBoxAssigner", "BBoxHead.bbox_assigner",
+                                             shared={"num_classes": num_classes})
         self.with_pool = bool(with_pool)
         self.num_classes = int(num_classes)
         self.bbox_weight = [float(w) for w in bbox_weight]
-        self.bbox_loss = bbox_loss
-        self.loss_normalize_pos = bool(loss_normalize_pos)
+        self.bbox_loss = build_component(bbox_loss, None, "BBoxHead.bbox_loss")
         self.cls_score = nn.Linear(in_channel, self.num_classes + 1,
                                    weight_attr=ParamAttr(initializer=Normal(mean=0.0, std=0.01)))
         self.bbox_pred = nn.Linear(in_channel, 4 * self.num_classes,
@@ -145,9 +137,8 @@ class BBoxHead(nn.Layer):
     @classmethod
     def from_config(cls, cfg: dict, input_shape: Optional[Sequence[ShapeSpec]] = None, **_: Any) -> dict:
         head = create(cfg["head"], input_shape=input_shape) if input_shape is not None else create(cfg["head"])
-        extractor = cfg.get("roi_extractor") or {"resolution": 7}
         return {"head": head, "in_channel": head.out_shape[0].channels,
-                "roi_extractor": _build_roi_extractor(extractor, input_shape)}
+                "roi_extractor": _build_roi_extractor(cfg.get("roi_extractor"), input_shape)}
 
     def forward(self, feats: Sequence[paddle.Tensor], rois: paddle.Tensor, rois_valid: paddle.Tensor,
                 inputs: Optional[Dict[str, paddle.Tensor]] = None):
@@ -196,6 +187,9 @@ class BBoxHead(nn.Layer):
         return self.bbox_loss(pred, target, weight=foreground, normalizer=num)
 
 
+_EXPORT_ONNX_WHY = "PaddleDetection's ONNX export switch; engine/onnx.py converts the one exported graph"
+
+
 @register
 class RCNNBox:
     """Decode class-specific deltas of the RoI head into boxes in resized-image pixels.
@@ -205,19 +199,21 @@ class RCNNBox:
     rescales afterwards (:class:`BBoxPostProcess`). The background score column is dropped.
 
     Config keys: prior_box_var ([10, 10, 5, 5]; must equal BBoxHead.bbox_weight),
-    num_classes (shared); code_type, box_normalized, export_onnx are accepted for
-    PaddleDetection configs (only centre-size decoding in pixels exists).
+    num_classes (shared); code_type and box_normalized are checked (only centre-size decoding
+    in pixels exists); export_onnx is accepted and ignored (``__ignored__``).
 
     Call: ``decode((probs [R, C+1], deltas [R, 4C]), rois [R, 4], rois_num [B], im_shape [B, 2],
     scale_factor [B, 2])`` -> (boxes [R, C, 4], scores [R, C]); scale_factor is not read
     (kept for PaddleDetection's call signature).
     """
 
+    # export_onnx stays shared so that a top-level key of that name is accepted too.
     __shared__ = ["num_classes", "export_onnx"]
+    __ignored__ = {"export_onnx": _EXPORT_ONNX_WHY}
 
     def __init__(self, prior_box_var: Sequence[float] = (10.0, 10.0, 5.0, 5.0),
                  code_type: str = "decode_center_size", box_normalized: bool = False,
-                 num_classes: int = 80, export_onnx: bool = False):
+                 num_classes: int = 80):
         if code_type != "decode_center_size" or box_normalized:
             raise ConfigError("RCNNBox supports only code_type: decode_center_size with "
                               f"box_normalized: false, got {code_type!r}, {box_normalized!r}")
@@ -247,7 +243,7 @@ class BBoxPostProcess:
     keeps its place with class -1 (every consumer skips negative classes).
 
     Config keys: decode (RCNNBox), nms (MultiClassNMS), num_classes (shared);
-    export_onnx / export_eb accepted for PaddleDetection configs.
+    export_onnx / export_eb are accepted and ignored (``__ignored__``).
 
     Call: ``post(head_out, rois [R, 4], rois_num [B], im_shape [B, 2], scale_factor [B, 2])``
     -> (bbox [K, 6] rows (class, score, x1, y1, x2, y2) in original pixels, bbox_num [B] int32).
@@ -255,13 +251,14 @@ class BBoxPostProcess:
 
     __shared__ = ["num_classes", "export_onnx", "export_eb"]
     __inject__ = ["decode", "nms"]
+    __ignored__ = {"export_onnx": _EXPORT_ONNX_WHY,
+                   "export_eb": "PaddleDetection's switch to keep empty-box rows in exports; the export mode decides"}
 
-    def __init__(self, num_classes: int = 80, decode: Any = "RCNNBox", nms: Any = "MultiClassNMS",
-                 export_onnx: bool = False, export_eb: bool = False):
+    def __init__(self, num_classes: int = 80, decode: Any = "RCNNBox", nms: Any = "MultiClassNMS"):
         self.num_classes = int(num_classes)
-        # Plain-Python construction (no config) gets the PaddleDetection defaults.
-        self.decode = RCNNBox(num_classes=num_classes) if decode is None or isinstance(decode, str) else decode
-        self.nms = MultiClassNMS() if nms is None or isinstance(nms, str) else nms
+        self.decode = build_component(decode, "RCNNBox", "BBoxPostProcess.decode",
+                                      shared={"num_classes": num_classes})
+        self.nms = build_component(nms, "MultiClassNMS", "BBoxPostProcess.nms")
 
     def __call__(self, head_out: Tuple[paddle.Tensor, paddle.Tensor], rois: paddle.Tensor,
                  rois_num: paddle.Tensor, im_shape: paddle.Tensor,

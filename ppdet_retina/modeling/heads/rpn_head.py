@@ -10,11 +10,10 @@ import paddle.nn.functional as F
 from paddle import ParamAttr
 from paddle.nn.initializer import Normal
 
-from ppdet_retina.core.workspace import ConfigError, register
-from ppdet_retina.modeling.anchors import AnchorGenerator
+from ppdet_retina.core.workspace import ConfigError, build_component, register
 from ppdet_retina.modeling.box_ops import bbox2delta
-from ppdet_retina.modeling.proposal_generator import ProposalGenerator, flatten_level_outputs
-from ppdet_retina.modeling.samplers import RPNTargetAssign, gt_masks
+from ppdet_retina.modeling.proposal_generator import flatten_level_outputs
+from ppdet_retina.modeling.samplers import gt_masks
 from ppdet_retina.modeling.shape_spec import ShapeSpec, in_channel_kwargs
 
 __all__ = ["RPNHead"]
@@ -65,17 +64,18 @@ class RPNHead(nn.Layer):
             raise ConfigError(f"RPNHead.reg_normalizer '{reg_normalizer}' is not one of {list(_REG_NORMALIZERS)}")
         if float(reg_loss_weight) < 0:
             raise ConfigError(f"RPNHead.reg_loss_weight must be >= 0, got {reg_loss_weight}")
+        loss_rpn_bbox = build_component(loss_rpn_bbox, None, "RPNHead.loss_rpn_bbox")
         if loss_rpn_bbox is not None and not callable(loss_rpn_bbox):
             raise ConfigError(f"RPNHead.loss_rpn_bbox must name a loss component (e.g. SmoothL1Loss) or be "
                               f"null, got {loss_rpn_bbox!r}")
         self.loss_rpn_bbox = loss_rpn_bbox
         self.reg_loss_weight = float(reg_loss_weight)
         self.reg_normalizer = reg_normalizer
-        self.anchor_generator = _component(anchor_generator, AnchorGenerator)
-        self.rpn_target_assign = _component(rpn_target_assign, RPNTargetAssign)
-        self.train_proposal = _component(train_proposal, ProposalGenerator,
-                                         pre_nms_top_n=12000, post_nms_top_n=2000)
-        self.test_proposal = _component(test_proposal, ProposalGenerator)
+        self.anchor_generator = build_component(anchor_generator, "AnchorGenerator", "RPNHead.anchor_generator")
+        self.rpn_target_assign = build_component(rpn_target_assign, "RPNTargetAssign",
+                                                 "RPNHead.rpn_target_assign")
+        self.train_proposal = build_component(train_proposal, "ProposalGenerator", "RPNHead.train_proposal")
+        self.test_proposal = build_component(test_proposal, "ProposalGenerator", "RPNHead.test_proposal")
         num_anchors = self.anchor_generator.num_anchors
         self.rpn_conv = _conv(in_channel, in_channel, 3)
         self.objectness = _conv(in_channel, num_anchors, 1)
@@ -138,12 +138,3 @@ class RPNHead(nn.Layer):
 
 
 _REG_NORMALIZERS = ("batch", "locations")
-
-
-def _component(value: Any, cls: type, **defaults: Any) -> Any:
-    """Accept a built component, a dict of its keys, or None (class defaults) when used without a config."""
-    if value is None or isinstance(value, str):
-        return cls(**defaults)
-    if isinstance(value, dict):
-        return cls(**{**defaults, **value})
-    return value
