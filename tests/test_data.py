@@ -223,7 +223,10 @@ def test_train_reader_builds_reference_reader_config(tiny_coco):
         "batch_transforms": BATCH_OPS, "batch_size": 2, "shuffle": True, "drop_last": True,
         "collate_batch": False}
     reader = create("TrainReader", {"TrainReader": cfg, "num_classes": 3})
-    assert reader.num_classes == 3
+    # PaddleDetection-only keys are accepted and not kept; the changed defaults stay the subclass's.
+    assert not hasattr(reader, "num_classes") and not hasattr(reader, "collate_batch")
+    assert (reader.shuffle, reader.drop_last, reader.max_bad_image_ratio) == (True, True, 0.01)
+    assert create("TestReader").max_bad_image_ratio == 1.0 and create("EvalReader").shuffle is False
     batches = list(reader(_dataset(tiny_coco), 0))
     assert len(batches) == 1  # 3 images, drop_last
     _check_batch(batches[0], 2, batches[0]["gt_bbox"].shape[1])

@@ -233,6 +233,8 @@ def _stack(key: str, values: List[Any], dtype: Any, samples: List[dict]) -> np.n
     return np.stack(arrays)
 
 
+# Registered so that the subclasses' **kwargs reach its keys (they only change defaults).
+@register
 class BaseReader:
     """Turns a dataset and op lists into a DataLoader; subclasses only change defaults.
 
@@ -241,27 +243,27 @@ class BaseReader:
         batch_transforms: list of batch ops (``- PadBatch: {pad_to_stride: 32}``).
         batch_size: images per batch (per rank when distributed).
         shuffle, drop_last: as in paddle.io.BatchSampler.
-        num_classes: shared top-level key; accepted for PaddleDetection configs.
-        collate_batch: accepted for PaddleDetection configs; gts are always padded to
-            one length with ``pad_gt_mask`` (what PaddleDetection's False leaves as lists).
         use_shared_memory: passed to the DataLoader (worker -> main transfer through /dev/shm).
-        fuse_normalize, inputs_def: accepted for PaddleDetection configs (export options; unused here).
         max_bad_image_ratio: the share of an epoch's images (per process) that may fail to read
             (see the module docstring) before the run stops; 0.01 for training and evaluation,
             1.0 (never stop) for inference, which skips each broken file with a warning.
 
+    num_classes, collate_batch, fuse_normalize and inputs_def are accepted and ignored (``__ignored__``).
+
     ``reader(dataset, worker_num)`` returns the DataLoader yielding batch dicts of paddle tensors.
     """
 
-    __shared__ = ["num_classes"]
+    __ignored__ = {
+        "num_classes": "the reader does not depend on the class count",
+        "collate_batch": "gts are always padded to one length with pad_gt_mask (what PaddleDetection's "
+                         "False leaves as per-image lists)",
+        "fuse_normalize": "an export option; export reads it from the config", "inputs_def": "an export option"}
     # Training replaces a broken image with another; evaluation and inference leave it out.
     _replace_bad = False
 
     def __init__(self, sample_transforms: Optional[Sequence[Any]] = None,
                  batch_transforms: Optional[Sequence[Any]] = None, batch_size: int = 1,
-                 shuffle: bool = False, drop_last: bool = False, num_classes: int = 80,
-                 collate_batch: bool = True, use_shared_memory: bool = False,
-                 fuse_normalize: bool = False, inputs_def: Optional[dict] = None,
+                 shuffle: bool = False, drop_last: bool = False, use_shared_memory: bool = False,
                  max_bad_image_ratio: float = 0.01):
         name = type(self).__name__
         if int(batch_size) < 1:
@@ -275,11 +277,7 @@ class BaseReader:
         self.batch_size = int(batch_size)
         self.shuffle = bool(shuffle)
         self.drop_last = bool(drop_last)
-        self.num_classes = num_classes
-        self.collate_batch = bool(collate_batch)
         self.use_shared_memory = bool(use_shared_memory)
-        self.fuse_normalize = bool(fuse_normalize)
-        self.inputs_def = inputs_def
 
     def make_batch_sampler(self, dataset: Any) -> paddle.io.BatchSampler:
         if paddle.distributed.get_world_size() > 1:
@@ -320,31 +318,14 @@ class TrainReader(BaseReader):
 
     _replace_bad = True
 
-    def __init__(self, sample_transforms: Optional[Sequence[Any]] = None,
-                 batch_transforms: Optional[Sequence[Any]] = None, batch_size: int = 1,
-                 shuffle: bool = True, drop_last: bool = True, num_classes: int = 80,
-                 collate_batch: bool = True, use_shared_memory: bool = False,
-                 fuse_normalize: bool = False, inputs_def: Optional[dict] = None,
-                 max_bad_image_ratio: float = 0.01):
-        super().__init__(sample_transforms, batch_transforms, batch_size, shuffle, drop_last,
-                         num_classes, collate_batch, use_shared_memory, fuse_normalize, inputs_def,
-                         max_bad_image_ratio)
+    def __init__(self, shuffle: bool = True, drop_last: bool = True, **kwargs: Any):
+        super().__init__(shuffle=shuffle, drop_last=drop_last, **kwargs)
 
 
 @register
 class EvalReader(BaseReader):
     """Evaluation reader: no shuffle, keeps the last partial batch; a broken image is left out (its
     ground truth still counts, as missed). Keys: see BaseReader."""
-
-    def __init__(self, sample_transforms: Optional[Sequence[Any]] = None,
-                 batch_transforms: Optional[Sequence[Any]] = None, batch_size: int = 1,
-                 shuffle: bool = False, drop_last: bool = False, num_classes: int = 80,
-                 collate_batch: bool = True, use_shared_memory: bool = False,
-                 fuse_normalize: bool = False, inputs_def: Optional[dict] = None,
-                 max_bad_image_ratio: float = 0.01):
-        super().__init__(sample_transforms, batch_transforms, batch_size, shuffle, drop_last,
-                         num_classes, collate_batch, use_shared_memory, fuse_normalize, inputs_def,
-                         max_bad_image_ratio)
 
 
 @register
@@ -354,12 +335,5 @@ class TestReader(BaseReader):
 
     __test__ = False  # not a pytest class
 
-    def __init__(self, sample_transforms: Optional[Sequence[Any]] = None,
-                 batch_transforms: Optional[Sequence[Any]] = None, batch_size: int = 1,
-                 shuffle: bool = False, drop_last: bool = False, num_classes: int = 80,
-                 collate_batch: bool = True, use_shared_memory: bool = False,
-                 fuse_normalize: bool = False, inputs_def: Optional[dict] = None,
-                 max_bad_image_ratio: float = 1.0):
-        super().__init__(sample_transforms, batch_transforms, batch_size, shuffle, drop_last,
-                         num_classes, collate_batch, use_shared_memory, fuse_normalize, inputs_def,
-                         max_bad_image_ratio)
+    def __init__(self, max_bad_image_ratio: float = 1.0, **kwargs: Any):
+        super().__init__(max_bad_image_ratio=max_bad_image_ratio, **kwargs)
