@@ -299,37 +299,6 @@ def test_post_process_topk_keeps_best_per_image():
                                atol=1e-4)
 
 
-# --------------------------------------------------------------------------- top-k path details
-
-@pytest.mark.parametrize("num_classes", [3, 16, 80, 83])
-def test_max_over_classes_equals_numpy_max(num_classes):
-    # 80 takes two pooling passes (16 rows, then 5), 83 a partial last window (ceil_mode).
-    from ppdet_retina.modeling.heads.retina_head import _max_over_classes
-
-    x = np.random.default_rng(num_classes).normal(size=(2, 3, num_classes, 37)).astype("float32")
-    got = _max_over_classes(_t(x)).numpy()
-    assert got.shape == (2, 3, 1, 37)
-    np.testing.assert_array_equal(got[:, :, 0], x.max(axis=2))
-
-
-def test_numpy_top_anchors_equal_the_graph_route(monkeypatch):
-    # Dygraph on CPU selects through zero-copy numpy views; the paddle-op route (used when
-    # tracing or on GPU) must pick the same anchors with the same values.
-    import ppdet_retina.modeling.heads.retina_head as rh
-
-    head = _head(num_classes=7, one_anchor=False, nms_pre=40)
-    rng = np.random.default_rng(5)
-    logits = _t(rng.normal(size=(2, 9 * 7, 5, 6)))
-    deltas = _t(rng.normal(size=(2, 9 * 4, 5, 6)))
-    anchors = head._anchors([logits])[0]
-    fast = head._top_anchors(logits, deltas, anchors, 30, 40)
-    monkeypatch.setattr(rh, "_numpy_view_ok", lambda x: False)
-    graph = head._top_anchors(logits, deltas, anchors, 30, 40)
-    for got, want in zip(fast, graph):
-        assert got.shape == want.shape == [2, 40, got.shape[-1]]
-        np.testing.assert_array_equal(got.numpy(), want.numpy())
-
-
 def test_post_process_outside_no_grad():
     # An eval-mode forward without paddle.no_grad(): the head outputs track gradients, which
     # DLPack refuses; the selection must read detached views.
@@ -357,25 +326,7 @@ def test_post_process_outside_no_grad():
     np.testing.assert_allclose(bbox[:, 5] - bbox[:, 3], np.full(20, 8.0), atol=1e-4)
 
 
-def test_stopping_the_top_k_at_the_score_threshold_keeps_the_detections(monkeypatch):
-    # Anchors whose best score is under the NMS threshold cannot become detections, so the
-    # dygraph selection stops there: same bbox rows as the full nms_pre top-k.
-    head = _head(num_classes=5, one_anchor=False, nms_pre=200)
-    rng = np.random.default_rng(11)
-    logits = _t(rng.normal(-6.0, 1.5, size=(2, 9 * 5, 8, 8)))  # a few dozen anchors pass 0.05
-    deltas = _t(rng.normal(0.0, 0.2, size=(2, 9 * 4, 8, 8)))
-    anchors = head._anchors([logits])[0]
-    best = np.from_dlpack(logits).reshape(2, 9, 5, 64).max(axis=2).reshape(2, -1)
-    needed = head._candidates_needed(best, 200)
-    assert 0 < needed < 200
-    assert needed == int((1 / (1 + np.exp(-best)) >= 0.05).sum(axis=1).max())
-    size = _t([[64, 64]] * 2)
-    short = head.post_process(([logits], [deltas]), size, _t([[1, 1]] * 2))
-    monkeypatch.setattr(type(head), "_candidates_needed", lambda self, best, k: k)
-    full = head.post_process(([logits], [deltas]), size, _t([[1, 1]] * 2))
-    assert int(full[1].sum()) > 10
-    np.testing.assert_array_equal(short[1].numpy(), full[1].numpy())
-    np.testing.assert_allclose(short[0].numpy(), full[0].numpy(), rtol=0, atol=1e-4)
+# The top-k paths, the early stop and decode_candidates are DenseHead's: tests/test_dense_head.py.
 
 
 class _PostProcessOnly(paddle.nn.Layer):

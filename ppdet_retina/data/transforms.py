@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import logging
 import random
-from typing import Any, Callable, Iterator, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import cv2
 import numpy as np
@@ -47,6 +47,12 @@ class BaseOperator:
 
     def apply(self, sample):
         raise NotImplementedError
+
+    def deploy_entry(self) -> Optional[Dict[str, Any]]:
+        """This op as an infer_cfg.yml ``Preprocess`` entry (``type`` + parameters), None when a
+        runtime does it implicitly, NotImplemented when it has no place in deployment (random or
+        training-only ops)."""
+        return NotImplemented
 
     def __repr__(self) -> str:
         keys = ", ".join(f"{k}={v!r}" for k, v in vars(self).items() if not k.startswith("_"))
@@ -99,6 +105,9 @@ class Decode(BaseOperator):
         sample["im_shape"] = np.array([h, w], np.float32)
         sample["scale_factor"] = np.ones(2, np.float32)
         return sample
+
+    def deploy_entry(self) -> None:
+        return None  # every runtime decodes its images itself
 
 
 class BadImageError(ValueError):
@@ -339,6 +348,10 @@ class Resize(BaseOperator):
     def apply(self, sample: dict) -> dict:
         return resize_sample(sample, self.target_size, self.keep_ratio, self.interp)
 
+    def deploy_entry(self) -> Dict[str, Any]:
+        return {"type": "Resize", "target_size": [int(s) for s in self.target_size],
+                "keep_ratio": self.keep_ratio, "interp": int(self.interp)}
+
 
 @register
 @serializable
@@ -453,6 +466,10 @@ class NormalizeImage(BaseOperator):
         sample["image"] = image
         return sample
 
+    def deploy_entry(self) -> Dict[str, Any]:
+        return {"type": "NormalizeImage", "mean": list(self.mean), "std": list(self.std),
+                "is_scale": self.is_scale, "norm_type": str(self.norm_type)}
+
 
 @register
 @serializable
@@ -466,6 +483,9 @@ class Permute(BaseOperator):
         image = _need(sample, "image", "Permute")
         sample["image"] = np.ascontiguousarray(image.transpose(2, 0, 1))
         return sample
+
+    def deploy_entry(self) -> Dict[str, Any]:
+        return {"type": "Permute"}
 
 
 # ----------------------------------------------------------------------------- batch
@@ -495,6 +515,9 @@ class PadBatch(BaseOperator):
         if any("gt_bbox" in s for s in samples):
             _pad_gts(samples, self.return_gt_mask)
         return samples
+
+    def deploy_entry(self) -> Dict[str, Any]:
+        return {"type": "PadStride", "stride": self.pad_to_stride}  # PaddleDetection's deploy name
 
 
 def _round_up(value: int, stride: int) -> int:

@@ -13,21 +13,24 @@ Graph inputs (dynamic batch, height and width)::
     im_shape     float32 [B, 2]        (h, w) of the resized image before padding
     scale_factor float32 [B, 2]        (scale_y, scale_x) = resized / original
 
-Graph outputs, by ``export`` settings:
+Graph outputs, by export mode (:func:`export_mode` reads it from the config's ``export`` keys;
+the model says what each mode returns, see
+:mod:`ppdet_retina.modeling.architectures.export_surface`):
 
-* ``post_process: true`` (default): ``bbox`` [N, 6] float32 (class, score, x1, y1, x2, y2
-  in original pixels) and ``bbox_num`` [B] int32, as the dygraph model in eval mode.
-* ``post_process: true, nms: false``: ``boxes`` [B, M, 4] in original pixels and
-  ``scores`` [B, C, M]: the candidates the NMS would see (dense heads only).
-* ``post_process: false`` or ``benchmark: true``: the raw head outputs, per FPN level
+* ``detect`` (default; ``post_process: true``): ``bbox`` [N, 6] float32 (class, score, x1, y1,
+  x2, y2 in original pixels) and ``bbox_num`` [B] int32, as the dygraph model in eval mode.
+* ``candidates`` (``post_process: true, nms: false``): ``boxes`` [B, M, 4] in original pixels
+  and ``scores`` [B, C, M]: what the NMS would see (one-stage detectors).
+* ``raw`` (``post_process: false`` or ``benchmark: true``): the raw head outputs, per FPN level
   ``cls_logits_<l>`` [B, A*C, h_l, w_l], then per level ``bbox_deltas_<l>`` [B, A*4, h_l, w_l]
-  (dense heads only), for runtimes that decode themselves.
+  (one-stage detectors), for runtimes that decode themselves.
 
 ``infer_cfg.yml`` follows PaddleDetection's deploy format (``mode``, ``arch``,
 ``draw_threshold``, ``Preprocess`` with ``Resize``/``NormalizeImage``/``Permute``/``PadStride``,
-``label_list``) and adds ``catid_list`` (COCO category id of each class), ``nms_inside``,
-``post_process``, ``inputs``/``outputs`` (names in graph order) and, for raw outputs, the anchor
-settings a runtime needs to decode them.
+``label_list``, and ``NMS`` when the NMS is left to the runtime) and adds ``export_mode``, the
+fields derived from it (:func:`mode_fields`), ``catid_list`` (COCO category id of each class),
+``inputs``/``outputs`` (names in graph order) and, for raw outputs, ``anchors``: the settings a
+runtime needs to decode them.
 """
 
 from __future__ import annotations
@@ -38,19 +41,21 @@ import sys
 import tempfile
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
-import numpy as np
 import paddle
 import paddle.nn as nn
 import yaml
 
 from ppdet_retina.core.workspace import ConfigError, create
 from ppdet_retina.engine import predictor
+from ppdet_retina.modeling.architectures.export_surface import EXPORT_MODES, Exportable
 from ppdet_retina.utils.logger import setup_logger
 
 __all__ = [
     "MODEL_PREFIX",
+    "EXPORT_MODES",
     "DeployModel",
-    "export_settings",
+    "export_mode",
+    "mode_fields",
     "input_spec",
     "build_infer_cfg",
     "preprocess_entries",
@@ -65,67 +70,36 @@ logger = setup_logger("ppdet_retina")
 
 MODEL_PREFIX = predictor.MODEL_PREFIX
 INPUT_NAMES = ("image", "im_shape", "scale_factor")
-# Sample ops the deploy side knows how to replay; Decode is implicit there.
-_SKIPPED_OPS = ("Decode",)
 
 
 # --------------------------------------------------------------------------- the traced module
 
-class _PassThroughNMS:
-    """Stands in for a head's NMS so that post-processing returns the NMS inputs unchanged."""
-
-    def __call__(self, bboxes, scores, *args, **kwargs):
-        return bboxes, scores
-
-
 class DeployModel(nn.Layer):
     """Wrap a detector so that its graph takes three tensors and returns a flat tuple.
 
-    ``mode`` is ``'detect'`` (bbox, bbox_num), ``'no_nms'`` (boxes [B,M,4], scores [B,C,M]) or
-    ``'raw'`` (cls_logits per level, then bbox_deltas per level). The last two need a
-    one-stage model with ``backbone``, ``neck`` and a ``head`` that has ``post_process``.
+    What the tuple holds in ``mode`` (one of EXPORT_MODES) is the model's answer
+    (``export_outputs``, ``export_output_names``); the model must be :class:`Exportable`.
     """
-
-    MODES = ("detect", "no_nms", "raw")
 
     def __init__(self, model: nn.Layer, mode: str = "detect"):
         super().__init__()
-        if mode not in self.MODES:
-            raise ValueError(f"DeployModel mode must be one of {self.MODES}, got '{mode}'")
-        if mode != "detect" and not _is_dense_detector(model):
-            raise ConfigError(
-                f"export without NMS / post-processing needs a one-stage detector (backbone, neck, head "
-                f"with post_process, e.g. RetinaNet); {type(model).__name__} has no single dense head. "
-                f"Set export.post_process: true, export.nms: true and export.benchmark: false")
+        if not isinstance(model, Exportable):
+            raise ConfigError(f"{type(model).__name__} does not say what it exports: an exportable "
+                              f"architecture derives from ppdet_retina.modeling.architectures.export_surface"
+                              f".Exportable")
+        model.check_export_mode(mode)
         self.model = model
         self.mode = mode
 
     def forward(self, image: paddle.Tensor, im_shape: paddle.Tensor,
                 scale_factor: paddle.Tensor) -> Tuple[paddle.Tensor, ...]:
         inputs = {"image": image, "im_shape": im_shape, "scale_factor": scale_factor}
-        if self.mode == "detect":
-            out = self.model(inputs)
-            return out["bbox"], _tie_inputs(out["bbox_num"], im_shape, scale_factor)
-        head_outs = self.model.head(self.model.neck(self.model.backbone(inputs)))
-        if self.mode == "raw":
-            cls_logits, deltas = head_outs
-            return (_tie_inputs(cls_logits[0], im_shape, scale_factor),) + tuple(cls_logits[1:]) + tuple(deltas)
-        head = self.model.head
-        real_nms, head.nms = head.nms, _PassThroughNMS()
-        try:
-            boxes, scores = head.post_process(head_outs, im_shape, scale_factor)
-        finally:
-            head.nms = real_nms
-        return boxes, _tie_inputs(scores, im_shape, scale_factor)
+        outs = tuple(self.model.export_outputs(inputs, self.mode))
+        return outs[:-1] + (_tie_inputs(outs[-1], im_shape, scale_factor),)
 
     def output_names(self) -> List[str]:
         """Names of the outputs in graph order (written to infer_cfg.yml)."""
-        if self.mode == "detect":
-            return ["bbox", "bbox_num"]
-        if self.mode == "no_nms":
-            return ["boxes", "scores"]
-        levels = len(self.model.neck.out_shape)
-        return [f"cls_logits_{i}" for i in range(levels)] + [f"bbox_deltas_{i}" for i in range(levels)]
+        return self.model.export_output_names(self.mode)
 
 
 def _tie_inputs(out: paddle.Tensor, im_shape: paddle.Tensor, scale_factor: paddle.Tensor) -> paddle.Tensor:
@@ -134,22 +108,19 @@ def _tie_inputs(out: paddle.Tensor, im_shape: paddle.Tensor, scale_factor: paddl
     Paddle refuses to save a graph with an input nothing reads, and RetinaNet never reads
     ``im_shape`` (raw outputs read neither it nor ``scale_factor``). Tying them in keeps
     one input contract (image, im_shape, scale_factor) for every export and runtime.
+    DeployModel ties the last output.
     """
     # One element of each suffices; a full reduction (sum) would need ONNX opset 13.
     zero = (im_shape[0, 0] + scale_factor[0, 0]) * 0.0
     return out + zero.astype(out.dtype)
 
 
-def _is_dense_detector(model: nn.Layer) -> bool:
-    head = getattr(model, "head", None)
-    return all(hasattr(model, k) for k in ("backbone", "neck")) and hasattr(head, "post_process") \
-        and hasattr(head, "nms")
+def export_mode(cfg: dict, raw_outputs: Optional[bool] = None) -> str:
+    """The config's ``export`` section as one of EXPORT_MODES; the only reader of its mode keys.
 
-
-def export_settings(cfg: dict, raw_outputs: Optional[bool] = None) -> Dict[str, bool]:
-    """The config's ``export`` section resolved: ``post_process``, ``nms``, ``benchmark``, ``mode``.
-
-    ``raw_outputs`` (a command-line flag) wins over the config when given.
+    PaddleDetection's keys: ``benchmark: true`` or ``post_process: false`` -> ``raw``;
+    ``nms: false`` -> ``candidates``; otherwise ``detect``. ``raw_outputs`` (a command-line
+    flag) wins over ``post_process`` when given.
     """
     section = dict(cfg.get("export") or {})
     unknown = set(section) - {"post_process", "nms", "benchmark", "fuse_conv_bn", "fuse_normalize"}
@@ -157,17 +128,22 @@ def export_settings(cfg: dict, raw_outputs: Optional[bool] = None) -> Dict[str, 
         raise ConfigError(f"export: unknown key(s) {sorted(unknown)}; valid keys: post_process, nms, "
                           f"benchmark, fuse_conv_bn")
     post_process = bool(section.get("post_process", True))
-    benchmark = bool(section.get("benchmark", False))
-    nms = bool(section.get("nms", True))
     if raw_outputs is not None:
         post_process = not raw_outputs
-    if benchmark or not post_process:
-        mode = "raw"
-    elif not nms:
-        mode = "no_nms"
-    else:
-        mode = "detect"
-    return {"post_process": mode != "raw", "nms": mode == "detect", "benchmark": benchmark, "mode": mode}
+    if bool(section.get("benchmark", False)) or not post_process:
+        return "raw"
+    return "detect" if bool(section.get("nms", True)) else "candidates"
+
+
+def mode_fields(mode: str) -> Dict[str, Any]:
+    """infer_cfg.yml's fields for an export mode: ``export_mode`` and those derived from it.
+
+    ``post_process`` (the graph decodes boxes) and ``nms_inside`` (the graph ends with the NMS)
+    are what runtimes reading older exports look at; they never disagree with ``export_mode``.
+    """
+    if mode not in EXPORT_MODES:
+        raise ValueError(f"export mode must be one of {list(EXPORT_MODES)}, got '{mode}'")
+    return {"export_mode": mode, "post_process": mode != "raw", "nms_inside": mode == "detect"}
 
 
 def input_spec(batch: Optional[int] = None, height: Optional[int] = None,
@@ -224,43 +200,25 @@ def _without_stderr_lines(needles: Sequence[str]):
 def preprocess_entries(cfg: dict, reader: str = "TestReader") -> List[Dict[str, Any]]:
     """The reader's preprocessing as PaddleDetection deploy entries (``type`` + parameters).
 
-    Resize, NormalizeImage and Permute map one to one; PadBatch becomes ``PadStride``.
-    Random or training-only ops have no place in deployment and are refused.
+    Each sample and batch op describes itself (``deploy_entry``: Resize, NormalizeImage and
+    Permute one to one, PadBatch as ``PadStride``, Decode implicit); random or training-only
+    ops have no place in deployment and are refused.
     """
     section = cfg.get(reader)
     if not isinstance(section, dict):
         raise ConfigError(f"export needs the {reader} section (its sample_transforms give the preprocessing)")
     built = create({"name": reader, **{k: v for k, v in section.items() if k != "name"}}, cfg)
     entries: List[Dict[str, Any]] = []
-    for op in built.sample_ops:
-        entries.extend(_sample_entry(op, reader))
-    for op in built.batch_ops:
-        entries.extend(_batch_entry(op, reader))
+    for key, ops in (("sample_transforms", built.sample_ops), ("batch_transforms", built.batch_ops)):
+        for op in ops:
+            entry = op.deploy_entry() if hasattr(op, "deploy_entry") else NotImplemented
+            if entry is NotImplemented:
+                raise ConfigError(f"{reader}.{key}: '{type(op).__name__}' cannot be exported for deployment "
+                                  f"(supported: Decode, Resize, NormalizeImage, Permute, PadBatch); remove it "
+                                  f"from {reader}")
+            if entry is not None:
+                entries.append(entry)
     return entries
-
-
-def _sample_entry(op: Any, reader: str) -> List[Dict[str, Any]]:
-    name = type(op).__name__
-    if name in _SKIPPED_OPS:
-        return []
-    if name == "Resize":
-        return [{"type": "Resize", "target_size": [int(s) for s in op.target_size],
-                 "keep_ratio": bool(op.keep_ratio), "interp": int(op.interp)}]
-    if name == "NormalizeImage":
-        return [{"type": "NormalizeImage", "mean": [float(m) for m in op.mean], "std": [float(s) for s in op.std],
-                 "is_scale": bool(op.is_scale), "norm_type": str(op.norm_type)}]
-    if name == "Permute":
-        return [{"type": "Permute"}]
-    raise ConfigError(f"{reader}.sample_transforms: '{name}' cannot be exported for deployment "
-                      f"(supported: Decode, Resize, NormalizeImage, Permute); remove it from {reader}")
-
-
-def _batch_entry(op: Any, reader: str) -> List[Dict[str, Any]]:
-    name = type(op).__name__
-    if name == "PadBatch":
-        return [{"type": "PadStride", "stride": int(op.pad_to_stride)}]
-    raise ConfigError(f"{reader}.batch_transforms: '{name}' cannot be exported for deployment "
-                      f"(supported: PadBatch); remove it from {reader}")
 
 
 def label_info(cfg: dict) -> Tuple[List[str], List[int]]:
@@ -287,23 +245,6 @@ def label_info(cfg: dict) -> Tuple[List[str], List[int]]:
     return labels.names, labels.catids
 
 
-def _anchor_settings(model: nn.Layer) -> Dict[str, Any]:
-    """What a runtime needs to turn raw head outputs into boxes (dense heads)."""
-    head = model.head
-    gen = head.anchor_generator
-    return {
-        "num_classes": int(head.num_classes),
-        "num_anchors": int(gen.num_anchors),
-        "strides": [float(s) for s in gen.strides],
-        "cell_anchors": [np.asarray(c, np.float64).round(6).tolist() for c in gen.cells],
-        "anchor_offset": float(gen.offset),
-        "box_weights": [float(w) for w in head.weights],
-        "nms_pre": None if head.nms_pre is None else int(head.nms_pre),
-        "nms": {"score_threshold": float(head.nms.score_threshold), "nms_top_k": int(head.nms.nms_top_k),
-                "keep_top_k": int(head.nms.keep_top_k), "nms_threshold": float(head.nms.nms_threshold)},
-    }
-
-
 def build_infer_cfg(cfg: dict, deploy: DeployModel) -> Dict[str, Any]:
     """The content of ``infer_cfg.yml`` for ``cfg`` and the traced ``deploy`` module."""
     labels, catids = label_info(cfg)
@@ -319,9 +260,7 @@ def build_infer_cfg(cfg: dict, deploy: DeployModel) -> Dict[str, Any]:
         "min_subgraph_size": 3,
         "use_dynamic_shape": True,
         "num_classes": None if num_classes is None else int(num_classes),
-        "post_process": deploy.mode != "raw",
-        "nms_inside": deploy.mode == "detect",
-        "output_mode": deploy.mode,
+        **mode_fields(deploy.mode),
         "inputs": list(INPUT_NAMES),
         "outputs": deploy.output_names(),
         "Preprocess": preprocess_entries(cfg),
@@ -329,7 +268,9 @@ def build_infer_cfg(cfg: dict, deploy: DeployModel) -> Dict[str, Any]:
         "catid_list": catids,
     }
     if deploy.mode != "detect":
-        info["anchors"] = _anchor_settings(deploy.model)
+        info["NMS"] = deploy.model.nms_settings()  # PaddleDetection's key for an NMS left to the runtime
+    if deploy.mode == "raw":
+        info["anchors"] = deploy.model.decode_settings()
     return info
 
 
@@ -376,13 +317,13 @@ def export_model(cfg: dict, output_dir: str = "output_inference", weights: Optio
         fixed_input_size: (H, W) to trace one image of exactly that padded size instead of dynamic
             shapes (for models whose code needs static sizes; runtimes pad every image to it).
     """
-    settings = export_settings(cfg, raw_outputs)
+    mode = export_mode(cfg, raw_outputs)
     if model is None:
         model = _load_model(cfg, weights if weights is not None else cfg.get("weights"))
     model.eval()
     save_dir = os.path.join(output_dir, str(cfg.get("filename", "model")))
     os.makedirs(save_dir, exist_ok=True)
-    deploy = DeployModel(model, settings["mode"])
+    deploy = DeployModel(model, mode)
     info = build_infer_cfg(cfg, deploy)
     prefix = os.path.join(save_dir, MODEL_PREFIX)
     if fixed_input_size:
@@ -403,7 +344,7 @@ def export_model(cfg: dict, output_dir: str = "output_inference", weights: Optio
             deploy, save_dir, size, onnx_export.ONNX_OPSET if onnx_opset is None else onnx_opset,
             check=check_onnx, feeds=feeds, paddle_dir=None if fixed_input_size else save_dir)
         _write_yaml(infer_cfg, info)
-    logger.info(f"export: {info['arch']} ({settings['mode']} outputs: {', '.join(info['outputs'])}) "
+    logger.info(f"export: {info['arch']} ({mode} outputs: {', '.join(info['outputs'])}) "
                 f"written to {save_dir}")
     return save_dir
 

@@ -95,28 +95,29 @@ def export_onnx(deploy: Any, save_dir: str, input_size: Sequence[int], opset: in
             candidates after :func:`multiclass_nms`.
 
     Returns the ``onnx`` entry of infer_cfg.yml: file, input_size, batch, opset, inputs, outputs
-    (read back from the file), nms_inside, nms (the settings to apply) and check (the verdict).
+    (read back from the file), export_mode with its derived fields (export.mode_fields), nms (the
+    settings to apply) and check (the verdict).
     Raises OnnxCheckError when the check finds a difference.
     """
-    from ppdet_retina.engine.export import DeployModel, MODEL_PREFIX, _trace_and_save, input_spec
+    from ppdet_retina.engine.export import DeployModel, MODEL_PREFIX, _trace_and_save, input_spec, mode_fields
 
     if int(opset) < MIN_ONNX_OPSET:
         raise ConfigError(f"--onnx_opset {opset}: the graph's TopK, Range and GatherElements convert only "
                           f"from opset {MIN_ONNX_OPSET}; use {MIN_ONNX_OPSET} or higher")
     height, width = (int(s) for s in input_size)
-    mode = "no_nms" if deploy.mode == "detect" else deploy.mode
+    mode = "candidates" if deploy.mode == "detect" else deploy.mode
     onnx_deploy = DeployModel(deploy.model, mode)
     onnx_file = os.path.join(save_dir, ONNX_FILE)
     if os.path.exists(onnx_file):
         os.remove(onnx_file)  # a stale file must not outlive a failed conversion
-    nms = nms_settings(deploy.model.head.nms) if mode == "no_nms" else None
+    nms = deploy.model.nms_settings() if mode == "candidates" else None
     tmp = tempfile.mkdtemp(prefix="ppdet_retina_onnx_")
     try:
         prefix = os.path.join(tmp, MODEL_PREFIX)
         _trace_and_save(onnx_deploy, prefix, input_spec(1, height, width))
         written = convert(prefix, onnx_file, opset, onnx_deploy.output_names())
         entry: Dict[str, Any] = {"file": ONNX_FILE, "input_size": [height, width], "batch": 1, **written,
-                                 "nms_inside": False}
+                                 **mode_fields(mode)}
         if nms is not None:
             entry["nms"] = nms
         if check:
@@ -140,10 +141,9 @@ def export_onnx(deploy: Any, save_dir: str, input_size: Sequence[int], opset: in
 
 def nms_settings(nms: Any) -> Dict[str, Any]:
     """A MultiClassNMS's settings as :func:`multiclass_nms` keywords (infer_cfg.yml's ``onnx.nms``)."""
-    return {"score_threshold": float(nms.score_threshold), "nms_top_k": int(nms.nms_top_k),
-            "keep_top_k": int(nms.keep_top_k), "nms_threshold": float(nms.nms_threshold),
-            "normalized": bool(nms.normalized), "nms_eta": float(nms.nms_eta),
-            "background_label": int(nms.background_label)}
+    from ppdet_retina.modeling.architectures.export_surface import nms_settings as settings
+
+    return settings(nms)
 
 
 def convert(paddle_prefix: str, onnx_file: str, opset: int, output_names: Sequence[str]) -> Dict[str, Any]:

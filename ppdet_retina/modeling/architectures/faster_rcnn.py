@@ -8,12 +8,13 @@ import paddle
 import paddle.nn as nn
 
 from ppdet_retina.core.workspace import ConfigError, create, register
+from ppdet_retina.modeling.architectures.export_surface import Exportable, nms_settings
 
 __all__ = ["FasterRCNN"]
 
 
 @register
-class FasterRCNN(nn.Layer):
+class FasterRCNN(nn.Layer, Exportable):
     """Faster R-CNN (Ren et al. 2015), with FPN (Lin et al. 2017) when a neck is given.
 
     Config keys: ``backbone`` (ResNet, VGG), ``neck`` (FPN or null), ``rpn_head`` (RPNHead),
@@ -27,6 +28,9 @@ class FasterRCNN(nn.Layer):
     Returns in training {'loss', 'loss_rpn_cls', 'loss_rpn_reg', 'loss_bbox_cls',
     'loss_bbox_reg'} (loss = their sum); in eval {'bbox': [K, 6] (class, score, x1, y1,
     x2, y2) in original-image pixels, 'bbox_num': [B] int32}.
+
+    Exports (export_surface.py) ``detect`` only: its NMS inputs are a box per class per RoI
+    grouped by image, not the [B, M, 4] / [B, C, M] candidates a runtime NMS takes.
     """
 
     __inject__ = ["bbox_post_process"]
@@ -81,3 +85,7 @@ class FasterRCNN(nn.Layer):
         bbox, bbox_num = self.bbox_post_process(head_out, flat_rois, rois_num, inputs["im_shape"],
                                                 inputs["scale_factor"])
         return {"bbox": bbox, "bbox_num": bbox_num}
+
+    def nms_settings(self) -> Dict[str, Any]:
+        """The second stage's NMS (applied inside every export)."""
+        return nms_settings(self.bbox_post_process.nms)

@@ -2,18 +2,19 @@
 
 from __future__ import annotations
 
-from typing import Any, Dict
+from typing import Any, Dict, List, Optional, Tuple
 
 import paddle
 import paddle.nn as nn
 
 from ppdet_retina.core.workspace import ConfigError, create, register
+from ppdet_retina.modeling.architectures.export_surface import Exportable, nms_settings
 
 __all__ = ["RetinaNet"]
 
 
 @register
-class RetinaNet(nn.Layer):
+class RetinaNet(nn.Layer, Exportable):
     """RetinaNet (Lin et al., "Focal Loss for Dense Object Detection", 2017).
 
     Config keys: ``backbone`` (e.g. ResNet), ``neck`` (e.g. FPN), ``head``
@@ -31,7 +32,13 @@ class RetinaNet(nn.Layer):
     loss = loss_cls + loss_reg); in eval ``{'bbox': [K, 6] (class, score,
     x1, y1, x2, y2) in original-image pixels, 'bbox_num': [B] int32}``,
     image i owning the i-th block of ``bbox_num[i]`` rows.
+
+    Exports (export_surface.py) ``detect``, ``candidates`` (the head's
+    ``decode_candidates``: boxes [B, M, 4], scores [B, C, M]) and ``raw``
+    (``cls_logits_<l>`` [B, A*C, h_l, w_l] per level, then ``bbox_deltas_<l>`` [B, A*4, h_l, w_l]).
     """
+
+    export_modes = ("detect", "candidates", "raw")
 
     def __init__(self, backbone: Any, neck: Any, head: Any):
         super().__init__()
@@ -69,3 +76,34 @@ class RetinaNet(nn.Layer):
                                  f"Resize/PadBatch provide it)")
         bbox, bbox_num = self.head.post_process(head_outs, inputs["im_shape"], inputs["scale_factor"])
         return {"bbox": bbox, "bbox_num": bbox_num}
+
+    # ------------------------------------------------------------------ export surface
+
+    def decode_candidates(self, inputs: Dict[str, paddle.Tensor]) -> Tuple[paddle.Tensor, paddle.Tensor]:
+        """boxes [B, M, 4] in original pixels and scores [B, C, M]: what the NMS would see."""
+        head_outs = self.head(self.neck(self.backbone(inputs)))
+        return self.head.decode_candidates(head_outs, inputs["im_shape"], inputs["scale_factor"])
+
+    def export_outputs(self, inputs: Dict[str, paddle.Tensor], mode: str) -> Tuple[paddle.Tensor, ...]:
+        self.check_export_mode(mode)
+        if mode == "detect":
+            return super().export_outputs(inputs, mode)
+        if mode == "candidates":
+            return self.decode_candidates(inputs)
+        cls_logits, deltas = self.head(self.neck(self.backbone(inputs)))
+        return tuple(cls_logits) + tuple(deltas)
+
+    def export_output_names(self, mode: str) -> List[str]:
+        self.check_export_mode(mode)
+        if mode == "detect":
+            return super().export_output_names(mode)
+        if mode == "candidates":
+            return ["boxes", "scores"]
+        levels = len(self.neck.out_shape)
+        return [f"cls_logits_{i}" for i in range(levels)] + [f"bbox_deltas_{i}" for i in range(levels)]
+
+    def nms_settings(self) -> Dict[str, Any]:
+        return nms_settings(self.head.nms)
+
+    def decode_settings(self) -> Optional[Dict[str, Any]]:
+        return self.head.decode_settings()
