@@ -7,7 +7,7 @@ import numpy as np
 import paddle
 import pytest
 
-from ppdet_retina.modeling.box_ops import (DEFAULT_MAX_RATIO, bbox2delta, box_area, clip_boxes,
+from ppdet_retina.modeling.box_ops import (DEFAULT_MAX_RATIO, bbox2delta, box_area, clip_boxes, image_index,
                                            delta2bbox, pairwise_iou)
 
 
@@ -127,3 +127,9 @@ def test_clip_boxes_single_and_batched():
     out = clip_boxes(batched, im_shape).numpy()
     np.testing.assert_allclose(out[0], [[0, 3, 100, 64], [10, 0, 20, 64]])
     np.testing.assert_allclose(out[1], [[0, 3, 15, 50], [10, 0, 15, 50]])
+
+
+def test_image_index_of_flat_rows():
+    idx = image_index(paddle.to_tensor([2, 0, 3], dtype="int32"))
+    assert idx.dtype == paddle.int64 and idx.numpy().tolist() == [0, 0, 2, 2, 2]
+    assert image_index(paddle.to_tensor([0, 0], dtype="int32")).shape == [0]

@@ -12,7 +12,7 @@ from ppdet_retina.core.workspace import ConfigError
 from ppdet_retina.modeling.anchors import AnchorGenerator
 from ppdet_retina.modeling.heads.rpn_head import RPNHead
 from ppdet_retina.modeling.proposal_generator import ProposalGenerator, flatten_rois
-from ppdet_retina.modeling.samplers import RPNTargetAssign
+from ppdet_retina.modeling.samplers import RPNTargetAssign, gt_masks, matched_on_positives
 
 from conftest import tiny_faster_rcnn_config
 
@@ -37,6 +37,30 @@ def test_rpn_targets_bands_and_best_anchor_per_gt():
     # >= 0.7 positive, < 0.3 negative, between ignored; a5 is gt1's best anchor, so positive at 0.6.
     np.testing.assert_array_equal(labels[0], [1, 1, -1, 0, 0, 1, -1])
     assert matched[0][[0, 1, 5]].tolist() == [0, 0, 1]
+
+
+def test_gt_masks_from_padding_and_crowd_flags():
+    inputs = {"gt_bbox": paddle.zeros([2, 3, 4]),
+              "pad_gt_mask": paddle.to_tensor([[[1.0], [1.0], [0.0]], [[1.0], [0.0], [0.0]]]),
+              "is_crowd": paddle.to_tensor([[[0], [1], [1]], [[0], [0], [1]]], dtype="int32")}
+    valid, crowd = gt_masks(inputs)
+    assert valid.numpy().tolist() == [[True, False, False], [True, False, False]]
+    # A crowd flag on a padding row is not a crowd box.
+    assert crowd.numpy().tolist() == [[False, True, False], [False, False, False]]
+    valid, crowd = gt_masks({"gt_bbox": paddle.zeros([1, 2, 4])})
+    assert valid.numpy().tolist() == [[True, True]] and crowd.numpy().tolist() == [[False, False]]
+
+
+def test_matched_on_positives_boxes_and_classes():
+    gt = paddle.to_tensor([[[0, 0, 2, 2], [1, 1, 5, 5]], [[3, 3, 4, 4], [0, 0, 0, 0]]], dtype="float32")
+    matched = paddle.to_tensor([[1, 0, 1], [0, 1, 0]], dtype="int64")
+    positive = paddle.to_tensor([[True, False, True], [True, False, False]])
+    fallback = paddle.full([2, 3, 4], -1.0)
+    out = matched_on_positives(gt, matched, positive, fallback).numpy()
+    assert out[0].tolist() == [[1, 1, 5, 5], [-1] * 4, [1, 1, 5, 5]]
+    assert out[1].tolist() == [[3, 3, 4, 4], [-1] * 4, [-1] * 4]
+    classes = paddle.to_tensor([[7, 8], [9, 0]], dtype="int64")
+    assert matched_on_positives(classes, matched, positive, 80).numpy().tolist() == [[8, 80, 8], [9, 80, 80]]
 
 
 def test_rpn_targets_padded_and_crowd_gts_make_no_positive():

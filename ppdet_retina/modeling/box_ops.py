@@ -12,7 +12,8 @@ from typing import Sequence
 
 import paddle
 
-__all__ = ["box_area", "pairwise_iou", "bbox2delta", "delta2bbox", "clip_boxes", "DEFAULT_MAX_RATIO"]
+__all__ = ["box_area", "pairwise_iou", "bbox2delta", "delta2bbox", "clip_boxes", "image_index",
+           "DEFAULT_MAX_RATIO"]
 
 # Largest log-scale step a decoded box may take: a 16 px anchor may grow to
 # at most 1000 px; larger values only come from a diverging network and would
@@ -106,3 +107,11 @@ def clip_boxes(boxes: paddle.Tensor, im_shape: paddle.Tensor) -> paddle.Tensor:
     x2 = paddle.minimum(paddle.maximum(boxes[..., 2:3], zero), w)
     y2 = paddle.minimum(paddle.maximum(boxes[..., 3:4], zero), h)
     return paddle.concat([x1, y1, x2, y2], axis=-1)
+
+
+def image_index(rows_num: paddle.Tensor) -> paddle.Tensor:
+    """[R] int64 image of each row of a flat image-major batch, from per-image counts ``rows_num`` [B].
+
+    The flat layout of RoIs (``rois`` [R, 4] + ``rois_num``) and of NMS output (``bbox`` + ``bbox_num``).
+    """
+    return paddle.repeat_interleave(paddle.arange(rows_num.shape[0], dtype="int64"), rows_num.astype("int64"))

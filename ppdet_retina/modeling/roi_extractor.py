@@ -15,7 +15,7 @@ import paddle
 from paddle.vision.ops import roi_align, roi_pool
 
 from ppdet_retina.core.workspace import ConfigError, register
-from ppdet_retina.modeling.box_ops import box_area
+from ppdet_retina.modeling.box_ops import box_area, image_index
 from ppdet_retina.modeling.shape_spec import ShapeSpec
 
 __all__ = ["RoIAlign", "RoIPool", "assign_fpn_levels"]
@@ -35,12 +35,6 @@ def assign_fpn_levels(rois: paddle.Tensor, min_level: int, max_level: int, canon
     scale = paddle.sqrt(box_area(rois))
     level = paddle.floor(paddle.log2(scale / canonical_size + _LEVEL_EPS) + canonical_level)
     return level.clip(min=min_level, max=max_level).astype("int64")
-
-
-def _image_index(rois_num: paddle.Tensor) -> paddle.Tensor:
-    """[R] image index of each RoI from per-image counts ``rois_num`` [B]."""
-    batch = rois_num.shape[0]
-    return paddle.repeat_interleave(paddle.arange(batch, dtype="int64"), rois_num.astype("int64"))
 
 
 class _RoIPooler:
@@ -95,7 +89,7 @@ class _RoIPooler:
         finest = int(round(math.log2(1.0 / self._scale(0))))
         levels = assign_fpn_levels(rois, finest + self.start_level, finest + self.end_level,
                                    self.canonical_level, self.canonical_size) - finest
-        image_idx = _image_index(rois_num)
+        image_idx = image_index(rois_num)
         batch = rois_num.shape[0]
         pooled: List[paddle.Tensor] = []
         order: List[paddle.Tensor] = []

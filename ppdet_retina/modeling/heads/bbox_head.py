@@ -18,7 +18,7 @@ from paddle import ParamAttr
 from paddle.nn.initializer import Normal, XavierUniform
 
 from ppdet_retina.core.workspace import ConfigError, build_component, create, register
-from ppdet_retina.modeling.box_ops import bbox2delta, clip_boxes, delta2bbox
+from ppdet_retina.modeling.box_ops import bbox2delta, clip_boxes, delta2bbox, image_index
 from ppdet_retina.modeling.losses import GIoULoss
 from ppdet_retina.modeling.proposal_generator import flatten_rois
 from ppdet_retina.modeling.samplers import RoITargets, gt_masks
@@ -227,9 +227,7 @@ class RCNNBox:
         num_rois = deltas.shape[0]
         per_class = deltas.reshape([num_rois, -1, 4])
         boxes = delta2bbox(per_class, rois.unsqueeze(1), self.prior_box_var)  # [R, C, 4]
-        image_idx = paddle.repeat_interleave(paddle.arange(rois_num.shape[0], dtype="int64"),
-                                             rois_num.astype("int64"))
-        roi_shape = paddle.gather(im_shape.astype(boxes.dtype), image_idx)  # [R, 2]
+        roi_shape = paddle.gather(im_shape.astype(boxes.dtype), image_index(rois_num))  # [R, 2]
         return clip_boxes(boxes, roi_shape), probs[:, :-1]
 
 
@@ -279,8 +277,7 @@ def rescale_to_original(bbox: paddle.Tensor, bbox_num: paddle.Tensor, im_shape: 
     """
     if bbox.shape[0] == 0:
         return bbox
-    image_idx = paddle.repeat_interleave(paddle.arange(bbox_num.shape[0], dtype="int64"),
-                                         bbox_num.astype("int64"))
+    image_idx = image_index(bbox_num)
     scale = paddle.gather(scale_factor.astype(bbox.dtype), image_idx)  # [K, 2] as (sy, sx)
     original = paddle.floor(im_shape.astype(bbox.dtype) / scale_factor.astype(bbox.dtype) + 0.5)  # [B, 2]
     limits = paddle.gather(original, image_idx)  # [K, 2] as (h, w)

@@ -13,7 +13,7 @@ from paddle.nn.initializer import Normal
 from ppdet_retina.core.workspace import ConfigError, build_component, register
 from ppdet_retina.modeling.box_ops import bbox2delta
 from ppdet_retina.modeling.proposal_generator import flatten_level_outputs
-from ppdet_retina.modeling.samplers import gt_masks
+from ppdet_retina.modeling.samplers import gt_masks, matched_on_positives
 from ppdet_retina.modeling.shape_spec import ShapeSpec, in_channel_kwargs
 
 __all__ = ["RPNHead"]
@@ -124,11 +124,8 @@ class RPNHead(nn.Layer):
         loss_cls = (bce * sampled).sum() / norm
 
         anchors_b = all_anchors.unsqueeze(0).expand([batch, -1, 4])
-        target_boxes = paddle.take_along_axis(gt_bbox, matched.unsqueeze(-1).expand([batch, -1, 4]), axis=1)
-        # Non-positive anchors get themselves as target (delta 0) so that a
-        # degenerate padded gt never reaches the log in bbox2delta.
-        target_boxes = paddle.where(positive.unsqueeze(-1), target_boxes, anchors_b)
-        target = bbox2delta(anchors_b, target_boxes).detach()
+        # Non-positive anchors get themselves as target (delta 0).
+        target = bbox2delta(anchors_b, matched_on_positives(gt_bbox, matched, positive, anchors_b)).detach()
         if self.loss_rpn_bbox is None:
             l1 = paddle.abs(pred_deltas - target).sum(axis=-1)
             loss_reg = (l1 * positive.astype(l1.dtype)).sum() / reg_norm
