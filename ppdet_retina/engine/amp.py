@@ -9,9 +9,8 @@ On a GPU the forward runs under ``paddle.amp.auto_cast`` and the loss goes throu
 ``paddle.amp.GradScaler`` (dynamic loss scaling: the scale halves when a step's gradients overflow,
 and that step is skipped; it doubles after 1000 clean steps). The scaler's state is saved with
 each checkpoint and restored by resume. On a CPU, training stays float32: Paddle has no float16
-CPU kernels for these networks, and bfloat16 autocast (O1) measured no faster on a 2-core
-avx512_bf16 CPU: a train step of the demo RetinaNet took 1287 ms in fp32 vs 1206 ms in bf16 on
-4 x 128 px images (within noise) and 7339 vs 8459 ms on 2 x 512 px images.
+CPU kernels for these networks, and bfloat16 autocast (O1) measured no faster than float32 on a
+CPU with avx512_bf16 (figures in docs/DESIGN.md, "Performance notes").
 """
 
 from __future__ import annotations

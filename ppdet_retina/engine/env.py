@@ -73,7 +73,7 @@ def set_cpu_threads(num_threads: Optional[int] = None) -> int:
 
     Paddle 3.3 dygraph runs conv on a single thread unless told, and
     OMP_NUM_THREADS does not change that; ``paddle.base.core.set_num_threads``
-    does (measured ~1.8x on 2 cores).
+    does (docs/DESIGN.md, "Performance notes").
     """
     threads = cpu_threads_per_process() if num_threads is None else max(1, int(num_threads))
     paddle.base.core.set_num_threads(threads)

@@ -1,8 +1,8 @@
 """The engine evaluation and prediction run on: the dygraph model, or its export on Paddle Inference.
 
-On a CPU, Paddle Inference with oneDNN runs the exported RetinaNet / Faster R-CNN forward about 2x
-faster than dygraph in fp32 and about 5x in bf16 (CPUs with avx512_bf16), with the same
-detections. So ``tools/eval.py``, ``tools/infer.py`` and training's ``--eval`` use it by default:
+On a CPU, Paddle Inference with oneDNN runs the exported RetinaNet / Faster R-CNN forward
+faster than dygraph, more so in bf16 (CPUs with avx512_bf16), with the same detections
+(measurements: docs/DESIGN.md, "Performance notes"; ``tools/benchmark.py`` measures a machine). So ``tools/eval.py``, ``tools/infer.py`` and training's ``--eval`` use it by default:
 
 * ``auto`` (default): Paddle Inference on CPU for the shipped architectures (RetinaNet,
   FasterRCNN); dygraph on GPU and for other architectures, with one log line saying why.

@@ -49,7 +49,7 @@ def _check_reduction(reduction: str, owner: str) -> None:
 
 
 def _power(p: paddle.Tensor, gamma: float) -> paddle.Tensor:
-    """p ** gamma; small integer powers as products (paddle.pow is ~8x slower than a multiply on CPU)."""
+    """p ** gamma; small integer powers as products (paddle.pow is much slower than a multiply on CPU)."""
     if gamma == 0:
         return paddle.ones_like(p)
     if float(gamma).is_integer() and 1 <= gamma <= 4:
@@ -93,7 +93,7 @@ class FocalLoss:
 
     The class-id form is the fast one: every element is first scored as a
     negative (one sigmoid, one softplus over [M, C]) and only the M target
-    entries are corrected to their positive value, which is ~3x faster than
+    entries are corrected to their positive value, which is several times faster than
     ``paddle.nn.functional.sigmoid_focal_loss`` (used for float targets).
     """
 
@@ -141,7 +141,7 @@ class FocalLoss:
         is_fg = paddle.logical_and(labels >= 0, labels < num_classes)
         safe = paddle.where(is_fg, labels, paddle.zeros_like(labels))
         # broadcast=False: the index already has pred's shape bar the class
-        # axis, and the broadcasting path copies (4x slower at RetinaNet sizes).
+        # axis, and the broadcasting path copies.
         target_logit = paddle.take_along_axis(pred, safe.unsqueeze(axis), axis=axis,
                                               broadcast=False).squeeze(axis)
         as_negative, as_positive = _focal_terms(target_logit, self.alpha, self.gamma)
