@@ -50,6 +50,8 @@ DEFAULT_CONFIG = "configs/retinanet/retinanet_r50_fpn_1x.yml"
 def parse_args(argv: List[str] | None = None) -> argparse.Namespace:
     parser = build_parser(__doc__, DEFAULT_CONFIG)
     parser.add_argument("-o", "--opt", nargs="*", default=[], help="config overrides key=value")
+    parser.add_argument("--data", action="store_true", help="instead: COCODataSet and COCOMetric at COCO "
+                        "scale (tools/benchmark_data.py, whose flags then apply)")
     parser.add_argument("--bf16", action="store_true", help="the default engine in oneDNN bfloat16")
     parser.add_argument("--skip-engines", action="store_true",
                         help="leave out the default engine and the eval throughput per engine")
@@ -208,6 +210,10 @@ def engine_benchmark(cfg: Dict, args: argparse.Namespace, threads: int):
 
 
 def main(argv: List[str] | None = None) -> Dict:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if "--data" in argv:  # COCO-scale data, not a model: its own tool and flags
+        import benchmark_data
+        return benchmark_data.main([a for a in argv if a != "--data"])
     args = parse_args(argv)
     paddle.set_device("cpu")
     threads = set_cpu_threads(args.threads)

@@ -144,18 +144,24 @@ class COCODataSet(_TransformMixin):
     def parse_dataset(self) -> None:
         """Read the json, map categories, build and filter records. Called once by the constructor."""
         anno_file = self._checked_anno_file()
-        coco = load_coco(anno_file)
-        self.catid2clsid, self.clsid2catid, self.label_names = _category_maps(coco, anno_file)
+        data = read_coco_json(anno_file)
+        self.catid2clsid, self.clsid2catid, self.label_names = _category_maps(data, anno_file)
         image_root = self.get_image_root()
-        img_ids = sorted(coco.getImgIds())
+        # pycocotools' own index keeps the last entry of a repeated id; so does this.
+        imgs = {img["id"]: img for img in data["images"]}
+        img_ids = sorted(imgs)
         if self.sample_num > 0:
             img_ids = img_ids[:self.sample_num]
-        _check_images_exist(coco, img_ids, image_root, anno_file)
-        with_boxes, empty, dropped = [], [], 0
-        for img_id in img_ids:
-            record, n_dropped = self._make_record(coco, img_id, image_root, anno_file)
-            dropped += n_dropped
-            (with_boxes if len(record["_boxes"]) else empty).append(record)
+        _check_images_exist(imgs, img_ids, image_root, anno_file)
+        # The array path handles any well-formed json at COCO scale in seconds; whatever it does
+        # not vouch for goes through the per-annotation path, whose errors name the annotation.
+        built = self._array_records(data, imgs, img_ids, image_root)
+        if built is None:
+            built = self._python_records(data, img_ids, image_root, anno_file)
+        del data, imgs
+        records, has_boxes, dropped = built
+        with_boxes = [r for r, keep in zip(records, has_boxes) if keep]
+        empty = [r for r, keep in zip(records, has_boxes) if not keep]
         if dropped:
             logger.warning("%s: dropped %d box(es) narrower or shorter than 1 px after clipping "
                            "to the image (zero-area or outside the image)", anno_file, dropped)
@@ -165,7 +171,7 @@ class COCODataSet(_TransformMixin):
         records = sorted(with_boxes + empty_kept, key=lambda r: r["im_id"])
         if not records:
             raise ValueError(self._empty_reason(anno_file, len(img_ids), len(empty)))
-        self.roidbs = [self._keep_fields(r) for r in records]
+        self.roidbs = records
         self._loaded = True
 
     def _checked_anno_file(self) -> str:
@@ -180,6 +186,62 @@ class COCODataSet(_TransformMixin):
             raise ConfigError(f"COCODataSet: annotation file '{anno_file}' does not exist; "
                               + _fix_hint(self.dataset_dir, "dataset_dir / anno_path"))
         return anno_file
+
+    def _python_records(self, data: dict, img_ids: Sequence[int], image_root: str,
+                        anno_file: str) -> Tuple[List[dict], List[bool], int]:
+        """(records, whether each has a box, boxes dropped), one annotation at a time."""
+        coco = _coco_index(data)
+        records, has_boxes, dropped = [], [], 0
+        for img_id in img_ids:
+            record, n_dropped = self._make_record(coco, img_id, image_root, anno_file)
+            dropped += n_dropped
+            has_boxes.append(bool(record["_boxes"]))
+            records.append(self._keep_fields(record))
+        return records, has_boxes, dropped
+
+    def _array_records(self, data: dict, imgs: Dict[Any, dict], img_ids: Sequence[int],
+                       image_root: str) -> Optional[Tuple[List[dict], List[bool], int]]:
+        """What ``_python_records`` returns, computed on whole-dataset arrays; None when the json
+        has anything the arrays would not treat exactly as the per-annotation path does (odd id
+        types, repeated annotation ids, a malformed, NaN or None bbox value, an unknown category,
+        a missing iscrowd), which then goes there for its error or its exact result."""
+        table = _annotation_table(data["annotations"], img_ids, self.load_crowd)
+        if table is None:
+            return None
+        try:
+            sizes = [(float(imgs[i]["height"]), float(imgs[i]["width"])) for i in img_ids]
+        except (TypeError, ValueError):
+            return None
+        pos, xywh, cat, crowd = table
+        hw = np.asarray(sizes, np.float64).reshape(-1, 2)
+        h, w = hw[pos, 0], hw[pos, 1]
+        x1 = np.minimum(np.maximum(xywh[:, 0], 0.0), w)
+        y1 = np.minimum(np.maximum(xywh[:, 1], 0.0), h)
+        x2 = np.minimum(np.maximum(xywh[:, 0] + xywh[:, 2], 0.0), w)
+        y2 = np.minimum(np.maximum(xywh[:, 1] + xywh[:, 3], 0.0), h)
+        keep = (x2 - x1 >= 1.0) & (y2 - y1 >= 1.0)
+        dropped = int(len(keep) - keep.sum())
+        cls = _class_indices(cat[keep], self.catid2clsid)
+        if cls is None:
+            return None
+        pos = pos[keep]
+        boxes = np.stack([x1, y1, x2, y2], axis=1)[keep].astype(np.float32)
+        counts = np.bincount(pos, minlength=len(img_ids))
+        # pos is ascending (a stable sort by image kept the file's order within an image), so
+        # each image's boxes are one block: per-record views, no copy per image.
+        cuts = np.cumsum(counts)[:-1]
+        fields = {"gt_bbox": np.split(boxes, cuts),
+                  "gt_class": np.split(cls.astype(np.int32).reshape(-1, 1), cuts),
+                  "is_crowd": np.split(crowd[keep].astype(np.int32).reshape(-1, 1), cuts)}
+        kept = [k for k in _GT_FIELDS if k in self.data_fields]
+        join = _path_joiner(image_root)
+        records = []
+        for k, (img_id, (ih, iw)) in enumerate(zip(img_ids, sizes)):
+            record = {"im_file": join(imgs[img_id]["file_name"]), "im_id": int(img_id), "h": int(ih), "w": int(iw)}
+            for key in kept:
+                record[key] = fields[key][k]
+            records.append(record)
+        return records, (counts > 0).tolist(), dropped
 
     def _make_record(self, coco, img_id: int, image_root: str, anno_file: str) -> Tuple[dict, int]:
         info = coco.imgs[img_id]
@@ -269,15 +331,24 @@ def _check_fields(data_fields: Sequence[str]) -> List[str]:
     return fields
 
 
-def load_coco(anno_file: str):
-    """Read and validate ``anno_file`` before pycocotools sees it (its own errors are bare KeyErrors)."""
-    from pycocotools.coco import COCO
+def read_coco_json(anno_file: str) -> dict:
+    """Parse ``anno_file`` and check the keys pycocotools relies on (its own errors are bare KeyErrors)."""
     try:
         with open(anno_file, "r", encoding="utf-8") as f:
             data = json.load(f)
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise ValueError(f"{anno_file}: not a COCO json (cannot parse JSON: {err})") from None
     _validate_coco_json(data, anno_file)
+    return data
+
+
+def load_coco(anno_file: str):
+    """``anno_file`` as a pycocotools ``COCO``, read and validated by :func:`read_coco_json`."""
+    return _coco_index(read_coco_json(anno_file))
+
+
+def _coco_index(data: dict):
+    from pycocotools.coco import COCO
     coco = COCO()
     coco.dataset = data
     _quiet(coco.createIndex)
@@ -300,32 +371,104 @@ def _validate_coco_json(data: Any, anno_file: str) -> None:
     if missing:
         raise ValueError(f"{anno_file}: not a COCO json: missing key(s) {missing} "
                          f"(a COCO instances file has 'images', 'annotations', 'categories')")
-    for img in data["images"]:
+    # One pass of plain membership tests finds the first incomplete entry (a per-entry list
+    # costs seconds at COCO scale); only that entry's message is worked out.
+    img = next((i for i in data["images"]
+                if not ("id" in i and "file_name" in i and "height" in i and "width" in i)), None)
+    if img is not None:
         lacks = [k for k in ("id", "file_name", "height", "width") if k not in img]
-        if lacks:
-            raise ValueError(f"{anno_file}: not a COCO json: image entry {img.get('id', img)} lacks {lacks}")
-    for ann in data["annotations"]:
+        raise ValueError(f"{anno_file}: not a COCO json: image entry {img.get('id', img)} lacks {lacks}")
+    ann = next((a for a in data["annotations"]
+                if not ("id" in a and "image_id" in a and "category_id" in a and "bbox" in a)), None)
+    if ann is not None:
         lacks = [k for k in ("id", "image_id", "category_id", "bbox") if k not in ann]
-        if lacks:
-            raise ValueError(f"{anno_file}: not a COCO json: annotation {ann.get('id', '?')} lacks {lacks}")
+        raise ValueError(f"{anno_file}: not a COCO json: annotation {ann.get('id', '?')} lacks {lacks}")
     for cat in data["categories"]:
         if "id" not in cat:
             raise ValueError(f"{anno_file}: not a COCO json: category entry {cat} lacks 'id'")
 
 
-def _category_maps(coco, anno_file: str) -> Tuple[Dict[int, int], Dict[int, int], List[str]]:
-    cat_ids = sorted(coco.getCatIds())
+def _category_maps(data: dict, anno_file: str) -> Tuple[Dict[int, int], Dict[int, int], List[str]]:
+    # As pycocotools' getCatIds() and index: every listed id, the last entry of a repeated one.
+    cats = {cat["id"]: cat for cat in data["categories"]}
+    cat_ids = sorted(cat["id"] for cat in data["categories"])
     if not cat_ids:
         raise ValueError(f"{anno_file}: 'categories' is empty; a detection dataset needs at least one")
     catid2clsid = {cat_id: i for i, cat_id in enumerate(cat_ids)}
     clsid2catid = {i: cat_id for cat_id, i in catid2clsid.items()}
-    names = [str(coco.cats[c].get("name", c)) for c in cat_ids]
+    names = [str(cats[c].get("name", c)) for c in cat_ids]
     return catid2clsid, clsid2catid, names
 
 
-def _check_images_exist(coco, img_ids: Sequence[int], image_root: str, anno_file: str) -> None:
-    missing = [(i, coco.imgs[i]["file_name"]) for i in img_ids
-               if not os.path.isfile(os.path.join(image_root, coco.imgs[i]["file_name"]))]
+def _annotation_table(anns: List[dict], img_ids: Sequence[int], load_crowd: bool):
+    """The annotations of ``img_ids`` that ``_make_record`` would look at, as arrays ordered by image
+    and, within one, by the file: (image position, xywh float64 [n,4], category ids, crowd flag),
+    or None when some value needs the per-annotation path (see ``_array_records``)."""
+    n = len(anns)
+    ids = np.asarray(img_ids)
+    ann_img = np.asarray([a["image_id"] for a in anns])
+    if ids.dtype.kind not in "iu" or (n and ann_img.dtype.kind not in "iu"):
+        return None
+    ann_ids = [a["id"] for a in anns]
+    try:
+        if len(set(ann_ids)) != n:  # pycocotools would hand out one of the twins twice
+            return None
+        if load_crowd:
+            wanted = np.ones(n, bool)
+        else:  # pycocotools keeps ``ann["iscrowd"] == False`` and fails on a missing one
+            wanted = np.fromiter((a["iscrowd"] == 0 for a in anns), bool, n)
+    except (KeyError, TypeError):
+        return None
+    ignore = np.fromiter((bool(a.get("ignore", False)) for a in anns), bool, n)
+    crowd = np.fromiter((bool(a.get("iscrowd", 0)) for a in anns), bool, n)
+    slot = np.searchsorted(ids, ann_img) if n else np.zeros(0, np.int64)
+    listed = slot < len(ids)
+    listed[listed] = ids[slot[listed]] == ann_img[listed]
+    take = np.flatnonzero(listed & wanted & ~ignore)
+    try:
+        xywh = np.asarray([anns[k]["bbox"] for k in take.tolist()] or np.zeros((0, 4)), np.float64)
+        xywh = xywh.reshape(len(take), -1)
+    except (TypeError, ValueError):
+        return None
+    # NaN and inf clip differently through Python's min/max and NumPy's: such boxes go per annotation.
+    if xywh.shape[1:] != (4,) or not np.isfinite(xywh).all():
+        return None
+    cat = np.asarray([anns[k]["category_id"] for k in take.tolist()])
+    order = np.argsort(slot[take], kind="stable")
+    return slot[take][order], xywh[order], cat[order], crowd[take][order]
+
+
+def _class_indices(cat_ids: np.ndarray, catid2clsid: Dict[Any, int]) -> Optional[np.ndarray]:
+    """Contiguous class of each category id; None if one is unknown or not an integer."""
+    if len(cat_ids) == 0:
+        return np.zeros(0, np.int64)
+    known = np.asarray(sorted(catid2clsid))
+    if cat_ids.dtype.kind not in "iu" or known.dtype.kind not in "iu":
+        return None
+    slot = np.minimum(np.searchsorted(known, cat_ids), len(known) - 1)
+    if (known[slot] != cat_ids).any():
+        return None
+    return np.asarray([catid2clsid[k] for k in known.tolist()], np.int64)[slot]
+
+
+def _path_joiner(root: str) -> Callable[[str], str]:
+    """``os.path.join(root, name)`` for many names; plain concatenation where that is the same."""
+    if os.sep != "/" or not root:
+        return lambda name: os.path.join(root, name)
+    prefix = root if root.endswith("/") else root + "/"
+    return lambda name: name if name.startswith("/") else prefix + name
+
+
+def _check_images_exist(imgs: Dict[Any, dict], img_ids: Sequence[int], image_root: str, anno_file: str) -> None:
+    join = _path_joiner(image_root)
+    # One directory listing instead of a stat per image; names it does not vouch for are stat'ed.
+    try:
+        with os.scandir(image_root or ".") as entries:
+            listed = {e.name for e in entries if e.is_file()}
+    except OSError:
+        listed = set()
+    missing = [(i, imgs[i]["file_name"]) for i in img_ids
+               if imgs[i]["file_name"] not in listed and not os.path.isfile(join(imgs[i]["file_name"]))]
     if not missing:
         return
     shown = "; ".join(f"{os.path.join(image_root, f)} (image id {i})" for i, f in missing[:3])

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import copy
 import io
 import json
 import os
@@ -43,6 +44,29 @@ def detections_to_coco(bbox: np.ndarray, bbox_num: np.ndarray, im_ids: np.ndarra
         raise ValueError(f"bbox_num has {len(counts)} entries but the batch has {len(im_ids)} image ids")
     if counts.sum() > len(bbox):
         raise ValueError(f"bbox_num sums to {counts.sum()} but bbox has only {len(bbox)} rows")
+    rows = bbox[:counts.sum()]
+    if not np.isfinite(rows[:, 0]).all():
+        return _rows_to_coco(rows, counts, im_ids, clsid2catid)
+    # Whole-batch arrays, then one dict per row from plain Python lists: a per-row loop over
+    # NumPy scalars costs seconds on an eval set of COCO's size.
+    keep = rows[:, 0] >= 0  # a negative class is NMS padding for "no detection"
+    rows = rows[keep]
+    image_ids = [int(i) for i in np.repeat(im_ids, counts)[keep].tolist()]
+    classes = rows[:, 0].astype(np.int64).tolist()
+    cat_of = {}
+    for clsid in dict.fromkeys(classes):  # first-seen order: the first unknown class is the one named
+        if clsid not in clsid2catid:
+            raise ValueError(f"detected class {clsid} has no COCO category id (clsid2catid has "
+                             f"{len(clsid2catid)} classes); does num_classes match the dataset?")
+        cat_of[clsid] = int(clsid2catid[clsid])
+    xywh = np.stack([rows[:, 2], rows[:, 3], rows[:, 4] - rows[:, 2], rows[:, 5] - rows[:, 3]], axis=1)
+    return [{"image_id": i, "category_id": cat_of[c], "bbox": b, "score": s}
+            for i, c, b, s in zip(image_ids, classes, xywh.tolist(), rows[:, 1].tolist())]
+
+
+def _rows_to_coco(bbox: np.ndarray, counts: np.ndarray, im_ids: np.ndarray,
+                  clsid2catid: Mapping[int, int]) -> List[dict]:
+    """``detections_to_coco`` one row at a time, for rows whose class is not a finite number."""
     results = []
     start = 0
     for im_id, count in zip(im_ids, counts):
@@ -73,7 +97,7 @@ def coco_bbox_eval(coco_gt, results: List[dict], verbose: bool = True, img_ids: 
 
     # pycocotools prints progress lines; only the summary is worth showing.
     with contextlib.redirect_stdout(io.StringIO()):
-        coco_dt = coco_gt.loadRes(results)
+        coco_dt = results_as_coco(coco_gt, results)
         evaluator = COCOeval(coco_gt, coco_dt, "bbox")
         if img_ids is not None:
             evaluator.params.imgIds = sorted(img_ids)
@@ -85,6 +109,28 @@ def coco_bbox_eval(coco_gt, results: List[dict], verbose: bool = True, img_ids: 
     if verbose:
         logger.info("COCO bbox metrics:\n" + summary.getvalue().rstrip())
     return evaluator
+
+
+def results_as_coco(coco_gt, results: List[dict]):
+    """COCO box results as a pycocotools ``COCO``, scored by ``COCOeval`` as ``coco_gt.loadRes``'s are.
+
+    Differs from ``loadRes`` only in what no box score reads: ``results`` stay as they are (loadRes
+    adds keys to them) and carry no box-outline polygon (one list per detection at loadRes's).
+    """
+    from pycocotools.coco import COCO
+    known = set(coco_gt.getImgIds())
+    unknown = {r["image_id"] for r in results} - known
+    if unknown:
+        raise AssertionError("Results do not correspond to current coco set (image ids not in the "
+                             f"annotation file: {sorted(unknown)[:5]})")
+    coco_dt = COCO()
+    coco_dt.dataset["images"] = list(coco_gt.dataset["images"])
+    coco_dt.dataset["categories"] = copy.deepcopy(coco_gt.dataset["categories"])
+    coco_dt.dataset["annotations"] = [dict(r, area=r["bbox"][2] * r["bbox"][3], id=k + 1, iscrowd=0)
+                                      for k, r in enumerate(results)]
+    with contextlib.redirect_stdout(io.StringIO()):
+        coco_dt.createIndex()
+    return coco_dt
 
 
 def _load_coco(anno_file: str):
@@ -171,8 +217,11 @@ class COCOMetric:
         folder = self.output_eval or tempfile.mkdtemp(prefix="ppdet_retina_eval_")
         os.makedirs(folder, exist_ok=True)
         path = os.path.join(folder, "bbox.json")
+        # json.dumps encodes in C in one go; json.dump streams through the pure-Python encoder
+        # (six seconds for COCO val's 500,000 detections). The text is the same.
+        text = json.dumps(self.results)
         with open(path, "w", encoding="utf-8") as f:
-            json.dump(self.results, f)
+            f.write(text)
         return path
 
     def accumulate(self) -> Dict[str, List[float]]:
