@@ -5,7 +5,7 @@ import paddle
 import pytest
 
 from ppdet_retina.core.workspace import ConfigError, create
-from ppdet_retina.modeling.assigners import MaxIoUAssigner, label_box, subsample_labels
+from ppdet_retina.modeling.matching import MaxIoUAssigner, label_box, subsample_labels
 
 
 def loop_label_box(iou, pos, neg, low_quality, valid):

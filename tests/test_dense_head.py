@@ -9,11 +9,11 @@ import pytest
 
 import ppdet_retina.modeling.dense_head as dh
 from ppdet_retina.modeling.anchors import RetinaAnchorGenerator
-from ppdet_retina.modeling.assigners import MaxIoUAssigner
 from ppdet_retina.modeling.dense_head import DenseHead, flatten_level
 from ppdet_retina.modeling.heads.retina_head import RetinaFeat, RetinaHead
 from ppdet_retina.modeling.losses import FocalLoss, SmoothL1Loss
-from ppdet_retina.modeling.post_process import MultiClassNMS
+from ppdet_retina.modeling.matching import MaxIoUAssigner
+from ppdet_retina.modeling.nms import MultiClassNMS
 from ppdet_retina.modeling.trace_utils import max_over_classes
 
 

@@ -16,7 +16,7 @@ from ppdet_retina.modeling.anchors import AnchorGenerator
 from ppdet_retina.modeling.heads.rpn_head import RPNHead
 from ppdet_retina.modeling.losses import SmoothL1Loss
 from ppdet_retina.modeling.proposal_generator import ProposalGenerator
-from ppdet_retina.modeling.samplers import RPNTargetAssign, cross_boundary
+from ppdet_retina.modeling.targets import RPNTargetAssign, cross_boundary
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 VGG_CONFIG = os.path.join(REPO, "configs", "faster_rcnn", "faster_rcnn_vgg16_1x.yml")

@@ -21,7 +21,7 @@ from ppdet_retina.core.workspace import create, load_config
 from ppdet_retina.data.shapes import ensure_demo_dataset
 from ppdet_retina.engine import export as E
 from ppdet_retina.engine import onnx as O
-from ppdet_retina.modeling.post_process import MultiClassNMS
+from ppdet_retina.modeling.nms import MultiClassNMS
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEMO = os.path.join(REPO, "configs", "demo", "retinanet_demo.yml")

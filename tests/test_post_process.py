@@ -5,7 +5,7 @@ import paddle
 import pytest
 
 from ppdet_retina.core.workspace import ConfigError, create
-from ppdet_retina.modeling.post_process import MultiClassNMS, batched_nms
+from ppdet_retina.modeling.nms import MultiClassNMS, batched_nms
 
 
 def np_iou(box, boxes):

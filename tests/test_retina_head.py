@@ -10,10 +10,10 @@ import yaml
 
 from ppdet_retina.core.workspace import ConfigError, create
 from ppdet_retina.modeling.anchors import RetinaAnchorGenerator
-from ppdet_retina.modeling.assigners import MaxIoUAssigner
 from ppdet_retina.modeling.heads.retina_head import RetinaFeat, RetinaHead
 from ppdet_retina.modeling.losses import FocalLoss, SmoothL1Loss
-from ppdet_retina.modeling.post_process import MultiClassNMS
+from ppdet_retina.modeling.matching import MaxIoUAssigner
+from ppdet_retina.modeling.nms import MultiClassNMS
 from ppdet_retina.modeling.shape_spec import ShapeSpec
 
 from conftest import REPO

@@ -6,10 +6,11 @@ import numpy as np
 import paddle
 import pytest
 
-from ppdet_retina.modeling.heads.bbox_head import BBoxHead, BBoxPostProcess, RCNNBox, TwoFCHead
-from ppdet_retina.modeling.post_process import MultiClassNMS
+from ppdet_retina.modeling.heads.bbox_head import BBoxHead, TwoFCHead
+from ppdet_retina.modeling.heads.rcnn_postprocess import BBoxPostProcess, RCNNBox
+from ppdet_retina.modeling.nms import MultiClassNMS
 from ppdet_retina.modeling.roi_extractor import RoIAlign, RoIPool, assign_fpn_levels
-from ppdet_retina.modeling.samplers import BBoxAssigner
+from ppdet_retina.modeling.targets import BBoxAssigner
 
 
 def _linear_map() -> paddle.Tensor:

@@ -12,7 +12,7 @@ from ppdet_retina.core.workspace import ConfigError
 from ppdet_retina.modeling.anchors import AnchorGenerator
 from ppdet_retina.modeling.heads.rpn_head import RPNHead
 from ppdet_retina.modeling.proposal_generator import ProposalGenerator, flatten_rois
-from ppdet_retina.modeling.samplers import RPNTargetAssign, gt_masks, matched_on_positives
+from ppdet_retina.modeling.targets import RPNTargetAssign, gt_masks, matched_on_positives
 
 from conftest import tiny_faster_rcnn_config
 

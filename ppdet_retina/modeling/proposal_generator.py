@@ -15,7 +15,7 @@ import paddle
 
 from ppdet_retina.core.workspace import ConfigError, register
 from ppdet_retina.modeling.box_ops import clip_boxes, delta2bbox
-from ppdet_retina.modeling.post_process import batched_nms
+from ppdet_retina.modeling.nms import batched_nms
 
 __all__ = ["ProposalGenerator", "flatten_rois", "flatten_level_outputs"]
 

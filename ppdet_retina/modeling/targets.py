@@ -1,4 +1,8 @@
-"""Training targets of the two Faster R-CNN stages: which anchors / RoIs are learned from, and what.
+"""Training targets: which anchors / RoIs are learned from, and what.
+
+The target assigners of the two Faster R-CNN stages (:class:`RPNTargetAssign`, :class:`BBoxAssigner`)
+and the helpers every head's targets use: :func:`gt_masks` (which padded gt rows are real, which are
+crowd) and :func:`matched_on_positives` (the matched gt's boxes or classes on positive rows).
 
 Both assigners are batched over images: ground truths come padded to G per
 image with a validity mask (padding and crowd boxes are invalid), proposals
@@ -13,8 +17,8 @@ from typing import Dict, NamedTuple, Optional, Tuple, Union
 import paddle
 
 from ppdet_retina.core.workspace import ConfigError, register
-from ppdet_retina.modeling.assigners import IGNORE, label_box, subsample_labels
 from ppdet_retina.modeling.box_ops import pairwise_iou
+from ppdet_retina.modeling.matching import IGNORE, label_box, subsample_labels
 
 __all__ = ["RPNTargetAssign", "BBoxAssigner", "RoITargets", "gt_masks", "matched_on_positives",
            "ignore_near_crowd", "cross_boundary"]

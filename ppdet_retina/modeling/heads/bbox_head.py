@@ -1,4 +1,5 @@
-"""Faster R-CNN's second stage: RoI feature head, class scores and class-specific deltas, decoding.
+"""Faster R-CNN's second stage: the RoI feature head (TwoFCHead), class scores and class-specific deltas
+(BBoxHead), their training targets and losses. Decoding and post-processing: ``rcnn_postprocess.py``.
 
 Output layout (PaddleDetection's pretrained weights depend on it): ``cls_score``
 gives num_classes + 1 logits with background LAST (index num_classes);
@@ -18,13 +19,13 @@ from paddle import ParamAttr
 from paddle.nn.initializer import Normal, XavierUniform
 
 from ppdet_retina.core.workspace import ConfigError, build_component, create, register
-from ppdet_retina.modeling.box_ops import bbox2delta, clip_boxes, delta2bbox, image_index
+from ppdet_retina.modeling.box_ops import bbox2delta, delta2bbox
 from ppdet_retina.modeling.losses import GIoULoss
 from ppdet_retina.modeling.proposal_generator import flatten_rois
-from ppdet_retina.modeling.samplers import RoITargets, gt_masks
 from ppdet_retina.modeling.shape_spec import ShapeSpec, in_channel_kwargs
+from ppdet_retina.modeling.targets import RoITargets, gt_masks
 
-__all__ = ["TwoFCHead", "BBoxHead", "RCNNBox", "BBoxPostProcess"]
+__all__ = ["TwoFCHead", "BBoxHead", "select_class_deltas"]
 
 # FPN's RoI feature head pools 7x7 (RoIAlign's own default, 14, is the C4 head's).
 _DEFAULT_ROI_EXTRACTOR = {"name": "RoIAlign", "resolution": 7}
@@ -185,104 +186,3 @@ class BBoxHead(nn.Layer):
             pred = delta2bbox(pred, rois, self.bbox_weight)
             target = delta2bbox(target, rois, self.bbox_weight)
         return self.bbox_loss(pred, target, weight=foreground, normalizer=num)
-
-
-_EXPORT_ONNX_WHY = "PaddleDetection's ONNX export switch; engine/onnx.py converts the one exported graph"
-
-
-@register
-class RCNNBox:
-    """Decode class-specific deltas of the RoI head into boxes in resized-image pixels.
-
-    boxes = delta2bbox(deltas / prior_box_var, roi) per class, clipped to the resized
-    image (im_shape). They stay in the resized frame: PaddleDetection runs the NMS there and
-    rescales afterwards (:class:`BBoxPostProcess`). The background score column is dropped.
-
-    Config keys: prior_box_var ([10, 10, 5, 5]; must equal BBoxHead.bbox_weight),
-    num_classes (shared); code_type and box_normalized are checked (only centre-size decoding
-    in pixels exists); export_onnx is accepted and ignored (``__ignored__``).
-
-    Call: ``decode((probs [R, C+1], deltas [R, 4C]), rois [R, 4], rois_num [B], im_shape [B, 2],
-    scale_factor [B, 2])`` -> (boxes [R, C, 4], scores [R, C]); scale_factor is not read
-    (kept for PaddleDetection's call signature).
-    """
-
-    # export_onnx stays shared so that a top-level key of that name is accepted too.
-    __shared__ = ["num_classes", "export_onnx"]
-    __ignored__ = {"export_onnx": _EXPORT_ONNX_WHY}
-
-    def __init__(self, prior_box_var: Sequence[float] = (10.0, 10.0, 5.0, 5.0),
-                 code_type: str = "decode_center_size", box_normalized: bool = False,
-                 num_classes: int = 80):
-        if code_type != "decode_center_size" or box_normalized:
-            raise ConfigError("RCNNBox supports only code_type: decode_center_size with "
-                              f"box_normalized: false, got {code_type!r}, {box_normalized!r}")
-        self.prior_box_var = [float(v) for v in prior_box_var]
-        self.num_classes = int(num_classes)
-
-    def __call__(self, head_out: Tuple[paddle.Tensor, paddle.Tensor], rois: paddle.Tensor,
-                 rois_num: paddle.Tensor, im_shape: paddle.Tensor,
-                 scale_factor: paddle.Tensor) -> Tuple[paddle.Tensor, paddle.Tensor]:
-        probs, deltas = head_out
-        num_rois = deltas.shape[0]
-        per_class = deltas.reshape([num_rois, -1, 4])
-        boxes = delta2bbox(per_class, rois.unsqueeze(1), self.prior_box_var)  # [R, C, 4]
-        roi_shape = paddle.gather(im_shape.astype(boxes.dtype), image_index(rois_num))  # [R, 2]
-        return clip_boxes(boxes, roi_shape), probs[:, :-1]
-
-
-@register
-class BBoxPostProcess:
-    """Decode the RoI head's output, run class-aware NMS per image, rescale to the original image.
-
-    PaddleDetection's order, which its weights are judged with: decode and clip in the resized
-    image, NMS there, then divide by scale_factor and clip to the original size (see
-    :func:`rescale_to_original`). A row that the clipping leaves with no width or height
-    keeps its place with class -1 (every consumer skips negative classes).
-
-    Config keys: decode (RCNNBox), nms (MultiClassNMS), num_classes (shared);
-    export_onnx / export_eb are accepted and ignored (``__ignored__``).
-
-    Call: ``post(head_out, rois [R, 4], rois_num [B], im_shape [B, 2], scale_factor [B, 2])``
-    -> (bbox [K, 6] rows (class, score, x1, y1, x2, y2) in original pixels, bbox_num [B] int32).
-    """
-
-    __shared__ = ["num_classes", "export_onnx", "export_eb"]
-    __inject__ = ["decode", "nms"]
-    __ignored__ = {"export_onnx": _EXPORT_ONNX_WHY,
-                   "export_eb": "PaddleDetection's switch to keep empty-box rows in exports; the export mode decides"}
-
-    def __init__(self, num_classes: int = 80, decode: Any = "RCNNBox", nms: Any = "MultiClassNMS"):
-        self.num_classes = int(num_classes)
-        self.decode = build_component(decode, "RCNNBox", "BBoxPostProcess.decode",
-                                      shared={"num_classes": num_classes})
-        self.nms = build_component(nms, "MultiClassNMS", "BBoxPostProcess.nms")
-
-    def __call__(self, head_out: Tuple[paddle.Tensor, paddle.Tensor], rois: paddle.Tensor,
-                 rois_num: paddle.Tensor, im_shape: paddle.Tensor,
-                 scale_factor: paddle.Tensor) -> Tuple[paddle.Tensor, paddle.Tensor]:
-        boxes, scores = self.decode(head_out, rois, rois_num, im_shape, scale_factor)
-        bbox, bbox_num = self.nms(boxes, scores, rois_num.astype("int32"))
-        return rescale_to_original(bbox, bbox_num, im_shape, scale_factor), bbox_num
-
-
-def rescale_to_original(bbox: paddle.Tensor, bbox_num: paddle.Tensor, im_shape: paddle.Tensor,
-                        scale_factor: paddle.Tensor) -> paddle.Tensor:
-    """NMS rows [K, 6] in resized pixels -> original pixels, clipped; emptied rows get class -1.
-
-    Boxes are divided by (sx, sy, sx, sy) and clipped to the original size, taken as
-    floor(im_shape / scale_factor + 0.5) (whole pixels, as PaddleDetection). A box that
-    ends up with zero width or height (it lay beyond the original border) is marked class -1
-    in place, so ``bbox_num`` still counts it, as in PaddleDetection's output.
-    """
-    if bbox.shape[0] == 0:
-        return bbox
-    image_idx = image_index(bbox_num)
-    scale = paddle.gather(scale_factor.astype(bbox.dtype), image_idx)  # [K, 2] as (sy, sx)
-    original = paddle.floor(im_shape.astype(bbox.dtype) / scale_factor.astype(bbox.dtype) + 0.5)  # [B, 2]
-    limits = paddle.gather(original, image_idx)  # [K, 2] as (h, w)
-    scale_xyxy = paddle.concat([scale[:, 1:2], scale[:, 0:1], scale[:, 1:2], scale[:, 0:1]], axis=1)
-    boxes = clip_boxes(bbox[:, 2:] / scale_xyxy, limits)
-    kept = paddle.logical_and(boxes[:, 2:3] > boxes[:, 0:1], boxes[:, 3:4] > boxes[:, 1:2])
-    labels = paddle.where(kept, bbox[:, 0:1], paddle.full_like(bbox[:, 0:1], -1.0))
-    return paddle.concat([labels, bbox[:, 1:2], boxes], axis=1)

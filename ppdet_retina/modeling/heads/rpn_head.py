@@ -13,8 +13,8 @@ from paddle.nn.initializer import Normal
 from ppdet_retina.core.workspace import ConfigError, build_component, register
 from ppdet_retina.modeling.box_ops import bbox2delta
 from ppdet_retina.modeling.proposal_generator import flatten_level_outputs
-from ppdet_retina.modeling.samplers import gt_masks, matched_on_positives
 from ppdet_retina.modeling.shape_spec import ShapeSpec, in_channel_kwargs
+from ppdet_retina.modeling.targets import gt_masks, matched_on_positives
 
 __all__ = ["RPNHead"]
 
