@@ -33,10 +33,11 @@ import paddle.nn.functional as F
 
 from ppdet_retina.core.workspace import ConfigError
 from ppdet_retina.modeling.box_ops import delta2bbox
+from ppdet_retina.modeling.targets import gt_masks
 from ppdet_retina.modeling.trace_utils import (flat_index, known, max_over_classes, numpy_view_ok,
                                                reshape_like, times)
 
-__all__ = ["DenseHead", "Assignment", "HeadOutputs", "flatten_level", "padded_gts", "gt_valid_mask"]
+__all__ = ["DenseHead", "Assignment", "HeadOutputs", "flatten_level", "padded_gts"]
 
 HeadOutputs = Tuple[List[paddle.Tensor], List[paddle.Tensor]]
 
@@ -64,17 +65,6 @@ def flatten_level(x: paddle.Tensor, last: int) -> paddle.Tensor:
     return x.transpose([0, 2, 3, 1]).reshape([0, -1, last])
 
 
-def gt_valid_mask(inputs: Dict[str, paddle.Tensor], gt_bbox: paddle.Tensor) -> paddle.Tensor:
-    """[B, G] bool: a real (not padding) gt that is not a crowd region."""
-    shape = gt_bbox.shape[:2]
-    valid = paddle.ones(shape, dtype="bool")
-    if inputs.get("pad_gt_mask") is not None:
-        valid = inputs["pad_gt_mask"].reshape(shape) > 0
-    if inputs.get("is_crowd") is not None:
-        valid = paddle.logical_and(valid, inputs["is_crowd"].reshape(shape) == 0)
-    return valid
-
-
 def padded_gts(inputs: Dict[str, paddle.Tensor]) -> Tuple[paddle.Tensor, paddle.Tensor, paddle.Tensor]:
     """gt_bbox [B,G,4], gt_class [B,G] int64, gt_valid [B,G]; a batch with G = 0 gets one invalid row."""
     gt_bbox = inputs["gt_bbox"].astype("float32")
@@ -83,7 +73,7 @@ def padded_gts(inputs: Dict[str, paddle.Tensor]) -> Tuple[paddle.Tensor, paddle.
     if gt_bbox.shape[1] == 0:
         zeros = paddle.zeros([batch, 1, 4], dtype="float32")
         return zeros, paddle.zeros([batch, 1], dtype="int64"), paddle.zeros([batch, 1], dtype="bool")
-    return gt_bbox, gt_class, gt_valid_mask(inputs, gt_bbox)
+    return gt_bbox, gt_class, gt_masks(inputs)[0]
 
 
 def _take_flat(x: paddle.Tensor, idx: paddle.Tensor) -> paddle.Tensor:
