@@ -325,9 +325,8 @@ class DenseHead(nn.Layer):
                            ) -> Tuple[paddle.Tensor, paddle.Tensor, paddle.Tensor]:
         """:meth:`_top_anchors` for dygraph on CPU, reading the maps through zero-copy numpy views.
 
-        Paddle's CPU reductions and gathers over the whole P3 map cost ~25 ms at
-        800x1216 with 80 classes; numpy's vectorised max and fancy indexing do
-        the same in a few ms.
+        Paddle's CPU reductions and gathers over the whole P3 map cost several times what
+        numpy's vectorised max and fancy indexing do (docs/DESIGN.md, "Performance notes").
         """
         num_a, num_c = self.num_anchors, self.num_classes
         batch = int(logits.shape[0])

@@ -75,11 +75,11 @@ def max_over_classes(x: paddle.Tensor) -> paddle.Tensor:
     """[B, A, C, L] -> [B, A, 1, L]: the max over classes, as max-pools down the class axis.
 
     This read of the whole logit map is the largest cost of inference after
-    the convs. A (C, 1) max-pool is ~1.4x faster on CPU than paddle.max over a
+    the convs. A (C, 1) max-pool is faster on CPU than paddle.max over a
     middle axis, and two passes -- windows of 16 rows, then the rest -- are
-    another ~1.5x faster at C = 80: each output walks its window down rows L
-    floats apart, and 80 such streams at once defeat the hardware prefetcher
-    where 16 do not. Max is exact in any grouping; ``ceil_mode`` lets the last
+    faster still at C = 80 (docs/DESIGN.md, "Performance notes"): each output walks
+    its window down rows L floats apart, and 80 such streams at once defeat the
+    hardware prefetcher where 16 do not. Max is exact in any grouping; ``ceil_mode`` lets the last
     window be partial when 16 does not divide C.
     """
     rows = int(x.shape[2])
