@@ -20,8 +20,10 @@ from __future__ import annotations
 import json
 import logging
 import os
+import subprocess
+import sys
 from types import SimpleNamespace
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import cv2
 import numpy as np
@@ -133,6 +135,25 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DATA_DIR = os.path.join(REPO, "tests", "data")
 RETINANET_CONFIG = os.path.join(REPO, "configs", "retinanet", "retinanet_r50_fpn_1x.yml")
 FASTER_RCNN_BASE = os.path.join(REPO, "configs", "faster_rcnn", "_base_", "faster_rcnn_r50_fpn.yml")
+
+
+def launch_two_ranks(log_dir: str, script_args: Sequence[str], timeout: float = 85,
+                     extra_env: Optional[Dict[str, str]] = None
+                     ) -> Tuple["subprocess.CompletedProcess[str]", Dict[int, str]]:
+    """Run a script (``script_args``: its path and arguments) in two CPU processes under
+    paddle.distributed.launch from the repository root; returns the finished launcher and each rank's
+    worker log that exists."""
+    env = dict(os.environ, GLOG_minloglevel="2", PYTHONWARNINGS="ignore::UserWarning", **(extra_env or {}))
+    cmd = [sys.executable, "-m", "paddle.distributed.launch", "--log_level", "WARNING", "--log_dir", log_dir,
+           "--nproc_per_node", "2", *script_args]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=REPO, env=env)
+    logs = {}
+    for rank in (0, 1):
+        path = os.path.join(log_dir, f"workerlog.{rank}")
+        if os.path.exists(path):
+            with open(path) as f:
+                logs[rank] = f.read()
+    return proc, logs
 
 
 def read_param_table(arch: str) -> Dict[str, List[int]]:

@@ -17,7 +17,7 @@ import numpy as np
 import paddle
 import pytest
 
-from conftest import REPO, make_coco, write_tiny_config
+from conftest import REPO, launch_two_ranks, make_coco, write_tiny_config
 from ppdet_retina.core.workspace import create, load_config
 from ppdet_retina.data.coco import COCODataSet
 from ppdet_retina.data.transforms import BadImageError, decode_image, image_bytes_complete
@@ -156,14 +156,10 @@ def test_training_replaces_broken_image_and_reports_it(tmp_path, tiny_coco):
     cfg = write_tiny_config(tmp_path, tiny_coco, epoch=1)
     # Two processes, batch 2 (DataLoader workers: see the reader test above): rank 0 reads
     # images 1 and 2 (rank 1 image 5, and 1 again as padding).
-    env = dict(os.environ, GLOG_minloglevel="2", PYTHONWARNINGS="ignore::UserWarning", PYTHONUNBUFFERED="1")
-    proc = subprocess.run([sys.executable, "-m", "paddle.distributed.launch", "--log_level", "WARNING",
-                           "--log_dir", str(tmp_path / "log"), "--nproc_per_node", "2",
-                           os.path.join(REPO, "tools", "train.py"), "-c", cfg, "-o",
-                           "TrainReader.max_bad_image_ratio=0.5"],
-                          capture_output=True, text=True, timeout=120, cwd=REPO, env=env)
-    with open(tmp_path / "log" / "workerlog.0") as f:
-        rank0 = f.read()
+    proc, logs = launch_two_ranks(str(tmp_path / "log"), [
+        os.path.join(REPO, "tools", "train.py"), "-c", cfg, "-o", "TrainReader.max_bad_image_ratio=0.5"],
+        timeout=120, extra_env={"PYTHONUNBUFFERED": "1"})
+    rank0 = logs[0]
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     bad = os.path.join(tiny_coco.image_root, "img_2.png")
     assert f"broken image {bad} (image id 2) replaced by another image" in rank0

@@ -2,24 +2,17 @@
 
 import json
 import os
-import subprocess
-import sys
 
-from conftest import REPO, write_tiny_config
+from conftest import REPO, launch_two_ranks, write_tiny_config
 
 
 def test_two_process_launch_keeps_ranks_identical(tmp_path, tiny_coco):
     cfg = write_tiny_config(tmp_path, tiny_coco, epoch=1)
-    hash_dir, log_dir = str(tmp_path / "hash"), str(tmp_path / "log")
-    env = dict(os.environ, GLOG_minloglevel="2", PYTHONWARNINGS="ignore::UserWarning",
-               PPDET_RETINA_WEIGHTS_HASH_DIR=hash_dir)
-    cmd = [sys.executable, "-m", "paddle.distributed.launch", "--log_level", "WARNING", "--log_dir", log_dir,
-           "--nproc_per_node", "2", os.path.join(REPO, "tools", "train.py"), "-c", cfg, "--eval",
-           "--seed", "5",  # seeds differ per rank, so equal weights also need DataParallel's initial sync
-           "-o", "log_iter=1"]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=85, cwd=REPO, env=env)
-    logs = {r: open(os.path.join(log_dir, f"workerlog.{r}")).read() for r in (0, 1)
-            if os.path.exists(os.path.join(log_dir, f"workerlog.{r}"))}
+    hash_dir = str(tmp_path / "hash")
+    proc, logs = launch_two_ranks(str(tmp_path / "log"), [
+        os.path.join(REPO, "tools", "train.py"), "-c", cfg, "--eval",
+        "--seed", "5",  # seeds differ per rank, so equal weights also need DataParallel's initial sync
+        "-o", "log_iter=1"], extra_env={"PPDET_RETINA_WEIGHTS_HASH_DIR": hash_dir})
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:] + str(logs)
 
     hashes = {r: open(os.path.join(hash_dir, f"rank{r}.sha256")).read() for r in (0, 1)}
@@ -55,14 +48,10 @@ print("rank continued", flush=True)
 
 
 def test_rank0_failure_stops_every_rank_instead_of_hanging(tmp_path):
-    script, log_dir = tmp_path / "fail.py", str(tmp_path / "log")
+    script = tmp_path / "fail.py"
     script.write_text(_FAILING_RANK0.format(repo=REPO))
-    env = dict(os.environ, GLOG_minloglevel="2", PYTHONWARNINGS="ignore::UserWarning")
-    cmd = [sys.executable, "-m", "paddle.distributed.launch", "--log_level", "WARNING", "--log_dir", log_dir,
-           "--nproc_per_node", "2", str(script)]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=60, env=env)
+    proc, logs = launch_two_ranks(str(tmp_path / "log"), [str(script)], timeout=60)
     assert proc.returncode != 0
-    logs = {r: open(os.path.join(log_dir, f"workerlog.{r}")).read() for r in (0, 1)}
     assert "rank 0 stopped: OSError: disk full while saving" in logs[0]
     assert "rank 1 stopped: RuntimeError: rank 0 failed" in logs[1]
     assert "rank continued" not in logs[0] + logs[1]

@@ -29,15 +29,6 @@ def _log(out):
         return [json.loads(line) for line in f]
 
 
-@pytest.fixture
-def messages(caplog):
-    """Log records of the package logger (which does not propagate to the root logger)."""
-    logger = logging.getLogger("ppdet_retina")
-    logger.addHandler(caplog.handler)
-    yield caplog
-    logger.removeHandler(caplog.handler)
-
-
 def test_resume_with_another_batch_size_continues_by_epoch(tmp_path, tiny_coco, messages):
     path = write_tiny_config(tmp_path, tiny_coco)
     # 3 training images: batch 1 gives 3 steps per epoch, batch 2 (drop_last) gives 1.

@@ -2,8 +2,6 @@
 plain BatchNorm (one log line) otherwise, and the same weights either way."""
 
 import os
-import subprocess
-import sys
 
 import paddle
 import pytest
@@ -12,7 +10,7 @@ from ppdet_retina.core.workspace import create, load_config
 from ppdet_retina.engine import checkpoint
 from ppdet_retina.modeling.layers import SyncableBatchNorm, convert_sync_batchnorm, make_norm
 
-from conftest import REPO, write_tiny_config
+from conftest import REPO, launch_two_ranks, write_tiny_config
 
 # Backbone, neck and head towers.
 SYNC_BN = ["ResNet.norm_type=sync_bn", "FPN.norm_type=sync_bn", "RetinaHead.conv_feat.norm_type=sync_bn"]
@@ -79,15 +77,10 @@ def test_two_cpu_processes_with_sync_bn_and_fleet_train_and_load(tmp_path, tiny_
     """Under the launcher on CPU: plain BN with one log line, --fleet's collective data parallel keeps
     the ranks identical, and the snapshot loads into a model built with norm_type bn."""
     cfg = write_tiny_config(tmp_path, tiny_coco, epoch=1)
-    hash_dir, log_dir = str(tmp_path / "hash"), str(tmp_path / "log")
-    env = dict(os.environ, GLOG_minloglevel="2", PYTHONWARNINGS="ignore::UserWarning",
-               PPDET_RETINA_WEIGHTS_HASH_DIR=hash_dir)
-    cmd = [sys.executable, "-m", "paddle.distributed.launch", "--log_level", "WARNING", "--log_dir", log_dir,
-           "--nproc_per_node", "2", os.path.join(REPO, "tools", "train.py"), "-c", cfg, "--fleet",
-           "--seed", "5", "-o", *SYNC_BN]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=85, cwd=REPO, env=env)
-    logs = {r: open(os.path.join(log_dir, f"workerlog.{r}")).read() for r in (0, 1)
-            if os.path.exists(os.path.join(log_dir, f"workerlog.{r}"))}
+    hash_dir = str(tmp_path / "hash")
+    proc, logs = launch_two_ranks(str(tmp_path / "log"), [
+        os.path.join(REPO, "tools", "train.py"), "-c", cfg, "--fleet", "--seed", "5", "-o", *SYNC_BN],
+        extra_env={"PPDET_RETINA_WEIGHTS_HASH_DIR": hash_dir})
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:] + str(logs)
     assert logs[0].count("norm_type sync_bn: 31 norm layer(s) run as plain BatchNorm") == 1
     assert "--fleet: collective data parallel over 2 processes" in logs[0]

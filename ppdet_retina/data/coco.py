@@ -331,13 +331,18 @@ def _check_fields(data_fields: Sequence[str]) -> List[str]:
     return fields
 
 
-def read_coco_json(anno_file: str) -> dict:
-    """Parse ``anno_file`` and check the keys pycocotools relies on (its own errors are bare KeyErrors)."""
+def _parse_json(anno_file: str) -> Any:
+    """The parsed content of ``anno_file``; a ValueError naming the file when it is not JSON."""
     try:
         with open(anno_file, "r", encoding="utf-8") as f:
-            data = json.load(f)
+            return json.load(f)
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise ValueError(f"{anno_file}: not a COCO json (cannot parse JSON: {err})") from None
+
+
+def read_coco_json(anno_file: str) -> dict:
+    """Parse ``anno_file`` and check the keys pycocotools relies on (its own errors are bare KeyErrors)."""
+    data = _parse_json(anno_file)
     _validate_coco_json(data, anno_file)
     return data
 
@@ -555,11 +560,7 @@ class ImageFolder(_TransformMixin):
             if names[:1] == ["background"]:
                 names = names[1:]  # VOC-style lists may name the background first; it is no class here
             return {i: i for i in range(len(names))}, {i: i for i in range(len(names))}, names
-        with open(path, "r", encoding="utf-8") as f:
-            try:
-                data = json.load(f)
-            except json.JSONDecodeError as err:
-                raise ValueError(f"{path}: not a COCO json (cannot parse JSON: {err})") from None
+        data = _parse_json(path)
         cats = data.get("categories") if isinstance(data, dict) else None
         if not cats:
             raise ValueError(f"{path}: no 'categories' to read label names from; "
@@ -613,11 +614,7 @@ class ImageFolder(_TransformMixin):
 def _images_by_file_name(anno_file: str) -> Dict[str, Tuple[int, Optional[Tuple[int, int]]]]:
     """``file_name`` ('/'-separated, without a leading './') -> (image id, (height, width) or None),
     for each image of a COCO json."""
-    with open(anno_file, "r", encoding="utf-8") as f:
-        try:
-            data = json.load(f)
-        except json.JSONDecodeError as err:
-            raise ValueError(f"{anno_file}: not a COCO json (cannot parse JSON: {err})") from None
+    data = _parse_json(anno_file)
     images = data.get("images") if isinstance(data, dict) else None
     out: Dict[str, Tuple[int, Optional[Tuple[int, int]]]] = {}
     for img in images or []:

@@ -310,6 +310,16 @@ def save_checkpoint(model: paddle.nn.Layer, optimizer: Optional[paddle.optimizer
     return prefix
 
 
+def _read_for(model: paddle.nn.Layer, path: str, what: str):
+    """The start of every weights load: (file, raw tensors, unwrapped model, its state, the file's key
+    style, the file's tensors in our names)."""
+    file = _weights_file(path, what)
+    raw = _load_numpy_state(file)
+    model = _unwrap(model)
+    model_state = model.state_dict()
+    return file, raw, model, model_state, detect_key_style(raw), convert_ppdet_state_dict(raw, model_state.keys())
+
+
 def _compare(state: Dict[str, np.ndarray], model_state: Dict[str, paddle.Tensor]):
     """Split names into missing (model only), unexpected (file only), class-dependent and other mis-shapes."""
     missing = [k for k in model_state if k not in state]
@@ -358,12 +368,7 @@ def load_weights(model: paddle.nn.Layer, path: str, skip_mismatch_head: bool = F
     the load in the log (``weights``, ``resume``). Report keys: file, style, total (model tensors),
     loaded (count), skipped (names not loaded), head_shapes ((name, file shape, model shape) of those).
     """
-    file = _weights_file(path, "weights")
-    raw = _load_numpy_state(file)
-    model = _unwrap(model)
-    model_state = model.state_dict()
-    style = detect_key_style(raw)
-    state = convert_ppdet_state_dict(raw, model_state.keys())
+    file, _, model, model_state, style, state = _read_for(model, path, "weights")
     missing, unexpected, head_mismatch, mismatch = _compare(state, model_state)
     if head_mismatch and not skip_mismatch_head:
         raise ValueError(_head_mismatch_message(file, head_mismatch))
@@ -400,12 +405,7 @@ def load_pretrain_weights(model: paddle.nn.Layer, path: str) -> Dict[str, Any]:
     style, total, loaded, not_in_file, unused, skipped (class-dependent names), head_shapes,
     wrong_shape ((name, file shape, model shape) of other mis-shaped tensors).
     """
-    file = _weights_file(path, "pretrain_weights")
-    raw = _load_numpy_state(file)
-    model = _unwrap(model)
-    model_state = model.state_dict()
-    style = detect_key_style(raw)
-    state = convert_ppdet_state_dict(raw, model_state.keys())
+    file, raw, model, model_state, style, state = _read_for(model, path, "pretrain_weights")
     missing, unexpected, head_mismatch, mismatch = _compare(state, model_state)
     skipped = [k for k, _, _ in head_mismatch]
     wrong = {k for k, _, _ in mismatch}
