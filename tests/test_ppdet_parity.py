@@ -160,14 +160,19 @@ def test_detections_match(ref, eval_outputs):
         np.testing.assert_allclose(a[:, 2:], b[:, 2:], atol=0.01, rtol=0, err_msg=f"image {i}: boxes")
 
 
-def test_training_losses_match(ref, model, inputs):
+def _training_losses(net, inputs) -> dict:
+    """One training forward on the fixture's batch; the model is back in eval mode afterwards."""
     batch = _tensors(inputs, ["image", "im_shape", "scale_factor", "im_id", "gt_bbox", "gt_class", "is_crowd",
                               "pad_gt_mask"])
-    model.train()
+    net.train()
     try:
-        losses = model(batch)
+        return net(batch)
     finally:
-        model.eval()
+        net.eval()
+
+
+def test_training_losses_match(ref, model, inputs):
+    losses = _training_losses(model, inputs)
     for key in ("loss_cls", "loss_reg", "loss"):
         assert float(losses[key]) == pytest.approx(float(ref[key]), rel=1e-4), key
 
@@ -231,12 +236,6 @@ def test_faster_rcnn_detections_match(frcnn):
 
 def test_faster_rcnn_training_losses_match(frcnn):
     fref, net, inputs = frcnn
-    batch = _tensors(inputs, ["image", "im_shape", "scale_factor", "im_id", "gt_bbox", "gt_class", "is_crowd",
-                              "pad_gt_mask"])
-    net.train()
-    try:
-        losses = net(batch)
-    finally:
-        net.eval()
+    losses = _training_losses(net, inputs)
     for key in ("loss_rpn_cls", "loss_rpn_reg", "loss_bbox_cls", "loss_bbox_reg", "loss"):
         assert float(losses[key]) == pytest.approx(float(fref[key]), rel=1e-4), key

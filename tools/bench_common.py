@@ -40,6 +40,21 @@ def timed(fn: Callable[[], object]) -> tuple:
     return out, (time.perf_counter() - start) * 1000.0
 
 
+def train_step_sample(loss_of: Callable[[], object], optimizer, t_bb: float, t_head: float,
+                      t_loss: float) -> Dict[str, float]:
+    """Time backward + optimizer step of the loss ``loss_of()`` returns; one train-step sample (ms)."""
+    def step():
+        loss = loss_of()
+        loss.backward()
+        optimizer.step()
+        optimizer.clear_grad()
+        return float(loss)
+
+    _, t_back = timed(step)
+    return {"train_backbone_neck_ms": t_bb, "train_head_ms": t_head, "train_loss_ms": t_loss,
+            "train_backward_ms": t_back, "train_step_ms": t_bb + t_head + t_loss + t_back}
+
+
 def median_of(samples: List[Dict[str, float]]) -> Dict[str, float]:
     """Per-key median of a list of timing dicts, rounded to 0.01 ms."""
     return {k: round(statistics.median(s[k] for s in samples), 2) for k in samples[0]}

@@ -40,7 +40,7 @@ import numpy as np  # noqa: E402
 import paddle  # noqa: E402
 
 from bench_common import (build_parser, gt_boxes, measure, median_of, post_process_variants,  # noqa: E402
-                          timed)
+                          timed, train_step_sample)
 from ppdet_retina.core.workspace import create, load_config  # noqa: E402
 from ppdet_retina.engine.env import set_cpu_threads  # noqa: E402
 
@@ -111,19 +111,11 @@ def bench_train(model, optimizer, inputs: Dict, warmup: int, iters: int) -> Dict
     for i in range(warmup + iters):
         feats, t_bb = timed(lambda: features(model, inputs))
         losses, t_head, t_loss = head_and_loss(model, feats, inputs)
-
-        def step():
-            loss = losses["loss"] if "loss" in losses else paddle.add_n(list(losses.values()))
-            loss.backward()
-            optimizer.step()
-            optimizer.clear_grad()
-            return float(loss)
-
-        _, t_back = timed(step)
+        sample = train_step_sample(
+            lambda: losses["loss"] if "loss" in losses else paddle.add_n(list(losses.values())),
+            optimizer, t_bb, t_head, t_loss)
         if i >= warmup:
-            samples.append({"train_backbone_neck_ms": t_bb, "train_head_ms": t_head, "train_loss_ms": t_loss,
-                            "train_backward_ms": t_back,
-                            "train_step_ms": t_bb + t_head + t_loss + t_back})
+            samples.append(sample)
     return median_of(samples)
 
 

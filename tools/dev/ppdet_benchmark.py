@@ -32,7 +32,7 @@ import numpy as np  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from bench_common import (build_parser, gt_boxes, measure, median_of, post_process_variants,  # noqa: E402
-                          timed)
+                          timed, train_step_sample)
 
 # Relative to PaddleDetection's configs/ folder ($PPDET_CONFIGS, see tools/dev/ppdet_configs.py).
 DEFAULT_CONFIG = "retinanet/retinanet_r50_fpn_1x_coco.yml"
@@ -81,19 +81,9 @@ def bench_train(model, optimizer, inputs: Dict, warmup: int, iters: int) -> Dict
         feats, t_bb = timed(lambda: model.neck(model.backbone(inputs)))
         head_outs, t_head = timed(lambda: _head_outputs(model.head, feats))
         losses, t_loss = timed(lambda: model.head.get_loss(head_outs, inputs))
-
-        def step():
-            loss = losses["loss"]
-            loss.backward()
-            optimizer.step()
-            optimizer.clear_grad()
-            return float(loss)
-
-        _, t_back = timed(step)
+        sample = train_step_sample(lambda: losses["loss"], optimizer, t_bb, t_head, t_loss)
         if i >= warmup:
-            samples.append({"train_backbone_neck_ms": t_bb, "train_head_ms": t_head, "train_loss_ms": t_loss,
-                            "train_backward_ms": t_back,
-                            "train_step_ms": t_bb + t_head + t_loss + t_back})
+            samples.append(sample)
     return median_of(samples)
 
 
