@@ -7,8 +7,9 @@ from typing import Any, Dict, Optional
 import paddle
 import paddle.nn as nn
 
-from ppdet_retina.core.workspace import ConfigError, create, register
+from ppdet_retina.core.workspace import create, register
 from ppdet_retina.modeling.architectures.export_surface import Exportable, nms_settings
+from ppdet_retina.modeling.architectures.stages import build_backbone_and_neck, check_built
 
 __all__ = ["FasterRCNN"]
 
@@ -38,10 +39,7 @@ class FasterRCNN(nn.Layer, Exportable):
     def __init__(self, backbone: Any, rpn_head: Any, bbox_head: Any, bbox_post_process: Any = "BBoxPostProcess",
                  neck: Optional[Any] = None):
         super().__init__()
-        for key, value in (("backbone", backbone), ("rpn_head", rpn_head), ("bbox_head", bbox_head)):
-            if not isinstance(value, nn.Layer):
-                raise ConfigError(f"FasterRCNN.{key} must be a built layer (got {value!r}); build the model "
-                                  f"with create('FasterRCNN') so that the {key} section is used")
+        check_built("FasterRCNN", backbone=backbone, rpn_head=rpn_head, bbox_head=bbox_head)
         self.backbone = backbone
         self.neck = neck
         self.rpn_head = rpn_head
@@ -51,16 +49,9 @@ class FasterRCNN(nn.Layer, Exportable):
     @classmethod
     def from_config(cls, cfg: dict, **kwargs: Any) -> dict:
         """Build the stages in order, each with the previous stage's ``out_shape``."""
-        for key in ("backbone", "rpn_head", "bbox_head"):
-            if cfg.get(key) is None:
-                raise ConfigError(f"FasterRCNN: config key '{key}' is missing; e.g. backbone: ResNet, "
-                                  "neck: FPN, rpn_head: RPNHead, bbox_head: BBoxHead")
-        backbone = create(cfg["backbone"])
-        out_shape = backbone.out_shape
-        neck = None
-        if cfg.get("neck"):
-            neck = create(cfg["neck"], input_shape=out_shape)
-            out_shape = neck.out_shape
+        backbone, neck, out_shape = build_backbone_and_neck(
+            "FasterRCNN", cfg, ("backbone", "rpn_head", "bbox_head"),
+            "backbone: ResNet, neck: FPN, rpn_head: RPNHead, bbox_head: BBoxHead")
         return {"backbone": backbone, "neck": neck,
                 "rpn_head": create(cfg["rpn_head"], input_shape=out_shape),
                 "bbox_head": create(cfg["bbox_head"], input_shape=out_shape)}

@@ -7,8 +7,9 @@ from typing import Any, Dict, List, Optional, Tuple
 import paddle
 import paddle.nn as nn
 
-from ppdet_retina.core.workspace import ConfigError, create, register
+from ppdet_retina.core.workspace import create, register
 from ppdet_retina.modeling.architectures.export_surface import Exportable, nms_settings
+from ppdet_retina.modeling.architectures.stages import build_backbone_and_neck, check_built
 
 __all__ = ["RetinaNet"]
 
@@ -42,10 +43,7 @@ class RetinaNet(nn.Layer, Exportable):
 
     def __init__(self, backbone: Any, neck: Any, head: Any):
         super().__init__()
-        for key, value in (("backbone", backbone), ("neck", neck), ("head", head)):
-            if not isinstance(value, nn.Layer):
-                raise ConfigError(f"RetinaNet.{key} must be a built layer (got {value!r}); build the model "
-                                  f"with create('RetinaNet') so that the {key} section is used")
+        check_built("RetinaNet", backbone=backbone, neck=neck, head=head)
         self.backbone = backbone
         self.neck = neck
         self.head = head
@@ -53,14 +51,9 @@ class RetinaNet(nn.Layer, Exportable):
     @classmethod
     def from_config(cls, cfg: dict, **kwargs: Any) -> dict:
         """Build backbone, neck and head, each with the previous stage's ``out_shape``."""
-        for key in ("backbone", "neck", "head"):
-            if cfg.get(key) is None:
-                raise ConfigError(f"RetinaNet: config key '{key}' is missing; e.g. backbone: ResNet, "
-                                  f"neck: FPN, head: RetinaHead")
-        backbone = create(cfg["backbone"])
-        neck = create(cfg["neck"], input_shape=backbone.out_shape)
-        head = create(cfg["head"], input_shape=neck.out_shape)
-        return {"backbone": backbone, "neck": neck, "head": head}
+        backbone, neck, out_shape = build_backbone_and_neck(
+            "RetinaNet", cfg, ("backbone", "neck", "head"), "backbone: ResNet, neck: FPN, head: RetinaHead")
+        return {"backbone": backbone, "neck": neck, "head": create(cfg["head"], input_shape=out_shape)}
 
     def forward(self, inputs: Dict[str, paddle.Tensor]) -> Dict[str, paddle.Tensor]:
         if not isinstance(inputs, dict) or "image" not in inputs:
