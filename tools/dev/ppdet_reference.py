@@ -202,11 +202,11 @@ def build_ppdet_model(config: str, overrides: dict):
     return create(cfg.architecture)
 
 
-def run_retinanet(args: argparse.Namespace) -> Dict[str, np.ndarray]:
+def _seeded_model(args: argparse.Namespace, overrides: dict):
+    """PaddleDetection's model with the seeded weights, the seeded inputs, and the record's header entries."""
     import paddle
 
-    paddle.set_device("cpu")
-    model = build_ppdet_model(args.config, RETINANET_OVERRIDES)
+    model = build_ppdet_model(args.config, overrides)
     names = list(model.state_dict().keys())
     shapes = [list(model.state_dict()[n].shape) for n in names]
     state = make_state_dict(names, shapes, args.seed)
@@ -217,13 +217,21 @@ def run_retinanet(args: argparse.Namespace) -> Dict[str, np.ndarray]:
 
     inputs_np = make_inputs(args.seed)
     out: Dict[str, np.ndarray] = {
-        "overrides": np.array(json.dumps(RETINANET_OVERRIDES)),
+        "overrides": np.array(json.dumps(overrides)),
         "seed": np.array(args.seed),
         "param_names": np.array(names),
         "param_shapes": np.array(json.dumps(shapes)),
         "param_checksum": state_checksum(state),
         "image_checksum": np.array(np.abs(inputs_np["image"].astype(np.float64)).sum()),
     }
+    return model, inputs_np, out
+
+
+def run_retinanet(args: argparse.Namespace) -> Dict[str, np.ndarray]:
+    import paddle
+
+    paddle.set_device("cpu")
+    model, inputs_np, out = _seeded_model(args, RETINANET_OVERRIDES)
     for key in ("im_shape", "scale_factor", "gt_bbox", "gt_class"):
         out[f"input:{key}"] = inputs_np[key]
 
@@ -293,23 +301,7 @@ def run_faster_rcnn(args: argparse.Namespace) -> Dict[str, np.ndarray]:
 
     paddle.set_device("cpu")
     _patch_ppdet_rpn_concat()
-    model = build_ppdet_model(args.config, FASTER_RCNN_OVERRIDES)
-    names = list(model.state_dict().keys())
-    shapes = [list(model.state_dict()[n].shape) for n in names]
-    state = make_state_dict(names, shapes, args.seed)
-    model.set_state_dict({k: paddle.to_tensor(v) for k, v in state.items()})
-    for name, value in model.state_dict().items():
-        assert np.array_equal(value.numpy(), state[name]), name
-
-    inputs_np = make_inputs(args.seed)
-    out: Dict[str, np.ndarray] = {
-        "overrides": np.array(json.dumps(FASTER_RCNN_OVERRIDES)),
-        "seed": np.array(args.seed),
-        "param_names": np.array(names),
-        "param_shapes": np.array(json.dumps(shapes)),
-        "param_checksum": state_checksum(state),
-        "image_checksum": np.array(np.abs(inputs_np["image"].astype(np.float64)).sum()),
-    }
+    model, inputs_np, out = _seeded_model(args, FASTER_RCNN_OVERRIDES)
 
     def tensors(keys):
         return {k: paddle.to_tensor(inputs_np[k]) for k in keys}
