@@ -518,24 +518,22 @@ class ImageFolder(_TransformMixin):
         image_dir: a folder (or one file) of images used when ``set_images`` is not called.
         anno_path: optional label source (see above).
         sample_num: keep only the first N images (-1: all).
-        use_default_label: accepted for PaddleDetection configs (the default set below is
-            used whenever there is no annotation file).
+        use_default_label: accepted and ignored (``__ignored__``).
         metric, num_classes (shared): with no readable ``anno_path`` the labels are the
             metric's default set (:func:`ppdet_retina.data.labels.default_label_set`: COCO's
             80 names and category ids, VOC's 20), else the class indices, with a warning.
     """
 
     __shared__ = ["metric", "num_classes"]
+    __ignored__ = {"use_default_label": "the default set is used whenever there is no annotation file"}
 
     def __init__(self, dataset_dir: Optional[str] = None, image_dir: Optional[str] = None,
-                 anno_path: Optional[str] = None, sample_num: int = -1,
-                 use_default_label: Optional[bool] = None, metric: Optional[str] = None,
+                 anno_path: Optional[str] = None, sample_num: int = -1, metric: Optional[str] = None,
                  num_classes: Optional[int] = None):
         self.dataset_dir = dataset_dir
         self.image_dir = image_dir
         self.anno_path = anno_path
         self.sample_num = int(sample_num)
-        self.use_default_label = use_default_label
         self.metric = metric
         self.num_classes = None if num_classes is None else int(num_classes)
         self.catid2clsid, self.clsid2catid, self.label_names = self._read_labels()
