@@ -15,7 +15,7 @@ version, so a second evaluation of the same weights loads it without tracing. Th
 ``$PPDET_RETINA_EXPORT_CACHE`` or ``~/.cache/ppdet_retina/exports`` and keeps the
 ``PPDET_RETINA_EXPORT_CACHE_SIZE`` (default 8) most recently used exports. Training's evaluations
 see new weights every time; they trace into a temporary folder that is removed once the predictor
-holds the weights (:func:`worth_tracing` decides whether that pays).
+holds the weights (:class:`EngineChooser` measures whether that pays).
 """
 
 from __future__ import annotations
