@@ -203,6 +203,8 @@ def _fake_runner(trace_s: float):
 def test_training_keeps_the_cheaper_engine(monkeypatch):
     chooser = EngineChooser("auto", training=True)
     model = paddle.nn.Linear(1, 1)
+    on_gpu = EngineChooser("auto", device="gpu:0", training=True)
+    assert on_gpu.runner(model, {"architecture": "RetinaNet"}) is model  # auto's GPU rule holds in training
     monkeypatch.setattr(fast_engine, "inference_runner", _fake_runner(trace_s=5.0))
     assert isinstance(chooser.runner(model, {}), PredictorModel)
     chooser.finished(2.0)  # trace 5 s > evaluation 2 s: compare with dygraph next time

@@ -305,12 +305,12 @@ class EngineChooser:
 
     def runner(self, model: paddle.nn.Layer, cfg: Dict[str, Any]) -> Any:
         """The callable to run batches through for this evaluation / prediction."""
-        engine = self._training_choice() if self.training and self.engine == "auto" else self.engine
-        if engine == "dygraph" and self.engine == "auto":
+        if self.training and self.engine == "auto" and self._training_choice() == "dygraph":
             model.eval()
             self._current = "dygraph"
             return model
-        runner = inference_runner(model, cfg, engine, self.bf16, self.device, cache=not self.training)
+        # "auto" keeps its rules here (dygraph on GPU and for other architectures, fallback on failure).
+        runner = inference_runner(model, cfg, self.engine, self.bf16, self.device, cache=not self.training)
         self._current = "dygraph" if runner is model else "paddle_inference"
         self._trace_s = float(getattr(runner, "trace_s", 0.0))
         return runner
