@@ -52,7 +52,8 @@ def build_parser(description: str) -> argparse.ArgumentParser:
     p.add_argument("--repeat", type=int, default=1, help="measure each case this many times")
     p.add_argument("--only", choices=["dataset", "metric"], default=None, help="one measure only")
     p.add_argument("--tracemalloc", action="store_true",
-                   help="also one run per measure under tracemalloc (its Python-heap peak; slower, untimed)")
+                   help="also one untimed run per measure under tracemalloc (its Python-heap peak); at COCO "
+                        "scale minutes for the dataset, far longer for the metric (add --only dataset)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--child", default=None, help=argparse.SUPPRESS)
     return p
