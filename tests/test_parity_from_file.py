@@ -167,3 +167,39 @@ def test_export_and_deploy_match_paddledetection(case):
                       "--save_results"])
     figures = match(_read_results(str(out / "bbox.json")), ref["results"])
     _report("export + deploy", arch, figures)
+
+
+def _one_image_coco(work, ref: dict) -> str:
+    """A COCO val set of the photo alone, with COCO's 80 categories, so eval's ids are COCO's."""
+    from ppdet_retina.data.labels import COCO_CATEGORIES
+
+    folder = work / "evalset"
+    os.makedirs(folder / "images", exist_ok=True)
+    os.symlink(gen.PHOTO, folder / "images" / "photo.jpg")
+    best = max(ref["results"], key=lambda r: r["score"])  # any real box will do: eval only needs one gt
+    x, y, w, h = best["bbox"]
+    anno = {"images": [{"id": 17, "file_name": "photo.jpg", "height": 480, "width": 640}],
+            "categories": [{"id": i, "name": n} for i, n in COCO_CATEGORIES],
+            "annotations": [{"id": 1, "image_id": 17, "category_id": best["category_id"], "iscrowd": 0,
+                             "bbox": [x, y, w, h], "area": w * h}]}
+    with open(folder / "val.json", "w", encoding="utf-8") as f:
+        json.dump(anno, f)
+    return str(folder)
+
+
+# PaddleDetection's EvalReader and TestReader preprocess alike (Resize 800x1333, keep_ratio), so its
+# evaluation scores exactly the detections its inference gives: eval's bbox.json must hold the same rows.
+@pytest.mark.parametrize("engine", ["dygraph", "paddle_inference"])
+def test_eval_results_match_paddledetection(case, engine):
+    eval_tool = _load("ppdet_retina_eval_tool", os.path.join(REPO, "tools", "eval.py"))
+    arch, ref, weights, work = case
+    dataset_dir = str(work / "evalset") if (work / "evalset").exists() else _one_image_coco(work, ref)
+    cfg = _config(work, os.path.join(REPO, OUR_CONFIGS[arch]), ref, f"eval_{engine}")
+    out = work / f"eval_{engine}"
+    eval_tool.main(["-c", cfg, "-o", f"weights={weights}", f"EvalDataset.dataset_dir={dataset_dir}",
+                    "EvalDataset.image_dir=images", "EvalDataset.anno_path=val.json",
+                    "--output_eval", str(out), "--engine", engine])
+    ours = _read_results(str(out / "bbox.json"))
+    assert {r["image_id"] for r in ours} == {17}
+    figures = match(ours, ref["results"])
+    _report(f"eval (engine {engine})", arch, figures)
