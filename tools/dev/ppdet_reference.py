@@ -296,11 +296,26 @@ def _patch_ppdet_rpn_concat() -> None:
     target.paddle = shim
 
 
+def _patch_tensor_index() -> None:
+    """Its RPNHead loops ``range(paddle.slice(paddle.shape(im_shape), ...))``, a 1-element 1-D tensor,
+    which numpy 2's int() refuses; let a one-element tensor act as its value (this process only)."""
+    import paddle
+
+    def index(tensor) -> int:
+        values = tensor.numpy().reshape(-1)
+        if values.size != 1:
+            raise TypeError(f"only one-element tensors can be indices, got shape {tensor.shape}")
+        return int(values[0])
+
+    paddle.Tensor.__index__ = index
+
+
 def run_faster_rcnn(args: argparse.Namespace) -> Dict[str, np.ndarray]:
     import paddle
 
     paddle.set_device("cpu")
     _patch_ppdet_rpn_concat()
+    _patch_tensor_index()
     model, inputs_np, out = _seeded_model(args, FASTER_RCNN_OVERRIDES)
 
     def tensors(keys):

@@ -104,20 +104,6 @@ def _regularizer_coeff(param) -> float:
     return float(reg._coeff)
 
 
-def _patch_tensor_index() -> None:
-    """Its RPNHead loops ``range(paddle.slice(paddle.shape(im_shape), ...))``, a 1-element 1-D tensor,
-    which numpy 2's int() refuses; let a one-element tensor act as its value (this process only)."""
-    import paddle
-
-    def index(tensor) -> int:
-        values = tensor.numpy().reshape(-1)
-        if values.size != 1:
-            raise TypeError(f"only one-element tensors can be indices, got shape {tensor.shape}")
-        return int(values[0])
-
-    paddle.Tensor.__index__ = index
-
-
 def _batch(arch: str, inputs_np: Dict[str, np.ndarray]):
     import paddle
 
@@ -140,7 +126,7 @@ def run(arch: str, config: str, seed: int) -> Dict[str, np.ndarray]:
     paddle.set_device("cpu")
     if arch == "faster_rcnn":
         gen._patch_ppdet_rpn_concat()
-        _patch_tensor_index()
+        gen._patch_tensor_index()
     model = gen.build_ppdet_model(config, OVERRIDES[arch])
     state_names = list(model.state_dict().keys())
     shapes = [list(model.state_dict()[n].shape) for n in state_names]
