@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import argparse
 import hashlib
-import importlib.util
 import json
 import os
 import sys
@@ -45,14 +44,9 @@ PHOTO_SHAPE = (480, 640)
 SAMPLES = 512  # preprocessed-image positions recorded, to check the preprocessing on its own
 
 
-def _load_reference_module():
-    spec = importlib.util.spec_from_file_location("ppdet_reference", os.path.join(HERE, "ppdet_reference.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-ref = _load_reference_module()
+# The seeded weights, batches and overrides come from the sibling script.
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import ppdet_reference as ref  # noqa: E402
 OVERRIDES = {"retinanet": ref.RETINANET_OVERRIDES, "faster_rcnn": ref.FASTER_RCNN_OVERRIDES}
 
 

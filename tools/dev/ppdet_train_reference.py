@@ -25,7 +25,6 @@ update's exact norm and sum, which keeps the fixture well under a megabyte.
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import os
 import sys
@@ -47,16 +46,9 @@ LOSS_KEYS = {
 }
 
 
-def load_generators():
-    """``tools/dev/ppdet_reference.py`` as a module: the seeded weights, the batch, the overrides."""
-    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "ppdet_reference.py")
-    spec = importlib.util.spec_from_file_location("ppdet_reference", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-gen = load_generators()
+# The seeded weights, batches and overrides come from the sibling script.
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import ppdet_reference as gen  # noqa: E402
 OVERRIDES = {"retinanet": gen.RETINANET_OVERRIDES, "faster_rcnn": gen.FASTER_RCNN_OVERRIDES}
 # Parameter attributes only (no steps) of a RetinaNet whose norms all train, with their own decay and
 # per-stage LRs: the ParamAttr rules the published config leaves unused (its norms are frozen).
