@@ -116,14 +116,22 @@ def update_agreement(arch: str, ref: Dict[str, np.ndarray], run: Dict[str, objec
 
 
 @pytest.fixture(scope="module")
-def retinanet(tmp_path_factory):
-    ref = _fixture("retinanet")
-    return ref, run_our_steps("retinanet", ref, tmp_path_factory.mktemp("train_parity"))
+def parity_run(tmp_path_factory):
+    """``parity_run(arch)`` -> (PaddleDetection's fixture, our three steps on it); each arch runs once."""
+    runs: Dict[str, tuple] = {}
+
+    def get(arch: str) -> tuple:
+        if arch not in runs:
+            ref = _fixture(arch)
+            runs[arch] = ref, run_our_steps(arch, ref, tmp_path_factory.mktemp("train_parity"))
+        return runs[arch]
+
+    return get
 
 
-def test_retinanet_parameter_groups_match(retinanet):
+def test_retinanet_parameter_groups_match(parity_run):
     """Same trainable set, per-parameter LR multipliers and own regularizers as PaddleDetection."""
-    ref, run = retinanet
+    ref, run = parity_run("retinanet")
     model = run["model"]
     named = dict(model.named_parameters())
     keys = list(model.state_dict())
@@ -143,8 +151,8 @@ def test_retinanet_parameter_groups_match(retinanet):
     assert doubled == sorted(f"head.conv_feat.{t}_tower.{i}.conv.bias" for t in ("cls", "box") for i in range(2))
 
 
-def test_retinanet_updates_match(retinanet):
-    ref, run = retinanet
+def test_retinanet_updates_match(parity_run):
+    ref, run = parity_run("retinanet")
     np.testing.assert_allclose(run["lr"], ref["lr"], rtol=1e-9)
     # Schedule at the end of the warm-up: 0.01 * (0.001 + 0.999 * i / 500), i = 498, 499, 500.
     np.testing.assert_allclose(run["lr"], [0.01 * (0.001 + 0.999 * i / 500) for i in (498, 499, 500)], rtol=1e-9)
@@ -155,8 +163,8 @@ def test_retinanet_updates_match(retinanet):
     assert rel[worst] <= REL_TOL, f"{worst}: update differs by {rel[worst]:.4f} of its norm"
 
 
-def test_retinanet_frozen_parts_stay_frozen(retinanet):
-    ref, run = retinanet
+def test_retinanet_frozen_parts_stay_frozen(parity_run):
+    ref, run = parity_run("retinanet")
     keys = list(run["after"])
     changed = convert_ppdet_state_dict(dict(zip([str(n) for n in ref["state_names"]], ref["changed"].tolist())),
                                        keys)
@@ -182,14 +190,8 @@ def test_gn_tower_norms_get_no_decay():
         assert attrs[f"{tower}.0.norm.bias"] == (1.0, 0.0)
 
 
-@pytest.fixture(scope="module")
-def faster_rcnn(tmp_path_factory):
-    ref = _fixture("faster_rcnn")
-    return ref, run_our_steps("faster_rcnn", ref, tmp_path_factory.mktemp("train_parity"))
-
-
-def test_faster_rcnn_updates_match(faster_rcnn):
-    ref, run = faster_rcnn
+def test_faster_rcnn_updates_match(parity_run):
+    ref, run = parity_run("faster_rcnn")
     # Faster R-CNN's warm-up: 1000 steps from 0.1: 0.01 * (0.1 + 0.9 * i / 1000).
     np.testing.assert_allclose(run["lr"], [0.01 * (0.1 + 0.9 * i / 1000) for i in (498, 499, 500)], rtol=1e-9)
     np.testing.assert_allclose(run["lr"], ref["lr"], rtol=1e-9)

@@ -21,6 +21,15 @@ memory. Usage:
     python tools/benchmark.py --threads 2 --iters 3 --train-size 512 --infer-size 800 1216
     python tools/benchmark.py --config configs/demo/retinanet_demo.yml --num-classes 3
     python tools/benchmark.py --bf16 --skip-train   # CPUs with avx512_bf16
+    python tools/benchmark.py --early-stop-ab -o RetinaHead.prior_prob=0.5
+
+`--early-stop-ab` measures what the dense head's early stop (docs/DESIGN.md, "Dense heads") buys in
+the traced default engine: the model is traced twice, with the stop and without it, and the two
+predictors run alternately on one input. The classifier's weights are zeroed first, so every score
+is the head's prior_prob: at the default 0.01 no score passes the NMS threshold 0.05 (the stop's best
+case: one candidate per level); with `-o RetinaHead.prior_prob=0.5` every score does (its worst case:
+the count is paid for and nothing is cut). A random-init R50 alone gives neither: its activations
+are so large that logits spread far from the prior either way.
 """
 
 from __future__ import annotations
@@ -39,7 +48,7 @@ os.environ.setdefault("GLOG_minloglevel", "2")
 import numpy as np  # noqa: E402
 import paddle  # noqa: E402
 
-from bench_common import (build_parser, gt_boxes, measure, median_of, post_process_variants,  # noqa: E402
+from bench_common import (build_parser, gt_boxes, hw, measure, median_of, post_process_variants,  # noqa: E402
                           timed, train_step_sample)
 from ppdet_retina.core.workspace import create, load_config  # noqa: E402
 from ppdet_retina.engine.env import set_cpu_threads  # noqa: E402
@@ -55,6 +64,9 @@ def parse_args(argv: List[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--bf16", action="store_true", help="the default engine in oneDNN bfloat16")
     parser.add_argument("--skip-engines", action="store_true",
                         help="leave out the default engine and the eval throughput per engine")
+    parser.add_argument("--early-stop-ab", action="store_true",
+                        help="instead: the default engine traced with and without the dense head's early "
+                             "stop, alternated on one input (see above)")
     return parser.parse_args(argv)
 
 
@@ -202,6 +214,38 @@ def engine_benchmark(cfg: Dict, args: argparse.Namespace, threads: int):
     return run
 
 
+def early_stop_ab(model, cfg: Dict, args: argparse.Namespace, threads: int, inputs: Dict) -> Dict[str, object]:
+    """Median and range (ms) of the default engine traced with and without the head's early stop,
+    alternated run by run, and whether both give the same detections."""
+    from ppdet_retina.engine import fast_engine
+
+    head = getattr(model, "head", None)
+    if head is None or head.candidate_logit_floor() is None:
+        raise SystemExit("--early-stop-ab needs a dense head with an NMS score threshold (e.g. RetinaNet)")
+
+    def trace():
+        return fast_engine.inference_runner(model, cfg, "paddle_inference", args.bf16, "cpu", cache=False,
+                                            threads=threads)
+
+    with paddle.no_grad():
+        head.cls_logits.weight.set_value(paddle.zeros_like(head.cls_logits.weight))
+    runners = {"early_stop": trace()}
+    head.candidate_logit_floor = lambda: None  # this instance only: the head as if it had no stop
+    runners["no_early_stop"] = trace()
+    outputs, times = {}, {name: [] for name in runners}
+    with paddle.no_grad():
+        for i in range(args.warmup + args.iters):
+            for name, runner in runners.items():
+                outputs[name], ms = timed(lambda: runner(inputs))
+                if i >= args.warmup:
+                    times[name].append(ms)
+    first, second = (outputs[n]["bbox"].numpy() for n in runners)
+    return {"engine_ms": {n: round(statistics.median(t), 2) for n, t in times.items()},
+            "engine_ms_range": {n: [round(min(t), 2), round(max(t), 2)] for n, t in times.items()},
+            "detections": int(first.shape[0]),
+            "same_detections": bool(first.shape == second.shape and np.allclose(first, second, atol=1e-4))}
+
+
 def main(argv: List[str] | None = None) -> Dict:
     argv = sys.argv[1:] if argv is None else list(argv)
     if "--data" in argv:  # COCO-scale data, not a model: its own tool and flags
@@ -221,6 +265,14 @@ def main(argv: List[str] | None = None) -> Dict:
     num_classes = int(cfg.get("num_classes", 80))
     result: Dict[str, object] = {"config": os.path.relpath(cfg["config_path"], ROOT), "threads": threads,
                                  "num_classes": num_classes, "paddle": paddle.__version__}
+    if args.early_stop_ab:
+        import json
+
+        h, w = hw(args.infer_size)
+        result["infer_input"] = [1, 3, h, w]
+        result.update(early_stop_ab(model, cfg, args, threads, random_batch(1, h, w, rng, num_classes)))
+        print(json.dumps(result))
+        return result
     engines = None if args.skip_engines else engine_benchmark(cfg, args, threads)
     return measure(model, args, rng, num_classes, random_batch, bench_infer, bench_train, result, engines)
 

@@ -34,37 +34,12 @@ def build_parser() -> argparse.ArgumentParser:
     add_engine_args(parser, training=True)
     parser.add_argument("--seed", type=int, default=None,
                         help="random seed for python, numpy and paddle (each rank adds its rank)")
-    add_training_option_args(parser)
-    return parser
+    from ppdet_retina.engine.train_options import add_train_flags
 
-
-def add_training_option_args(parser: argparse.ArgumentParser) -> None:
-    """PaddleDetection's other train.py flags; each given one sets the config key of its name."""
-    flag = dict(type=env.str2bool, nargs="?", const=True, default=None, metavar="BOOL")
-    parser.add_argument("--amp", action="store_true", default=None,
-                        help="mixed precision: float16 autocast with dynamic loss scaling on a GPU (amp_level "
-                             "O1/O2 in the config; the scaler state is checkpointed). On a CPU it trains in "
-                             "float32 and says so")
-    parser.add_argument("--to_static", action="store_true", default=None,
-                        help="train a paddle.jit.to_static graph; refused with the reason for architectures "
-                             "whose training graph does not convert (RetinaNet, Faster R-CNN on Paddle 3.3)")
-    parser.add_argument("--use_vdl", **flag,
-                        help="write losses, LR and bbox mAP as VisualDL scalars (needs pip install visualdl, "
-                             "or the package's [vdl] extra)")
-    parser.add_argument("--vdl_log_dir", default=None, metavar="DIR",
-                        help="folder of the VisualDL scalars (default: vdl_log_dir/scalar)")
-    parser.add_argument("--fleet", action="store_true", default=None,
-                        help="under paddle.distributed.launch, distribute through paddle.distributed.fleet "
-                             "(collective mode) instead of paddle.DataParallel; same data-parallel result")
-    parser.add_argument("--enable_ce", **flag,
-                        help="deterministic run: seed 0 (or --seed) for python, numpy, paddle and the "
-                             "shuffling, deterministic cuDNN; two runs give the same weights")
-    parser.add_argument("--profiler_options", default=None, metavar="OPTIONS",
-                        help="profile training iterations with paddle.profiler, PaddleDetection's format: "
-                             "\"batch_range=[10,20];profile_path=output/profile;sorted_key=total;"
-                             "exit_on_finished=true\" (prints the op table, writes a Chrome trace)")
+    add_train_flags(parser)
     parser.add_argument("--slim_config", default=None, metavar="FILE",
                         help="PaddleSlim compression configs are not supported (refused with a message)")
+    return parser
 
 
 def main(argv=None) -> None:

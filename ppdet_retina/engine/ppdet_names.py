@@ -7,7 +7,8 @@ Weight files come in three key styles, told apart by their names:
   ``head.retina_cls.weight``);
 * ``ppdet_backbone``: a PaddleDetection ImageNet backbone (the backbone names without ``backbone.``).
 
-:func:`convert_ppdet_state_dict` renames the last two onto ours, driven by the one table ``_PPDET_RULES``.
+:func:`convert_ppdet_state_dict` renames the last two onto ours, driven by two tables: plain prefix renames
+(``_PREFIX_RENAMES``) and the renames that compute an index (``_PPDET_RULES``).
 Only names change here; loading, shape checks and file IO live in :mod:`ppdet_retina.engine.checkpoint`.
 """
 
@@ -31,37 +32,36 @@ def _block_index(letter: str, digits: str) -> int:
     return int(digits) if digits else ord(letter) - ord("a")
 
 
-# (PaddleDetection name pattern, builder of our name). First match wins; unmatched names pass unchanged.
-# ``ctx['fpn_levels']`` is the number of FPN input levels of the model (its last one is res5).
+# Plain renames: a PaddleDetection name prefix and ours; the rest of the name is kept. Tried first.
+_PREFIX_RENAMES: Dict[str, str] = {
+    # ResNet stem: one 7x7 conv (variant b) or three 3x3 convs (variants c and d)
+    "backbone.conv1.conv1.": "backbone.stem.0.", "backbone.conv1.conv1_1.": "backbone.stem.0.",
+    "backbone.conv1.conv1_2.": "backbone.stem.1.", "backbone.conv1.conv1_3.": "backbone.stem.2.",
+    # RetinaNet head (PaddleDetection builds its towers with FCOSFeat: 'reg' is our box tower)
+    "head.conv_feat.fcos_head_cls_tower_conv_": "head.conv_feat.cls_tower.",
+    "head.conv_feat.fcos_head_reg_tower_conv_": "head.conv_feat.box_tower.",
+    "head.retina_cls.": "head.cls_logits.", "head.retina_reg.": "head.bbox_deltas.",
+    # Faster R-CNN: same tensor layouts (cls_score background last, bbox_pred 4 columns per class)
+    "rpn_head.rpn_feat.rpn_conv.": "rpn_head.rpn_conv.", "rpn_head.rpn_rois_score.": "rpn_head.objectness.",
+    "rpn_head.rpn_rois_delta.": "rpn_head.deltas.",
+    "bbox_head.bbox_score.": "bbox_head.cls_score.", "bbox_head.bbox_delta.": "bbox_head.bbox_pred.",
+}
+
+# Renames that compute part of our name: (PaddleDetection name pattern, builder of our name), first
+# match wins. ``ctx['fpn_levels']`` is the number of FPN input levels of the model (its last one is res5).
 _Rule = Tuple["re.Pattern[str]", Callable[["re.Match[str]", Dict[str, int]], str]]
 _PPDET_RULES: List[_Rule] = [
-    (re.compile(r"^backbone\.conv1\.conv1\.(.+)$"),
-     lambda m, c: f"backbone.stem.0.{m[1]}"),
-    (re.compile(r"^backbone\.conv1\.conv1_(\d)\.(.+)$"),
-     lambda m, c: f"backbone.stem.{int(m[1]) - 1}.{m[2]}"),
+    # ResNet blocks: 'res3b' is block 1 of stage 3, deep stages count 'b1', 'b2' ...
     (re.compile(r"^backbone\.res(\d)\.res\d([a-z])(\d*)\.(branch2[abc])\.(.+)$"),
      lambda m, c: f"backbone.res{m[1]}.{_block_index(m[2], m[3])}.{_BRANCH_TO_OURS[m[4]]}.{m[5]}"),
     # variant d nests the shortcut's conv+norm under 'conv' after an avg pool: short.conv.conv.weight
     (re.compile(r"^backbone\.res(\d)\.res\d([a-z])(\d*)\.short\.(?:conv\.)?((?:conv|norm)\..+)$"),
      lambda m, c: f"backbone.res{m[1]}.{_block_index(m[2], m[3])}.shortcut.{m[4]}"),
-    (re.compile(r"^neck\.fpn_inner_res(\d)_sum(?:_lateral)?\.(.+)$"),
-     lambda m, c: f"neck.lateral_convs.{int(m[1]) - 6 + c['fpn_levels']}.{m[2]}"),
-    (re.compile(r"^neck\.fpn_res(\d)_sum\.(.+)$"),
-     lambda m, c: f"neck.output_convs.{int(m[1]) - 6 + c['fpn_levels']}.{m[2]}"),
-    (re.compile(r"^neck\.fpn_(\d+)\.(.+)$"),
-     lambda m, c: f"neck.extra_convs.{int(m[1]) - 6}.{m[2]}"),
-    (re.compile(r"^head\.conv_feat\.fcos_head_cls_tower_conv_(\d+)\.(.+)$"),
-     lambda m, c: f"head.conv_feat.cls_tower.{m[1]}.{m[2]}"),
-    (re.compile(r"^head\.conv_feat\.fcos_head_reg_tower_conv_(\d+)\.(.+)$"),
-     lambda m, c: f"head.conv_feat.box_tower.{m[1]}.{m[2]}"),
-    (re.compile(r"^head\.retina_cls\.(.+)$"), lambda m, c: f"head.cls_logits.{m[1]}"),
-    (re.compile(r"^head\.retina_reg\.(.+)$"), lambda m, c: f"head.bbox_deltas.{m[1]}"),
-    # Faster R-CNN: same tensor layouts (cls_score background last, bbox_pred 4 columns per class)
-    (re.compile(r"^rpn_head\.rpn_feat\.rpn_conv\.(.+)$"), lambda m, c: f"rpn_head.rpn_conv.{m[1]}"),
-    (re.compile(r"^rpn_head\.rpn_rois_score\.(.+)$"), lambda m, c: f"rpn_head.objectness.{m[1]}"),
-    (re.compile(r"^rpn_head\.rpn_rois_delta\.(.+)$"), lambda m, c: f"rpn_head.deltas.{m[1]}"),
-    (re.compile(r"^bbox_head\.bbox_score\.(.+)$"), lambda m, c: f"bbox_head.cls_score.{m[1]}"),
-    (re.compile(r"^bbox_head\.bbox_delta\.(.+)$"), lambda m, c: f"bbox_head.bbox_pred.{m[1]}"),
+    # FPN laterals 'fpn_inner_res<N>_sum' (the top one '..._lateral') and outputs 'fpn_res<N>_sum', N = 3..5
+    (re.compile(r"^neck\.fpn_(inner_)?res(\d)_sum(?:_lateral)?\.(.+)$"),
+     lambda m, c: f"neck.{'lateral' if m[1] else 'output'}_convs.{int(m[2]) - 6 + c['fpn_levels']}.{m[3]}"),
+    # FPN extra levels: fpn_6 (P6), fpn_7 (P7)
+    (re.compile(r"^neck\.fpn_(\d+)\.(.+)$"), lambda m, c: f"neck.extra_convs.{int(m[1]) - 6}.{m[2]}"),
 ]
 
 
@@ -106,6 +106,9 @@ def convert_ppdet_state_dict(state: Dict[str, Any], model_keys: Iterable[str]) -
 
 
 def _rename(key: str, ctx: Dict[str, int]) -> str:
+    for prefix, ours in _PREFIX_RENAMES.items():
+        if key.startswith(prefix):
+            return ours + key[len(prefix):]
     for pattern, build in _PPDET_RULES:
         m = pattern.match(key)
         if m:

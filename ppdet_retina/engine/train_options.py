@@ -8,17 +8,37 @@ the keys; this module holds the pieces that are not the trainer's own loop.
 
 from __future__ import annotations
 
+import argparse
 import logging
-from typing import Any, Tuple
+from typing import Any, Dict, Tuple
 
 import paddle
 
 from ppdet_retina.core.workspace import ConfigError, register_top_level_keys
 from ppdet_retina.engine import env
 
-__all__ = ["TRAIN_FLAG_KEYS", "flags_to_config", "make_deterministic", "to_static_model", "distributed_model"]
+__all__ = ["TRAIN_FLAGS", "TRAIN_FLAG_KEYS", "add_train_flags", "flags_to_config", "make_deterministic", "to_static_model", "distributed_model"]
 
-TRAIN_FLAG_KEYS = ("amp", "fleet", "enable_ce", "to_static", "use_vdl", "vdl_log_dir", "profiler_options")
+# key -> (how its flag is given, help). "switch": ``--key`` alone means true; "bool": ``--key [BOOL]``
+# (so ``--use_vdl false`` can turn a config's true off); otherwise the metavar of a value. A flag
+# left out leaves the config as it is. One table, so that a new flag is one line.
+TRAIN_FLAGS: Dict[str, Tuple[str, str]] = {
+    "amp": ("switch", "mixed precision: float16 autocast with dynamic loss scaling on a GPU (amp_level O1/O2 in "
+                      "the config; the scaler state is checkpointed). On a CPU it trains in float32 and says so"),
+    "to_static": ("switch", "train a paddle.jit.to_static graph; refused with the reason for architectures whose "
+                            "training graph does not convert (RetinaNet, Faster R-CNN on Paddle 3.3)"),
+    "use_vdl": ("bool", "write losses, LR and bbox mAP as VisualDL scalars (needs pip install visualdl, or the "
+                        "package's [vdl] extra)"),
+    "vdl_log_dir": ("DIR", "folder of the VisualDL scalars (default: vdl_log_dir/scalar)"),
+    "fleet": ("switch", "under paddle.distributed.launch, distribute through paddle.distributed.fleet (collective "
+                        "mode) instead of paddle.DataParallel; same data-parallel result"),
+    "enable_ce": ("bool", "deterministic run: seed 0 (or --seed) for python, numpy, paddle and the shuffling, "
+                          "deterministic cuDNN; two runs give the same weights"),
+    "profiler_options": ("OPTIONS", "profile training iterations with paddle.profiler, PaddleDetection's format: "
+                                    "\"batch_range=[10,20];profile_path=output/profile;sorted_key=total;"
+                                    "exit_on_finished=true\" (prints the op table, writes a Chrome trace)"),
+}
+TRAIN_FLAG_KEYS = tuple(TRAIN_FLAGS)
 
 register_top_level_keys({
     "fleet": "tools/train.py --fleet: data-parallel training through paddle.distributed.fleet",
@@ -28,6 +48,18 @@ register_top_level_keys({
 })
 
 logger = logging.getLogger("ppdet_retina.engine.train_options")
+
+
+def add_train_flags(parser: argparse.ArgumentParser) -> None:
+    """Add :data:`TRAIN_FLAGS` to ``parser``; each defaults to None (not given)."""
+    for key, (kind, text) in TRAIN_FLAGS.items():
+        if kind == "switch":
+            parser.add_argument(f"--{key}", action="store_true", default=None, help=text)
+        elif kind == "bool":
+            parser.add_argument(f"--{key}", type=env.str2bool, nargs="?", const=True, default=None, metavar="BOOL",
+                                help=text)
+        else:
+            parser.add_argument(f"--{key}", default=None, metavar=kind, help=text)
 
 
 def flags_to_config(cfg: dict, args: Any, keys=TRAIN_FLAG_KEYS) -> dict:

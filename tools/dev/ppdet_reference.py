@@ -345,32 +345,46 @@ def run_faster_rcnn(args: argparse.Namespace) -> Dict[str, np.ndarray]:
     return out
 
 
-def main(argv: List[str] | None = None) -> None:
+def fixture_args(doc: str, script: str, archs: Sequence[str], out_pattern: str,
+                 argv: List[str] | None) -> argparse.Namespace:
+    """The fixture scripts' common flags (--arch, --config, --seed, --out), parsed; exits unless
+    PaddleDetection is importable. ``out_pattern`` (with ``{arch}``) fills in --out."""
     os.environ.setdefault("GLOG_minloglevel", "2")
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--arch", choices=["retinanet", "faster_rcnn"], default="retinanet")
+    p = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--arch", choices=sorted(archs), default="retinanet")
     p.add_argument("--config", default=None,
-                   help="PaddleDetection config (default: the published one under $PPDET_CONFIGS)")
+                   help="PaddleDetection's config (default: the published one under $PPDET_CONFIGS)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", default=None, help="default: tests/data/ppdet_reference_<arch>.npz")
+    p.add_argument("--out", default=None, help="default: " + out_pattern.format(arch="<arch>"))
     args = p.parse_args(argv)
     try:
         import ppdet  # noqa: F401
     except ImportError:
-        sys.exit("ppdet_reference.py needs PaddleDetection: run it with the python of the ppdet venv")
+        sys.exit(f"{script} needs PaddleDetection: run it with the python of the ppdet venv")
+    args.out = args.out or out_pattern.format(arch=args.arch)
+    return args
+
+
+def save_fixture(out: Dict[str, np.ndarray], path: str) -> None:
+    """``out`` and PaddleDetection's version as a compressed .npz at ``path``."""
+    out["ppdet_version"] = np.array(getattr(sys.modules["ppdet"], "__version__", "unknown"))
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    np.savez_compressed(path, **out)
+
+
+def main(argv: List[str] | None = None) -> None:
+    args = fixture_args(__doc__, "ppdet_reference.py", ("retinanet", "faster_rcnn"),
+                        "tests/data/ppdet_reference_{arch}.npz", argv)
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
     from ppdet_configs import ppdet_config
 
-    args.out = args.out or f"tests/data/ppdet_reference_{args.arch}.npz"
     if args.arch == "retinanet":
         args.config = args.config or ppdet_config(PPDET_RETINANET_CONFIG)
         out = run_retinanet(args)
     else:
         args.config = args.config or ppdet_config(PPDET_FASTER_RCNN_CONFIG)
         out = run_faster_rcnn(args)
-    out["ppdet_version"] = np.array(getattr(sys.modules["ppdet"], "__version__", "unknown"))
-    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    np.savez_compressed(args.out, **out)
+    save_fixture(out, args.out)
     summary = {k: (round(float(v), 6) if v.ndim == 0 else v.tolist()) for k, v in out.items()
                if k.startswith("loss") or k in ("bbox_num", "rois_num", "num_scores_over_thresh")}
     print(f"wrote {args.out} ({os.path.getsize(args.out) / 1024:.0f} KB): {summary}")

@@ -24,7 +24,6 @@ update's exact norm and sum, which keeps the fixture well under a megabyte.
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import sys
@@ -176,28 +175,14 @@ def run(arch: str, config: str, seed: int) -> Dict[str, np.ndarray]:
 
 
 def main(argv: List[str] | None = None) -> None:
-    os.environ.setdefault("GLOG_minloglevel", "2")
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--arch", choices=sorted(OVERRIDES), default="retinanet")
-    p.add_argument("--config", default=None,
-                   help="PaddleDetection's config (default: the published one under $PPDET_CONFIGS)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", default=None, help="default: tests/data/ppdet_train_<arch>.npz")
-    args = p.parse_args(argv)
-    try:
-        import ppdet  # noqa: F401
-    except ImportError:
-        sys.exit("ppdet_train_reference.py needs PaddleDetection: run it with the python of the ppdet venv")
+    args = gen.fixture_args(__doc__, "ppdet_train_reference.py", OVERRIDES, "tests/data/ppdet_train_{arch}.npz", argv)
     if args.config is None:
-        sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
         from ppdet_configs import ppdet_config
 
         args.config = ppdet_config(PPDET_CONFIGS[args.arch])
-    out_path = args.out or f"tests/data/ppdet_train_{args.arch}.npz"
+    out_path = args.out
     out = run(args.arch, args.config, args.seed)
-    out["ppdet_version"] = np.array(getattr(sys.modules["ppdet"], "__version__", "unknown"))
-    os.makedirs(os.path.dirname(os.path.abspath(out_path)), exist_ok=True)
-    np.savez_compressed(out_path, **out)
+    gen.save_fixture(out, out_path)
     trainable = int(out["trainable"].sum())
     special = {str(n): (float(m), float(r)) for n, m, r in zip(out["param_names"], out["lr_mult"], out["reg_coeff"])
                if m != 1.0 or r != -1.0}

@@ -9,7 +9,7 @@ import paddle.nn as nn
 
 from ppdet_retina.core.workspace import create, register
 from ppdet_retina.modeling.architectures.export_surface import Exportable, nms_settings
-from ppdet_retina.modeling.architectures.stages import build_backbone_and_neck, check_built
+from ppdet_retina.modeling.architectures.stages import attach_stages, build_backbone_and_neck
 
 __all__ = ["FasterRCNN"]
 
@@ -39,11 +39,7 @@ class FasterRCNN(nn.Layer, Exportable):
     def __init__(self, backbone: Any, rpn_head: Any, bbox_head: Any, bbox_post_process: Any = "BBoxPostProcess",
                  neck: Optional[Any] = None):
         super().__init__()
-        check_built("FasterRCNN", backbone=backbone, rpn_head=rpn_head, bbox_head=bbox_head)
-        self.backbone = backbone
-        self.neck = neck
-        self.rpn_head = rpn_head
-        self.bbox_head = bbox_head
+        attach_stages(self, ("neck",), backbone=backbone, neck=neck, rpn_head=rpn_head, bbox_head=bbox_head)
         self.bbox_post_process = bbox_post_process
 
     @classmethod

@@ -9,7 +9,7 @@ import paddle.nn as nn
 
 from ppdet_retina.core.workspace import create, register
 from ppdet_retina.modeling.architectures.export_surface import Exportable, nms_settings
-from ppdet_retina.modeling.architectures.stages import build_backbone_and_neck, check_built
+from ppdet_retina.modeling.architectures.stages import attach_stages, build_backbone_and_neck
 
 __all__ = ["RetinaNet"]
 
@@ -43,10 +43,7 @@ class RetinaNet(nn.Layer, Exportable):
 
     def __init__(self, backbone: Any, neck: Any, head: Any):
         super().__init__()
-        check_built("RetinaNet", backbone=backbone, neck=neck, head=head)
-        self.backbone = backbone
-        self.neck = neck
-        self.head = head
+        attach_stages(self, backbone=backbone, neck=neck, head=head)
 
     @classmethod
     def from_config(cls, cfg: dict, **kwargs: Any) -> dict:
