@@ -59,3 +59,15 @@ def test_faster_rcnn_benchmark_json(tmp_path):
     _assert_engines(out)
     assert out["threads"] == 1 and out["num_classes"] == 4
     assert out["train_input"] == [2, 3, 64, 64] and out["infer_input"] == [1, 3, 64, 64]
+
+
+def test_early_stop_ab_same_detections_with_and_without_the_stop():
+    """The traced graph with the early stop keeps exactly what the graph without it keeps: none at the
+    prior 0.01 (every score is the prior once the classifier is zeroed), every top box at 0.5."""
+    common = ["--early-stop-ab", "--config", "configs/demo/retinanet_demo.yml", "--infer-size", "64", "96",
+              "--iters", "1", "--warmup", "0", "--threads", "1"]
+    sparse = run_benchmark(*common)
+    assert sparse["detections"] == 0 and sparse["same_detections"] is True
+    assert sorted(sparse["engine_ms"]) == ["early_stop", "no_early_stop"]
+    dense = run_benchmark(*common, "-o", "RetinaHead.prior_prob=0.5")
+    assert dense["detections"] > 0 and dense["same_detections"] is True
