@@ -44,7 +44,6 @@ __all__ = [
     "OnnxCheckError",
     "export_onnx",
     "convert",
-    "nms_settings",
     "repair_norm_epsilons",
     "rename_outputs",
     "describe",
@@ -139,17 +138,11 @@ def export_onnx(deploy: Any, save_dir: str, input_size: Sequence[int], opset: in
     return entry
 
 
-def nms_settings(nms: Any) -> Dict[str, Any]:
-    """A MultiClassNMS's settings as :func:`multiclass_nms` keywords (infer_cfg.yml's ``onnx.nms``)."""
-    from ppdet_retina.modeling.architectures.export_surface import nms_settings as settings
-
-    return settings(nms)
-
-
 def convert(paddle_prefix: str, onnx_file: str, opset: int, output_names: Sequence[str]) -> Dict[str, Any]:
     """paddle2onnx on ``paddle_prefix.json/.pdiparams`` -> ``onnx_file``, repaired and with named outputs.
 
-    Returns what the written file says: ``opset``, ``inputs`` and ``outputs`` (:func:`describe`).
+    Returns what the written file says: ``opset``, ``inputs`` and ``outputs`` (:func:`describe`), read
+    from the saved model still in memory rather than parsing the file again.
     """
     try:
         import onnx
@@ -162,7 +155,7 @@ def convert(paddle_prefix: str, onnx_file: str, opset: int, output_names: Sequen
     drop_unused_constants(model)
     onnx.checker.check_model(model)
     onnx.save(model, onnx_file)
-    return describe(onnx_file)
+    return _describe_model(model)
 
 
 _CONVERT_SCRIPT = """
@@ -278,7 +271,11 @@ def describe(onnx_file: str) -> Dict[str, Any]:
     """``opset`` (default domain), ``inputs`` and ``outputs`` names as the file records them."""
     import onnx
 
-    model = onnx.load(onnx_file, load_external_data=False)
+    return _describe_model(onnx.load(onnx_file, load_external_data=False))
+
+
+def _describe_model(model: Any) -> Dict[str, Any]:
+    """:func:`describe` of an ``onnx.ModelProto`` already in memory."""
     opset = next((int(o.version) for o in model.opset_import if o.domain in ("", "ai.onnx")), None)
     initializers = {t.name for t in model.graph.initializer}
     return {"opset": opset, "inputs": [i.name for i in model.graph.input if i.name not in initializers],
@@ -540,11 +537,6 @@ def compare_detections(expected: Sequence[np.ndarray], got: Sequence[np.ndarray]
 
 def _relative(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return np.abs(a - b) / np.maximum(np.maximum(np.abs(a), np.abs(b)), SCORE_ATOL / SCORE_RTOL)
-
-
-def _best_rows(rows: np.ndarray, n: int = 3) -> List[List[float]]:
-    top = rows[np.argsort(-rows[:, 1], kind="stable")[:n]]
-    return [[int(r[0]), round(float(r[1]), 4)] + [round(float(v), 1) for v in r[2:]] for r in top]
 
 
 # --------------------------------------------------------------------------- NMS for runtimes
