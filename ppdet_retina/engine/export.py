@@ -63,7 +63,6 @@ __all__ = [
     "export_model",
     "load_exported",
     "run_predictor",
-    "graph_has_interp",
 ]
 
 logger = setup_logger("ppdet_retina")
@@ -148,21 +147,17 @@ def mode_fields(mode: str) -> Dict[str, Any]:
 
 def input_spec(batch: Optional[int] = None, height: Optional[int] = None,
                width: Optional[int] = None) -> List[paddle.static.InputSpec]:
-    """InputSpecs of image, im_shape, scale_factor; ``None`` dimensions stay dynamic."""
-    return [
-        paddle.static.InputSpec([batch, 3, height, width], "float32", name="image"),
-        paddle.static.InputSpec([batch, 2], "float32", name="im_shape"),
-        paddle.static.InputSpec([batch, 2], "float32", name="scale_factor"),
-    ]
+    """InputSpecs of INPUT_NAMES (image, im_shape, scale_factor); ``None`` dimensions stay dynamic."""
+    shapes = ([batch, 3, height, width], [batch, 2], [batch, 2])
+    return [paddle.static.InputSpec(shape, "float32", name=name) for shape, name in zip(shapes, INPUT_NAMES)]
 
 
-def _trace_and_save(deploy: DeployModel, prefix: str, spec: List[paddle.static.InputSpec]) -> List[str]:
-    """Trace ``deploy`` and write ``prefix.json`` + ``prefix.pdiparams``; returns the graph's input names."""
+def _trace_and_save(deploy: DeployModel, prefix: str, spec: List[paddle.static.InputSpec]) -> None:
+    """Trace ``deploy`` and write ``prefix.json`` + ``prefix.pdiparams``."""
     deploy.eval()
     with _without_stderr_lines(_KNOWN_TRACE_NOISE):
         static = paddle.jit.to_static(deploy, input_spec=spec, full_graph=True)
         paddle.jit.save(static, prefix)
-    return [s.name for s in spec]
 
 
 # Paddle 3.3 logs this glog warning the first time a traced `a + b` passes its (empty) `out=`
@@ -328,11 +323,11 @@ def export_model(cfg: dict, output_dir: str = "output_inference", weights: Optio
     prefix = os.path.join(save_dir, MODEL_PREFIX)
     if fixed_input_size:
         height, width = (int(v) for v in fixed_input_size)
-        info["inputs"] = _trace_and_save(deploy, prefix, input_spec(1, height, width))
+        _trace_and_save(deploy, prefix, input_spec(1, height, width))
         info["use_dynamic_shape"] = False
         info["input_size"] = [height, width]
     else:
-        info["inputs"] = _trace_and_save(deploy, prefix, input_spec())
+        _trace_and_save(deploy, prefix, input_spec())
     infer_cfg = os.path.join(save_dir, "infer_cfg.yml")
     _write_yaml(infer_cfg, info)
     if onnx:
@@ -354,7 +349,6 @@ def export_model(cfg: dict, output_dir: str = "output_inference", weights: Optio
 # here for callers that run what they just exported.
 
 run_predictor = predictor.run
-graph_has_interp = predictor.graph_has_interp
 
 
 def load_exported(model_file: str, params_file: str, use_mkldnn: bool = True, bf16: bool = False,
