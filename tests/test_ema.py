@@ -142,6 +142,11 @@ def test_training_saves_the_average_and_resume_restores_it(tmp_path, tiny_coco):
     resumed.resume_weights(os.path.join(out, "0"))
     assert resumed.ema.step == 1
     np.testing.assert_allclose(resumed.model.state_dict()[name].numpy(), w1[name])  # trained weights
+    # -r may name any of the checkpoint's files: the .pdema next to it is found from the same prefix.
+    by_record = Trainer(load_config(cfg_path, overrides), mode="train")
+    by_record.resume_weights(os.path.join(out, "0.commit.json"))
+    assert by_record.ema.step == 1
+    np.testing.assert_allclose(by_record.model.state_dict()[name].numpy(), w1[name])
     resumed.train()
     np.testing.assert_allclose(_load(os.path.join(out, "model_final.pdparams"))[name], averaged[name],
                                rtol=1e-5, atol=1e-7)

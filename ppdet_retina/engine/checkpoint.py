@@ -193,6 +193,19 @@ def _commit_problem(prefix: str, record: Dict[str, Any]) -> Optional[str]:
     return None
 
 
+def checkpoint_prefix(path: str) -> str:
+    """A checkpoint's prefix from the prefix itself or any of its files (``.pdparams``, ``.pdopt``,
+    ``.commit.json``)."""
+    return re.sub(r"\.(pdparams|pdopt|commit\.json)$", "", str(path))
+
+
+def list_checkpoints(save_dir: str) -> List[str]:
+    """Names (prefixes without the folder) of the checkpoints (``.pdparams`` files) in ``save_dir``, sorted."""
+    if not os.path.isdir(save_dir):
+        return []
+    return sorted(n[:-len(".pdparams")] for n in os.listdir(save_dir) if n.endswith(".pdparams"))
+
+
 def find_latest_checkpoint(save_dir: str) -> Tuple[Optional[str], List[str]]:
     """(prefix of the newest complete checkpoint in ``save_dir`` or None, names skipped as incomplete).
 
@@ -200,11 +213,8 @@ def find_latest_checkpoint(save_dir: str) -> Tuple[Optional[str], List[str]]:
     is the one committed last (not the highest epoch: a fresh run into an old folder must not resume
     the old run's later epochs); ``best_model`` only repeats an epoch checkpoint and is not considered.
     """
-    if not os.path.isdir(save_dir):
-        return None, []
     best, best_key, skipped = None, None, []
-    names = sorted(n[:-len(".pdparams")] for n in os.listdir(save_dir) if n.endswith(".pdparams"))
-    for name in names:
+    for name in list_checkpoints(save_dir):
         if name == "best_model":
             continue
         prefix = os.path.join(save_dir, name)
@@ -468,7 +478,7 @@ def resume_checkpoint(model: paddle.nn.Layer, optimizer: Optional[paddle.optimiz
     record is missing or does not match its files is refused with ValueError (see
     :func:`save_checkpoint`).
     """
-    prefix = re.sub(r"\.(pdparams|pdopt|commit\.json)$", "", str(path_prefix))
+    prefix = checkpoint_prefix(path_prefix)
     _check_not_url(prefix, "resume")
     if optimizer is None:
         load_weights(model, prefix, what="resume")

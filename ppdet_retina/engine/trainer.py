@@ -23,9 +23,7 @@ import contextlib
 import copy
 import hashlib
 import json
-import math
 import os
-import re
 import time
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
@@ -39,7 +37,7 @@ from ppdet_retina.engine import checkpoint, env
 from ppdet_retina.engine.amp import MixedPrecision
 from ppdet_retina.engine.ema import RAW_WEIGHTS_SUFFIX, build_ema
 from ppdet_retina.engine.fast_engine import EngineChooser
-from ppdet_retina.engine.predictor import unique_output_path
+from ppdet_retina.engine.predictor import split_detections, unique_output_path
 from ppdet_retina.engine.optimizer import build_optimizer
 from ppdet_retina.engine.profiling import StepProfiler
 from ppdet_retina.engine.train_options import distributed_model, to_static_model
@@ -244,10 +242,13 @@ class Trainer:
     def _resume_ema_and_amp(self, path_prefix: str, extra: Dict[str, Any]) -> None:
         """An EMA checkpoint's .pdparams holds the average and .pdema the trained weights (PaddleDetection's
         layout): training continues from the trained ones, the average from the saved one."""
-        prefix = re.sub(r"\.(pdparams|pdopt)$", "", str(path_prefix))
+        prefix = checkpoint.checkpoint_prefix(path_prefix)
         raw = prefix + RAW_WEIGHTS_SUFFIX
         if os.path.isfile(raw):
-            averaged = {k: v.clone() for k, v in self.model.state_dict().items()}
+            if self.ema is not None:
+                # Only what the average restores from, before the trained weights replace them.
+                state = self.model.state_dict()
+                averaged = {k: state[k].clone() for k in self.ema.names if k in state}
             checkpoint.load_weights(self.model, raw)
             if self.ema is not None:
                 self.ema.load(averaged, int(extra.get("ema_step", self.lr.last_epoch)), int(extra.get("ema_epoch", 0)))
@@ -351,7 +352,7 @@ class Trainer:
         if self.rank == 0:
             checkpoint.remove_stale_temps(self.output_dir)
             _drop_partial_last_line(path)
-            existing = _checkpoint_names(self.output_dir)
+            existing = checkpoint.list_checkpoints(self.output_dir)
             if existing and not self._resumed:
                 logger.warning(f"{self.output_dir} already holds checkpoints ({', '.join(existing)}) of an "
                                f"earlier run: this run starts fresh and replaces them as it saves, and appends to "
@@ -618,22 +619,10 @@ class Trainer:
 
 
 def _split_per_image(batch: dict, outputs: dict, imid2path: Dict[int, str]) -> List[dict]:
-    bbox = outputs["bbox"].numpy().reshape(-1, 6)
-    counts = outputs["bbox_num"].numpy().reshape(-1).astype(np.int64)
     im_ids = batch["im_id"].numpy().reshape(-1)
-    results, start = [], 0
-    for im_id, count in zip(im_ids, counts):
-        rows = bbox[start:start + count]
-        results.append({"im_id": int(im_id), "im_file": imid2path[int(im_id)], "bbox": rows[rows[:, 0] >= 0]})
-        start += count
-    return results
-
-
-def _checkpoint_names(folder: str) -> List[str]:
-    """Names of the checkpoints (``.pdparams`` files) in ``folder``."""
-    if not os.path.isdir(folder):
-        return []
-    return sorted(n[:-len(".pdparams")] for n in os.listdir(folder) if n.endswith(".pdparams"))
+    per_image = split_detections(outputs["bbox"].numpy(), outputs["bbox_num"].numpy())
+    return [{"im_id": int(im_id), "im_file": imid2path[int(im_id)], "bbox": rows}
+            for im_id, rows in zip(im_ids, per_image)]
 
 
 def _drop_partial_last_line(path: str) -> None:
