@@ -94,11 +94,8 @@ KNOWN_TOP_LEVEL_KEYS: Dict[str, str] = {
     "TestDataset": "inference dataset section",
     "filename": "set by load_config: the config file's stem",
     "config_path": "set by load_config: the config file's absolute path",
-    # Model averaging and mixed precision (PaddleDetection's names).
-    "use_ema": "keep an exponential moving average of the weights", "ema_decay": "EMA decay",
-    "ema_decay_type": "EMA decay schedule", "cycle_epoch": "EMA restart period in epochs",
-    "ema_black_list": "parameters kept out of the EMA", "ema_filter_no_grad": "EMA skips frozen parameters",
-    "amp_level": "mixed precision level (O1/O2)",
+    # Model averaging, mixed precision and tools/train.py's flags are registered by the engine modules that
+    # read them (register_top_level_keys), which check_config_keys imports before checking.
 }
 
 # Keys PaddleDetection's own configs carry that this package reads nowhere: accepted so that its files

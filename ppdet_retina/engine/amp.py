@@ -28,7 +28,6 @@ __all__ = ["AMP_LEVELS", "MixedPrecision"]
 AMP_LEVELS = ("O1", "O2")
 
 register_top_level_keys({
-    "amp": "mixed-precision training (tools/train.py --amp)",
     "amp_level": "mixed precision level: O1 (autocast) or O2 (float16 model, float32 master weights)",
     "init_loss_scaling": "initial loss scale of --amp's dynamic loss scaling (1024)",
     "custom_white_list": "op names --amp runs in float16",

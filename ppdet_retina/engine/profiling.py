@@ -21,11 +21,7 @@ from typing import Any, Dict, Optional
 
 import paddle
 
-from ppdet_retina.core.workspace import register_top_level_keys
-
 __all__ = ["ProfilerDone", "parse_profiler_options", "StepProfiler"]
-
-register_top_level_keys({"profiler_options": "tools/train.py --profiler_options: profile a range of iterations"})
 
 logger = logging.getLogger("ppdet_retina.engine.profiling")
 

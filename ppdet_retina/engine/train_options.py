@@ -17,7 +17,7 @@ import paddle
 from ppdet_retina.core.workspace import ConfigError, register_top_level_keys
 from ppdet_retina.engine import env
 
-__all__ = ["TRAIN_FLAGS", "TRAIN_FLAG_KEYS", "add_train_flags", "flags_to_config", "make_deterministic", "to_static_model", "distributed_model"]
+__all__ = ["TRAIN_FLAGS", "add_train_flags", "flags_to_config", "make_deterministic", "to_static_model", "distributed_model"]
 
 # key -> (how its flag is given, help). "switch": ``--key`` alone means true; "bool": ``--key [BOOL]``
 # (so ``--use_vdl false`` can turn a config's true off); otherwise the metavar of a value. A flag
@@ -38,12 +38,9 @@ TRAIN_FLAGS: Dict[str, Tuple[str, str]] = {
                                     "\"batch_range=[10,20];profile_path=output/profile;sorted_key=total;"
                                     "exit_on_finished=true\" (prints the op table, writes a Chrome trace)"),
 }
-TRAIN_FLAG_KEYS = tuple(TRAIN_FLAGS)
-
+# Each flag's config key, described by its help.
+register_top_level_keys({key: text for key, (_, text) in TRAIN_FLAGS.items()})
 register_top_level_keys({
-    "fleet": "tools/train.py --fleet: data-parallel training through paddle.distributed.fleet",
-    "enable_ce": "tools/train.py --enable_ce: deterministic run (fixed seeds, deterministic cuDNN)",
-    "to_static": "tools/train.py --to_static: train a paddle.jit.to_static graph (where supported)",
     "save_prediction_only": "tools/eval.py --save_prediction_only: write bbox.json without the mAP",
 })
 
@@ -62,10 +59,10 @@ def add_train_flags(parser: argparse.ArgumentParser) -> None:
             parser.add_argument(f"--{key}", default=None, metavar=kind, help=text)
 
 
-def flags_to_config(cfg: dict, args: Any, keys=TRAIN_FLAG_KEYS) -> dict:
-    """Copy the flags the user gave (not None: ``--use_vdl false`` does turn a config's true off) into
-    ``cfg``; returns ``cfg``."""
-    for key in keys:
+def flags_to_config(cfg: dict, args: Any) -> dict:
+    """Copy the :data:`TRAIN_FLAGS` the user gave (not None: ``--use_vdl false`` does turn a config's true
+    off) into ``cfg``; returns ``cfg``."""
+    for key in TRAIN_FLAGS:
         value = getattr(args, key, None)
         if value is not None:
             cfg[key] = value

@@ -9,14 +9,9 @@ from __future__ import annotations
 
 from typing import Mapping
 
-from ppdet_retina.core.workspace import ConfigError, register_top_level_keys
+from ppdet_retina.core.workspace import ConfigError
 
 __all__ = ["VisualDLWriter"]
-
-register_top_level_keys({
-    "use_vdl": "tools/train.py --use_vdl: write losses, LR and mAP as VisualDL scalars",
-    "vdl_log_dir": "folder of the VisualDL scalars (vdl_log_dir/scalar)",
-})
 
 
 class VisualDLWriter:
