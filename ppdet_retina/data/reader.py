@@ -33,7 +33,7 @@ from __future__ import annotations
 
 import json
 import logging
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Dict, List, Optional, Sequence, Set, Tuple
 
 import numpy as np
 import paddle
@@ -145,6 +145,7 @@ class DetDataLoader(paddle.io.DataLoader):
         self.replaced = bool(replaced)
         self.owner = owner
         self.bad_images: List[Dict[str, Any]] = []
+        self._bad_seen: Set[Tuple[str, Any]] = set()  # (im_file, im_id) of bad_images
 
     def epoch_samples(self) -> int:
         """Samples one pass yields on this process (the base of max_bad_image_ratio)."""
@@ -153,6 +154,7 @@ class DetDataLoader(paddle.io.DataLoader):
 
     def __iter__(self):
         self.bad_images = []
+        self._bad_seen = set()
         limit = self.max_bad_image_ratio * self.epoch_samples()
         for batch in super().__iter__():
             if ERROR_KEY in batch:
@@ -165,12 +167,11 @@ class DetDataLoader(paddle.io.DataLoader):
 
     def _report_bad(self, records: List[Dict[str, Any]], limit: float) -> None:
         action = "replaced by another image" if self.replaced else "left out"
-        seen = {(r["im_file"], r["im_id"]) for r in self.bad_images}
         for rec in records:
             # A broken file also met as another sample's replacement counts (and is named) once.
-            if (rec["im_file"], rec["im_id"]) in seen:
+            if (rec["im_file"], rec["im_id"]) in self._bad_seen:
                 continue
-            seen.add((rec["im_file"], rec["im_id"]))
+            self._bad_seen.add((rec["im_file"], rec["im_id"]))
             logger.warning(f"broken image {rec['im_file']} (image id {rec['im_id']}) {action}: {rec['reason']}")
             self.bad_images.append(rec)
         if len(self.bad_images) > limit:
