@@ -190,12 +190,12 @@ class COCODataSet(_TransformMixin):
     def _python_records(self, data: dict, img_ids: Sequence[int], image_root: str,
                         anno_file: str) -> Tuple[List[dict], List[bool], int]:
         """(records, whether each has a box, boxes dropped), one annotation at a time."""
-        coco = _coco_index(data)
+        coco = coco_index(data)
         records, has_boxes, dropped = [], [], 0
         for img_id in img_ids:
             record, n_dropped = self._make_record(coco, img_id, image_root, anno_file)
             dropped += n_dropped
-            has_boxes.append(bool(record["_boxes"]))
+            has_boxes.append(len(record["gt_bbox"]) > 0)
             records.append(self._keep_fields(record))
         return records, has_boxes, dropped
 
@@ -269,7 +269,6 @@ class COCODataSet(_TransformMixin):
             "gt_bbox": np.asarray(boxes, np.float32).reshape(-1, 4),
             "gt_class": np.asarray(classes, np.int32).reshape(-1, 1),
             "is_crowd": np.asarray(crowd, np.int32).reshape(-1, 1),
-            "_boxes": boxes,
         }
         return record, dropped
 
@@ -294,7 +293,6 @@ class COCODataSet(_TransformMixin):
                 f"set allow_empty: true or fix the annotations")
 
     def _keep_fields(self, record: dict) -> dict:
-        record.pop("_boxes")
         for key in _GT_FIELDS:
             if key not in self.data_fields:
                 record.pop(key)
@@ -349,10 +347,11 @@ def read_coco_json(anno_file: str) -> dict:
 
 def load_coco(anno_file: str):
     """``anno_file`` as a pycocotools ``COCO``, read and validated by :func:`read_coco_json`."""
-    return _coco_index(read_coco_json(anno_file))
+    return coco_index(read_coco_json(anno_file))
 
 
-def _coco_index(data: dict):
+def coco_index(data: dict):
+    """``data`` (a parsed COCO json, kept as is) as a pycocotools ``COCO``, indexed without its prints."""
     from pycocotools.coco import COCO
     coco = COCO()
     coco.dataset = data
@@ -536,6 +535,10 @@ class ImageFolder(_TransformMixin):
         self.sample_num = int(sample_num)
         self.metric = metric
         self.num_classes = None if num_classes is None else int(num_classes)
+        # The json's 'images' as _read_labels parsed them (None: no json), and the file-name
+        # listing _records builds from them on first use (errors in it surface there, as before).
+        self._anno_images: Optional[list] = None
+        self._listed: Optional[Dict[str, Tuple[int, Optional[Tuple[int, int]]]]] = None
         self.catid2clsid, self.clsid2catid, self.label_names = self._read_labels()
         self.roidbs: List[dict] = []
         if image_dir:
@@ -563,6 +566,7 @@ class ImageFolder(_TransformMixin):
         if not cats:
             raise ValueError(f"{path}: no 'categories' to read label names from; "
                              f"fix TestDataset.anno_path or remove it")
+        self._anno_images = data.get("images")
         cats = sorted(cats, key=lambda c: c["id"])
         catid2clsid = {c["id"]: i for i, c in enumerate(cats)}
         return catid2clsid, {i: c for c, i in catid2clsid.items()}, [str(c.get("name", c["id"])) for c in cats]
@@ -579,8 +583,9 @@ class ImageFolder(_TransformMixin):
     def _records(self, files: Sequence[str]) -> List[dict]:
         """Records with the json's id (and size, as ``anno_hw``) of each listed file; the other
         files' ids count up after the json's largest."""
-        path = self.get_anno()
-        listed = _images_by_file_name(path) if path and not path.endswith(".txt") else {}
+        if self._listed is None:
+            self._listed = _images_by_file_name(self._anno_images)
+        listed = self._listed
         if not listed:
             return [{"im_file": f, "im_id": i} for i, f in enumerate(files)]
         by_base = _unique_base_names(listed)
@@ -609,11 +614,9 @@ class ImageFolder(_TransformMixin):
         return self._apply(self.roidbs[idx])
 
 
-def _images_by_file_name(anno_file: str) -> Dict[str, Tuple[int, Optional[Tuple[int, int]]]]:
+def _images_by_file_name(images: Optional[list]) -> Dict[str, Tuple[int, Optional[Tuple[int, int]]]]:
     """``file_name`` ('/'-separated, without a leading './') -> (image id, (height, width) or None),
-    for each image of a COCO json."""
-    data = _parse_json(anno_file)
-    images = data.get("images") if isinstance(data, dict) else None
+    for each image of a COCO json's parsed 'images'."""
     out: Dict[str, Tuple[int, Optional[Tuple[int, int]]]] = {}
     for img in images or []:
         if isinstance(img, dict) and "file_name" in img and "id" in img:

@@ -12,7 +12,7 @@ from typing import Dict, List, Mapping, Optional
 
 import numpy as np
 
-from ppdet_retina.data.coco import load_coco
+from ppdet_retina.data.coco import coco_index, load_coco
 from ppdet_retina.utils.logger import setup_logger
 
 __all__ = ["COCOMetric", "detections_to_coco", "coco_bbox_eval", "STAT_NAMES"]
@@ -117,20 +117,15 @@ def results_as_coco(coco_gt, results: List[dict]):
     Differs from ``loadRes`` only in what no box score reads: ``results`` stay as they are (loadRes
     adds keys to them) and carry no box-outline polygon (one list per detection at loadRes's).
     """
-    from pycocotools.coco import COCO
     known = set(coco_gt.getImgIds())
     unknown = {r["image_id"] for r in results} - known
     if unknown:
         raise AssertionError("Results do not correspond to current coco set (image ids not in the "
                              f"annotation file: {sorted(unknown)[:5]})")
-    coco_dt = COCO()
-    coco_dt.dataset["images"] = list(coco_gt.dataset["images"])
-    coco_dt.dataset["categories"] = copy.deepcopy(coco_gt.dataset["categories"])
-    coco_dt.dataset["annotations"] = [dict(r, area=r["bbox"][2] * r["bbox"][3], id=k + 1, iscrowd=0)
-                                      for k, r in enumerate(results)]
-    with contextlib.redirect_stdout(io.StringIO()):
-        coco_dt.createIndex()
-    return coco_dt
+    return coco_index({"images": list(coco_gt.dataset["images"]),
+                       "categories": copy.deepcopy(coco_gt.dataset["categories"]),
+                       "annotations": [dict(r, area=r["bbox"][2] * r["bbox"][3], id=k + 1, iscrowd=0)
+                                       for k, r in enumerate(results)]})
 
 
 def _load_coco(anno_file: str):
