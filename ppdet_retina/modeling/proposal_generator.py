@@ -16,6 +16,7 @@ import paddle
 from ppdet_retina.core.workspace import ConfigError, register
 from ppdet_retina.modeling.box_ops import clip_boxes, delta2bbox
 from ppdet_retina.modeling.nms import batched_nms
+from ppdet_retina.modeling.trace_utils import known, reshape_like
 
 __all__ = ["ProposalGenerator", "flatten_rois", "flatten_level_outputs"]
 
@@ -121,7 +122,7 @@ class ProposalGenerator:
         """[B, k, 4] boxes and [B, k] scores, -inf where a candidate was dropped."""
         top_scores, order = paddle.topk(score, _capped(self.pre_nms_top_n, score), axis=1)  # highest first
         top_deltas = paddle.take_along_axis(delta, order.unsqueeze(-1).expand([-1, -1, 4]), axis=1)
-        top_anchors = _reshape_like(paddle.gather(anchor, order.flatten()), top_deltas)
+        top_anchors = reshape_like(paddle.gather(anchor, order.flatten()), top_deltas)
         boxes = delta2bbox(top_deltas, top_anchors)
         boxes = clip_boxes(boxes, im_shape)
         keep = self._nms_keep(boxes, top_scores, self._large_enough(boxes, min_wh))
@@ -152,20 +153,13 @@ class ProposalGenerator:
                            paddle.gather(scores.flatten(), flat_idx), image_idx, self.nms_thresh)
         mask = paddle.zeros_like(candidate, dtype="int32").flatten()
         mask = paddle.scatter(mask, paddle.gather(flat_idx, kept), paddle.ones_like(kept, dtype="int32"))
-        return _reshape_like(mask, candidate) > 0
+        return reshape_like(mask, candidate) > 0
 
 
 def _capped(limit: int, x: paddle.Tensor):
     """min(limit, x.shape[1]): an int when the size is known, an int64 [1] tensor when a graph is
     traced with dynamic sizes (the number of anchors is then only known at run time)."""
     size = x.shape[1]
-    if isinstance(size, int) and size >= 0:
+    if known(size):
         return min(limit, size)
     return paddle.minimum(paddle.shape(x)[1:2].astype("int64"), paddle.full([1], limit, dtype="int64"))
-
-
-def _reshape_like(x: paddle.Tensor, ref: paddle.Tensor) -> paddle.Tensor:
-    """``x`` reshaped to ``ref``'s shape, read at run time when tracing (dims may be unknown)."""
-    if paddle.in_dynamic_mode():
-        return x.reshape(ref.shape)
-    return paddle.reshape(x, paddle.shape(ref))
