@@ -2,7 +2,8 @@
 
 The target assigners of the two Faster R-CNN stages (:class:`RPNTargetAssign`, :class:`BBoxAssigner`)
 and the helpers every head's targets use: :func:`gt_masks` (which padded gt rows are real, which are
-crowd) and :func:`matched_on_positives` (the matched gt's boxes or classes on positive rows).
+crowd), :func:`matched_on_positives` (the matched gt's boxes or classes on positive rows) and
+:func:`box_targets` (the encoded deltas of the matched gt boxes on positive anchors).
 
 Both assigners are batched over images: ground truths come padded to G per
 image with a validity mask (padding and crowd boxes are invalid), proposals
@@ -12,16 +13,16 @@ on [B, N] label maps (``subsample_labels``), so no Python loop runs per image.
 
 from __future__ import annotations
 
-from typing import Dict, NamedTuple, Optional, Tuple, Union
+from typing import Dict, NamedTuple, Optional, Sequence, Tuple, Union
 
 import paddle
 
 from ppdet_retina.core.workspace import ConfigError, register
-from ppdet_retina.modeling.box_ops import pairwise_iou
+from ppdet_retina.modeling.box_ops import bbox2delta, pairwise_iou
 from ppdet_retina.modeling.matching import IGNORE, label_box, subsample_labels
 
 __all__ = ["RPNTargetAssign", "BBoxAssigner", "RoITargets", "gt_masks", "matched_on_positives",
-           "ignore_near_crowd", "cross_boundary"]
+           "box_targets", "ignore_near_crowd", "cross_boundary"]
 
 
 def gt_masks(inputs: Dict[str, paddle.Tensor]) -> Tuple[paddle.Tensor, paddle.Tensor]:
@@ -59,6 +60,17 @@ def matched_on_positives(values: paddle.Tensor, matched: paddle.Tensor, positive
     if not isinstance(fallback, paddle.Tensor):
         fallback = paddle.full_like(taken, fallback)
     return paddle.where(keep, taken, fallback)
+
+
+def box_targets(anchors: paddle.Tensor, gt_bbox: paddle.Tensor, matched: paddle.Tensor,
+                positive: paddle.Tensor, weights: Sequence[float] = (1.0, 1.0, 1.0, 1.0)) -> paddle.Tensor:
+    """[B, N, 4] deltas (:func:`bbox2delta` with ``weights``) encoding the matched gt on positives, 0 elsewhere.
+
+    anchors [N, 4]; gt_bbox [B, G, 4]; matched [B, N] gt index per anchor; positive [B, N] bool.
+    Non-positive anchors encode themselves (delta 0), never a zero-size padding box.
+    """
+    anchors_b = anchors.unsqueeze(0).expand([gt_bbox.shape[0], -1, 4])
+    return bbox2delta(anchors_b, matched_on_positives(gt_bbox, matched, positive, anchors_b), weights)
 
 
 def _gather_rows(x: paddle.Tensor, idx: paddle.Tensor) -> paddle.Tensor:

@@ -17,10 +17,9 @@ from paddle import ParamAttr
 from paddle.nn.initializer import Constant, Normal
 
 from ppdet_retina.core.workspace import ConfigError, build_component, register
-from ppdet_retina.modeling.box_ops import bbox2delta
 from ppdet_retina.modeling.dense_head import Assignment, DenseHead, HeadOutputs, flatten_level
 from ppdet_retina.modeling.layers import NORM_TYPES, ConvNorm
-from ppdet_retina.modeling.targets import matched_on_positives
+from ppdet_retina.modeling.targets import box_targets, matched_on_positives
 
 __all__ = ["RetinaFeat", "RetinaHead"]
 
@@ -200,7 +199,7 @@ class RetinaHead(DenseHead):
         not_ignored = (labels >= 0).astype(deltas.dtype)
         loss_cls = self._class_loss(cls_logits_list, cls_target, not_ignored, num_pos)
 
-        box_target = self._box_targets(anchors, gt_bbox, matched, pos)
+        box_target = box_targets(anchors, gt_bbox, matched, pos, self.weights)  # [B, N, 4], 0 off positives
         loss_reg = self.loss_bbox(deltas.reshape([-1, 4]), box_target.reshape([-1, 4]),
                                   weight=pos_f.reshape([-1]), normalizer=num_pos)
         return {"loss_cls": loss_cls, "loss_reg": loss_reg}
@@ -234,10 +233,3 @@ class RetinaHead(DenseHead):
         needs only one pass over the logits (see FocalLoss).
         """
         return matched_on_positives(gt_class, matched, pos, self.num_classes)
-
-    def _box_targets(self, anchors: paddle.Tensor, gt_bbox: paddle.Tensor, matched: paddle.Tensor,
-                     pos: paddle.Tensor) -> paddle.Tensor:
-        """[B, N, 4] encoded deltas of the matched gt on positives, 0 elsewhere."""
-        anchors_b = anchors.unsqueeze(0).expand([gt_bbox.shape[0], -1, 4])
-        # Non-positive anchors encode themselves (delta 0), never a zero-size padding box.
-        return bbox2delta(anchors_b, matched_on_positives(gt_bbox, matched, pos, anchors_b), self.weights)

@@ -11,10 +11,9 @@ from paddle import ParamAttr
 from paddle.nn.initializer import Normal
 
 from ppdet_retina.core.workspace import ConfigError, build_component, register
-from ppdet_retina.modeling.box_ops import bbox2delta
 from ppdet_retina.modeling.proposal_generator import flatten_level_outputs
 from ppdet_retina.modeling.shape_spec import ShapeSpec, in_channel_kwargs
-from ppdet_retina.modeling.targets import gt_masks, matched_on_positives
+from ppdet_retina.modeling.targets import box_targets, gt_masks
 
 __all__ = ["RPNHead"]
 
@@ -123,9 +122,8 @@ class RPNHead(nn.Layer):
         bce = F.binary_cross_entropy_with_logits(logits, (labels == 1).astype(logits.dtype), reduction="none")
         loss_cls = (bce * sampled).sum() / norm
 
-        anchors_b = all_anchors.unsqueeze(0).expand([batch, -1, 4])
         # Non-positive anchors get themselves as target (delta 0).
-        target = bbox2delta(anchors_b, matched_on_positives(gt_bbox, matched, positive, anchors_b)).detach()
+        target = box_targets(all_anchors, gt_bbox, matched, positive).detach()
         if self.loss_rpn_bbox is None:
             l1 = paddle.abs(pred_deltas - target).sum(axis=-1)
             loss_reg = (l1 * positive.astype(l1.dtype)).sum() / reg_norm
