@@ -12,7 +12,7 @@ from typing import Sequence
 
 import paddle
 
-__all__ = ["box_area", "pairwise_iou", "bbox2delta", "delta2bbox", "clip_boxes", "image_index",
+__all__ = ["box_area", "pairwise_iou", "bbox2delta", "delta2bbox", "clip_boxes", "xyxy_scale", "image_index",
            "DEFAULT_MAX_RATIO"]
 
 # Largest log-scale step a decoded box may take: a 16 px anchor may grow to
@@ -107,6 +107,14 @@ def clip_boxes(boxes: paddle.Tensor, im_shape: paddle.Tensor) -> paddle.Tensor:
     x2 = paddle.minimum(paddle.maximum(boxes[..., 2:3], zero), w)
     y2 = paddle.minimum(paddle.maximum(boxes[..., 3:4], zero), h)
     return paddle.concat([x1, y1, x2, y2], axis=-1)
+
+
+def xyxy_scale(scale_factor: paddle.Tensor, dtype) -> paddle.Tensor:
+    """(sy, sx) [B, 2] -> (sx, sy, sx, sy) [B, 4] in ``dtype``: what x1y1x2y2 boxes are divided by
+    to go from resized to original pixels."""
+    sf = scale_factor.astype(dtype)
+    sy, sx = sf[:, 0:1], sf[:, 1:2]
+    return paddle.concat([sx, sy, sx, sy], axis=1)
 
 
 def image_index(rows_num: paddle.Tensor) -> paddle.Tensor:

@@ -32,7 +32,7 @@ import paddle.nn as nn
 import paddle.nn.functional as F
 
 from ppdet_retina.core.workspace import ConfigError
-from ppdet_retina.modeling.box_ops import delta2bbox
+from ppdet_retina.modeling.box_ops import delta2bbox, xyxy_scale
 from ppdet_retina.modeling.targets import gt_masks
 from ppdet_retina.modeling.trace_utils import (flat_index, known, max_over_classes, numpy_view_ok,
                                                reshape_like, times)
@@ -79,13 +79,6 @@ def padded_gts(inputs: Dict[str, paddle.Tensor]) -> Tuple[paddle.Tensor, paddle.
 def _take_flat(x: paddle.Tensor, idx: paddle.Tensor) -> paddle.Tensor:
     """Per image, entries ``idx`` [B, M] of ``x`` flattened to [B, L] -> [B, M]."""
     return paddle.take_along_axis(x.reshape([0, -1]), idx, axis=1, broadcast=False)
-
-
-def _xyxy_scale(scale_factor: paddle.Tensor, dtype) -> paddle.Tensor:
-    """(sy, sx) [B, 2] -> (sx, sy, sx, sy) [B, 1, 4] to divide x1y1x2y2 boxes."""
-    sf = scale_factor.astype(dtype)
-    sy, sx = sf[:, 0:1], sf[:, 1:2]
-    return paddle.concat([sx, sy, sx, sy], axis=1).unsqueeze(1)
 
 
 class DenseHead(nn.Layer):
@@ -218,7 +211,7 @@ class DenseHead(nn.Layer):
         deltas, anchors, logits = (paddle.concat(list(group), axis=1) for group in zip(*parts))
         boxes = self.decode_boxes(deltas, anchors)  # [B, M, 4]
         scores = self.scores_from_logits(logits).transpose([0, 2, 1])  # [B, C, M]
-        return boxes / _xyxy_scale(scale_factor, boxes.dtype), scores
+        return boxes / xyxy_scale(scale_factor, boxes.dtype).unsqueeze(1), scores
 
     # Every branch below is decided in Python from static shapes; kept out of
     # dy2static's rewriting, whose early-return handling turns them into graph

@@ -11,7 +11,7 @@ from typing import Any, Sequence, Tuple
 import paddle
 
 from ppdet_retina.core.workspace import ConfigError, build_component, register
-from ppdet_retina.modeling.box_ops import clip_boxes, delta2bbox, image_index
+from ppdet_retina.modeling.box_ops import clip_boxes, delta2bbox, image_index, xyxy_scale
 
 __all__ = ["RCNNBox", "BBoxPostProcess", "rescale_to_original"]
 
@@ -106,10 +106,9 @@ def rescale_to_original(bbox: paddle.Tensor, bbox_num: paddle.Tensor, im_shape: 
     if bbox.shape[0] == 0:
         return bbox
     image_idx = image_index(bbox_num)
-    scale = paddle.gather(scale_factor.astype(bbox.dtype), image_idx)  # [K, 2] as (sy, sx)
     original = paddle.floor(im_shape.astype(bbox.dtype) / scale_factor.astype(bbox.dtype) + 0.5)  # [B, 2]
     limits = paddle.gather(original, image_idx)  # [K, 2] as (h, w)
-    scale_xyxy = paddle.concat([scale[:, 1:2], scale[:, 0:1], scale[:, 1:2], scale[:, 0:1]], axis=1)
+    scale_xyxy = paddle.gather(xyxy_scale(scale_factor, bbox.dtype), image_idx)  # [K, 4] as (sx, sy, sx, sy)
     boxes = clip_boxes(bbox[:, 2:] / scale_xyxy, limits)
     kept = paddle.logical_and(boxes[:, 2:3] > boxes[:, 0:1], boxes[:, 3:4] > boxes[:, 1:2])
     labels = paddle.where(kept, bbox[:, 0:1], paddle.full_like(bbox[:, 0:1], -1.0))
