@@ -52,10 +52,14 @@ class RetinaNet(nn.Layer, Exportable):
             "RetinaNet", cfg, ("backbone", "neck", "head"), "backbone: ResNet, neck: FPN, head: RetinaHead")
         return {"backbone": backbone, "neck": neck, "head": create(cfg["head"], input_shape=out_shape)}
 
+    def _head_outputs(self, inputs: Dict[str, paddle.Tensor]) -> Tuple[List[paddle.Tensor], List[paddle.Tensor]]:
+        """backbone -> neck -> head: the per-level (cls_logits, bbox_deltas) lists."""
+        return self.head(self.neck(self.backbone(inputs)))
+
     def forward(self, inputs: Dict[str, paddle.Tensor]) -> Dict[str, paddle.Tensor]:
         if not isinstance(inputs, dict) or "image" not in inputs:
             raise ValueError("RetinaNet.forward expects the batch dict with an 'image' [B,3,H,W] entry")
-        head_outs = self.head(self.neck(self.backbone(inputs)))
+        head_outs = self._head_outputs(inputs)
         if self.training:
             losses = self.head.get_loss(head_outs, inputs)
             losses["loss"] = losses["loss_cls"] + losses["loss_reg"]
@@ -71,7 +75,7 @@ class RetinaNet(nn.Layer, Exportable):
 
     def decode_candidates(self, inputs: Dict[str, paddle.Tensor]) -> Tuple[paddle.Tensor, paddle.Tensor]:
         """boxes [B, M, 4] in original pixels and scores [B, C, M]: what the NMS would see."""
-        head_outs = self.head(self.neck(self.backbone(inputs)))
+        head_outs = self._head_outputs(inputs)
         return self.head.decode_candidates(head_outs, inputs["im_shape"], inputs["scale_factor"])
 
     def export_outputs(self, inputs: Dict[str, paddle.Tensor], mode: str) -> Tuple[paddle.Tensor, ...]:
@@ -80,7 +84,7 @@ class RetinaNet(nn.Layer, Exportable):
             return super().export_outputs(inputs, mode)
         if mode == "candidates":
             return self.decode_candidates(inputs)
-        cls_logits, deltas = self.head(self.neck(self.backbone(inputs)))
+        cls_logits, deltas = self._head_outputs(inputs)
         return tuple(cls_logits) + tuple(deltas)
 
     def export_output_names(self, mode: str) -> List[str]:
