@@ -144,31 +144,6 @@ def sample_positions(size: int, seed: int) -> np.ndarray:
 
 # --------------------------------------------------------------------------- reference run (ppdet)
 
-def _patch_ppdet_rpn_batch_size() -> None:
-    """PaddleDetection 2.6's RPNHead loops ``for i in range(paddle.slice(paddle.shape(im_shape), ...))``:
-    a shape-[1] tensor, which NumPy 2.4 no longer turns into an int. Give rpn_head alone a ``paddle``
-    whose slice returns such a one-element slice of a shape as a 0-D tensor (same value)."""
-    import types
-
-    import paddle
-    from ppdet.modeling.proposal_generator import rpn_head
-
-    if getattr(rpn_head.paddle, "_ppdet_file_reference_shim", False):
-        return
-
-    def slice_(x, axes, starts, ends):
-        out = paddle.slice(x, axes, starts, ends)
-        if x.ndim == 1 and x.dtype in (paddle.int32, paddle.int64) and out.shape == [1]:
-            return out.reshape([])
-        return out
-
-    shim = types.ModuleType("paddle_rpn_shim")
-    shim.__dict__.update(vars(rpn_head.paddle))
-    shim.slice = slice_
-    shim._ppdet_file_reference_shim = True
-    rpn_head.paddle = shim
-
-
 def run(args: argparse.Namespace) -> Dict[str, Any]:
     import paddle
     from ppdet.core.workspace import create, load_config, merge_config
@@ -178,16 +153,14 @@ def run(args: argparse.Namespace) -> Dict[str, Any]:
     paddle.set_device("cpu")
     if args.arch == "faster_rcnn":
         ref._patch_ppdet_rpn_concat()
-        _patch_ppdet_rpn_batch_size()
+        ref._patch_tensor_index()
     cfg = load_config(args.config)
     merge_config(OVERRIDES[args.arch])
     model = create(cfg.architecture)
     names = list(model.state_dict().keys())
     shapes = [list(model.state_dict()[n].shape) for n in names]
     state = state_dict(names, shapes, args.seed, args.arch)
-    model.set_state_dict({k: paddle.to_tensor(v) for k, v in state.items()})
-    for name, value in model.state_dict().items():  # a silent partial load would make the fixture lie
-        assert np.array_equal(value.numpy(), state[name]), name
+    ref.load_seeded(model, state)
     model.eval()
 
     dataset = create("TestDataset")()

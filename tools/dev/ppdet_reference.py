@@ -202,18 +202,23 @@ def build_ppdet_model(config: str, overrides: dict):
     return create(cfg.architecture)
 
 
-def _seeded_model(args: argparse.Namespace, overrides: dict):
-    """PaddleDetection's model with the seeded weights, the seeded inputs, and the record's header entries."""
+def load_seeded(model, state: Dict[str, np.ndarray]) -> None:
+    """Load the seeded ``state`` (numpy, by PaddleDetection name) into ``model`` and check that
+    set_state_dict took every tensor (a silent partial load would make the fixture lie)."""
     import paddle
 
+    model.set_state_dict({k: paddle.to_tensor(v) for k, v in state.items()})
+    for name, value in model.state_dict().items():
+        assert np.array_equal(value.numpy(), state[name]), name
+
+
+def _seeded_model(args: argparse.Namespace, overrides: dict):
+    """PaddleDetection's model with the seeded weights, the seeded inputs, and the record's header entries."""
     model = build_ppdet_model(args.config, overrides)
     names = list(model.state_dict().keys())
     shapes = [list(model.state_dict()[n].shape) for n in names]
     state = make_state_dict(names, shapes, args.seed)
-    model.set_state_dict({k: paddle.to_tensor(v) for k, v in state.items()})
-    # set_state_dict must have taken every tensor (a silent partial load would make the fixture lie).
-    for name, value in model.state_dict().items():
-        assert np.array_equal(value.numpy(), state[name]), name
+    load_seeded(model, state)
 
     inputs_np = make_inputs(args.seed)
     out: Dict[str, np.ndarray] = {

@@ -122,9 +122,7 @@ def run(arch: str, config: str, seed: int) -> Dict[str, np.ndarray]:
     state_names = list(model.state_dict().keys())
     shapes = [list(model.state_dict()[n].shape) for n in state_names]
     before = gen.make_state_dict(state_names, shapes, seed)
-    model.set_state_dict({k: paddle.to_tensor(v) for k, v in before.items()})
-    for name, value in model.state_dict().items():
-        assert np.array_equal(value.numpy(), before[name]), name
+    gen.load_seeded(model, before)
 
     # What its trainer does: LR from the config, optimizer over the trainable parameters.
     lr = create("LearningRate")(STEPS_PER_EPOCH)
