@@ -55,6 +55,12 @@ def train_step_sample(loss_of: Callable[[], object], optimizer, t_bb: float, t_h
             "train_backward_ms": t_back, "train_step_ms": t_bb + t_head + t_loss + t_back}
 
 
+def median_ms(fn: Callable[[], object], warmup: int, iters: int) -> float:
+    """Median wall ms of ``fn()`` over ``iters`` calls after ``warmup`` untimed ones, rounded to 0.01 ms."""
+    times = [timed(fn)[1] for _ in range(warmup + iters)][warmup:]
+    return round(statistics.median(times), 2)
+
+
 def median_of(samples: List[Dict[str, float]]) -> Dict[str, float]:
     """Per-key median of a list of timing dicts, rounded to 0.01 ms."""
     return {k: round(statistics.median(s[k] for s in samples), 2) for k in samples[0]}
@@ -102,8 +108,7 @@ def post_process_variants(run: Callable[[list], object], cls_logits: list, warmu
     out = {}
     for key, make in (("postprocess_sparse_ms", sparse_logits), ("postprocess_dense_ms", dense_logits)):
         logits = make(cls_logits)
-        times = [timed(lambda: run(logits))[1] for _ in range(warmup + iters)][warmup:]
-        out[key] = round(statistics.median(times), 2)
+        out[key] = median_ms(lambda: run(logits), warmup, iters)
     return out
 
 
@@ -117,9 +122,9 @@ def measure(model, args: argparse.Namespace, rng, num_classes: int, random_batch
     ``bench_engines(model, inputs)`` (ours only) then times the other engines on the same input.
     """
     import json
-    import resource
 
     import paddle
+    from bench_data_common import peak_rss_mb
 
     if not args.skip_infer:
         h, w = hw(args.infer_size)
@@ -134,6 +139,6 @@ def measure(model, args: argparse.Namespace, rng, num_classes: int, random_batch
         optimizer = paddle.optimizer.Momentum(learning_rate=1e-4, momentum=0.9, parameters=model.parameters())
         result["train_input"] = [args.batch_size, 3, h, w]
         result.update(bench_train(model, optimizer, inputs, args.warmup, args.iters))
-    result["peak_rss_mb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0, 1)
+    result["peak_rss_mb"] = round(peak_rss_mb(), 1)
     print(json.dumps(result))
     return result

@@ -48,8 +48,8 @@ os.environ.setdefault("GLOG_minloglevel", "2")
 import numpy as np  # noqa: E402
 import paddle  # noqa: E402
 
-from bench_common import (build_parser, gt_boxes, hw, measure, median_of, post_process_variants,  # noqa: E402
-                          timed, train_step_sample)
+from bench_common import (build_parser, gt_boxes, hw, measure, median_ms, median_of,  # noqa: E402
+                          post_process_variants, timed, train_step_sample)
 from ppdet_retina.core.workspace import create, load_config  # noqa: E402
 from ppdet_retina.engine.env import set_cpu_threads  # noqa: E402
 
@@ -204,12 +204,12 @@ def engine_benchmark(cfg: Dict, args: argparse.Namespace, threads: int):
             # Traced into a temporary folder: random weights have no place in the user's export cache.
             runner, trace_ms = timed(lambda: fast_engine.inference_runner(
                 model, cfg, "auto", args.bf16, "cpu", cache=False, threads=threads))
-            times = [timed(lambda: runner(inputs))[1] for _ in range(args.warmup + args.iters)][args.warmup:]
+            infer_ms = median_ms(lambda: runner(inputs), args.warmup, args.iters)
             if runner is not model:
                 rates["paddle_inference"] = eval_images_per_s(runner, inputs)
         return {"default_engine": getattr(runner, "description", "dygraph"),
                 "default_engine_trace_s": round(trace_ms / 1000.0, 2),
-                "infer_default_engine_ms": round(statistics.median(times), 2), "eval_images_per_s": rates}
+                "infer_default_engine_ms": infer_ms, "eval_images_per_s": rates}
 
     return run
 
