@@ -91,10 +91,9 @@ def coco_arrays(num_images: int, num_boxes: int, seed: int) -> Dict[str, np.ndar
 
 def coco_json(arrays: Dict[str, np.ndarray]) -> dict:
     """The COCO instances dict of ``coco_arrays``' output, annotations in a shuffled order."""
-    images = [{"id": i, "file_name": f"{i:012d}.jpg", "height": h, "width": w, "license": 1}
-              for i, h, w in zip(arrays["image_id"].tolist(), arrays["height"].tolist(),
-                                 arrays["width"].tolist())]
     img_ids, heights, widths = arrays["image_id"].tolist(), arrays["height"].tolist(), arrays["width"].tolist()
+    images = [{"id": i, "file_name": f"{i:012d}.jpg", "height": h, "width": w, "license": 1}
+              for i, h, w in zip(img_ids, heights, widths)]
     order = np.random.default_rng(len(images)).permutation(len(arrays["ann_id"])).tolist()
     xywh, box_image = arrays["xywh"].tolist(), arrays["box_image"].tolist()
     cats, crowd, ann_ids = (arrays["category_id"].tolist(), arrays["iscrowd"].tolist(),
@@ -269,7 +268,7 @@ def main(script: str, argv: Optional[List[str]], description: str, impl: str,
         result = measure_call(measures[name](args, paths), use_tracemalloc=mode == "tracemalloc")
         print(json.dumps(result), flush=True)
         return [result]
-    paths = prepare(args)
+    prepare(args)  # the data once, before the children (each finds it ready)
     forwarded = [a for a in (argv if argv is not None else sys.argv[1:])]
     names = [args.only] if args.only else list(measures)
     results = []

@@ -129,10 +129,10 @@ def main() -> int:
     run([py, "tools/infer.py", "-c", args.config, "-o", f"weights={weights}", "--infer_dir", infer_dir,
          "--output_dir", pictures, "--draw_threshold", "0.5", "--save_results"])
     curve = os.path.join(ROOT, args.output, "training_curves.png")
-    plotted = plot_curves(os.path.join(ROOT, save_dir, "train_log.jsonl"), curve)
+    plotted = plot_curves(log_path, curve)
     print("\n=== demo finished in %.0f s (training %.0f s) ===" % (time.time() - start, train_s))
     print(f"weights:          {save_dir}/best_model.pdparams, {save_dir}/model_final.pdparams")
-    print(f"training log:     {save_dir}/train_log.jsonl")
+    print(f"training log:     {os.path.relpath(log_path, ROOT)}")
     print(f"predictions:      {pictures}/ (pictures with labelled boxes, bbox.json)")
     if plotted:
         print(f"training curves:  {os.path.relpath(curve, ROOT)}")
