@@ -294,11 +294,25 @@ def test_resume_paddledetection_pdopt_epoch(tmp_path):
         resume_checkpoint(fresh, fresh_opt, prefix)
 
 
+# PaddleDetection's RPN / RoI head parameters -> ours, written out by hand (fc6 / fc7 keep their names).
+FRCNN_HEAD_NAMES = {
+    "rpn_head.rpn_feat.rpn_conv": "rpn_head.rpn_conv",
+    "rpn_head.rpn_rois_score": "rpn_head.objectness",
+    "rpn_head.rpn_rois_delta": "rpn_head.deltas",
+    "bbox_head.head.fc6": "bbox_head.head.fc6",
+    "bbox_head.head.fc7": "bbox_head.head.fc7",
+    "bbox_head.bbox_score": "bbox_head.cls_score",
+    "bbox_head.bbox_delta": "bbox_head.bbox_pred",
+}
+
+
 def test_full_paddledetection_faster_rcnn_names_convert():
-    """C2..C5 FPN inputs, max-pool P6, RPN and RoI heads: every name lands on a same-shaped tensor."""
+    """C2..C5 FPN inputs, max-pool P6, RPN and RoI heads: every name lands on a same-shaped tensor
+    (the names load_weights converts with: PaddleDetection's table onto our config's model)."""
     cfg = load_config(FRCNN_CFG)
     model_state = create(cfg.architecture, cfg).state_dict()
     shapes = {name: np.empty(dims, np.float32) for name, dims in read_param_table("faster_rcnn").items()}
+    assert len(shapes) == len(model_state) == 295
     assert detect_key_style(shapes) == "ppdet"
     converted = convert_ppdet_state_dict(shapes, model_state.keys())
     assert set(converted) == set(model_state)
@@ -313,6 +327,15 @@ def test_full_paddledetection_faster_rcnn_names_convert():
              "bbox_head.bbox_pred.bias": "bbox_head.bbox_delta.bias"}
     for ours, theirs in pairs.items():
         assert converted[ours] is shapes[theirs], ours
+    # Every RPN / RoI head parameter, and only those, is one of the hand-written renames.
+    heads = [k for k in shapes if k.startswith(("rpn_head.", "bbox_head."))]
+    assert len(heads) == 14
+    expected = {f"{theirs_}.{leaf}": f"{ours_}.{leaf}" for theirs_, ours_ in FRCNN_HEAD_NAMES.items()
+                for leaf in ("weight", "bias")}
+    assert sorted(heads) == sorted(expected)
+    for theirs_name, ours_name in expected.items():
+        # A rename keeps the value object: the table's array itself arrives under our name.
+        assert converted[ours_name] is shapes[theirs_name], theirs_name
 
 
 # --------------------------------------------------------------------------- load reports in the log

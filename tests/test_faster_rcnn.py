@@ -18,38 +18,10 @@ OUR_CONFIG = os.path.join(REPO, "configs/faster_rcnn/faster_rcnn_r50_fpn_1x.yml"
 PPDET_CONFIG = "faster_rcnn/faster_rcnn_r50_fpn_1x_coco.yml"
 MODEL_SECTIONS = ("architecture", "FasterRCNN", "ResNet", "FPN", "RPNHead", "BBoxHead", "BBoxAssigner",
                   "TwoFCHead", "BBoxPostProcess")
-# PaddleDetection's RPN / RoI head parameters -> ours, written out by hand (fc6 / fc7 keep their names).
-HEAD_NAMES = {
-    "rpn_head.rpn_feat.rpn_conv": "rpn_head.rpn_conv",
-    "rpn_head.rpn_rois_score": "rpn_head.objectness",
-    "rpn_head.rpn_rois_delta": "rpn_head.deltas",
-    "bbox_head.head.fc6": "bbox_head.head.fc6",
-    "bbox_head.head.fc7": "bbox_head.head.fc7",
-    "bbox_head.bbox_score": "bbox_head.cls_score",
-    "bbox_head.bbox_delta": "bbox_head.bbox_pred",
-}
 
 
 def _shapes(model):
     return {k: list(v.shape) for k, v in model.state_dict().items()}
-
-
-def test_loader_converts_paddledetection_head_names_onto_our_r50_fpn():
-    """The names load_weights converts with: PaddleDetection's table onto our config's model."""
-    cfg = load_config(OUR_CONFIG)
-    ours = _shapes(create(cfg.architecture, cfg))
-    theirs = read_param_table("faster_rcnn")
-    converted = convert_ppdet_state_dict(theirs, ours.keys())
-    assert len(theirs) == len(ours) == 295
-    assert converted == ours  # every name lands on a tensor of the same shape
-    heads = [k for k in theirs if k.startswith(("rpn_head.", "bbox_head."))]
-    assert len(heads) == 14
-    expected = {f"{theirs_}.{leaf}": f"{ours_}.{leaf}" for theirs_, ours_ in HEAD_NAMES.items()
-                for leaf in ("weight", "bias")}
-    assert sorted(heads) == sorted(expected)
-    for theirs_name, ours_name in expected.items():
-        # A rename keeps the value object: the table's shape list itself arrives under our name.
-        assert converted[ours_name] is theirs[theirs_name], theirs_name
 
 
 def test_ppdet_config_builds_with_the_published_parameters_and_settings():
