@@ -1,6 +1,8 @@
 """Shared test fixtures: a tiny COCO dataset with known boxes (``tiny_coco``) and a json writer;
-tiny RetinaNet / Faster R-CNN configs; PaddleDetection's parameter tables (``tests/data``); and the
-one place that finds PaddleDetection's own config files (:func:`ppdet_config`).
+tiny RetinaNet / Faster R-CNN configs; PaddleDetection's parameter tables (``tests/data``); the
+one place that finds PaddleDetection's own config files (:func:`ppdet_config`); and the one way a test
+runs a tool (:func:`run_tool`, :func:`tool_env`), loads a script by path (:func:`load_script`) and
+lists a file's imports (:func:`module_imports`).
 
 ``tiny_coco`` layout (all under a tmp dir)::
 
@@ -17,12 +19,14 @@ one place that finds PaddleDetection's own config files (:func:`ppdet_config`).
 
 from __future__ import annotations
 
+import ast
+import importlib.util
 import json
 import logging
 import os
 import subprocess
 import sys
-from types import SimpleNamespace
+from types import ModuleType, SimpleNamespace
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import cv2
@@ -135,6 +139,56 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DATA_DIR = os.path.join(REPO, "tests", "data")
 RETINANET_CONFIG = os.path.join(REPO, "configs", "retinanet", "retinanet_r50_fpn_1x.yml")
 FASTER_RCNN_BASE = os.path.join(REPO, "configs", "faster_rcnn", "_base_", "faster_rcnn_r50_fpn.yml")
+PACKAGE = "ppdet_retina"
+
+
+def tool_env(extra_env: Optional[Dict[str, str]] = None) -> Dict[str, str]:
+    """The environment the tools a test starts run in: this process's, with Paddle's C++ logs and
+    UserWarnings quietened, plus ``extra_env``."""
+    env = dict(os.environ, GLOG_minloglevel="2", PYTHONWARNINGS="ignore::UserWarning")
+    env.update(extra_env or {})
+    return env
+
+
+def run_tool(name_or_path: str, *args: str, timeout: float = 120, extra_env: Optional[Dict[str, str]] = None
+             ) -> "subprocess.CompletedProcess[str]":
+    """Run a script (a name under tools/, or a path) with ``args`` from the repository root, as a user
+    runs it, under :func:`tool_env`; returns the finished process with its output captured as text."""
+    path = name_or_path if os.path.isabs(name_or_path) else os.path.join(REPO, "tools", name_or_path)
+    return subprocess.run([sys.executable, path, *args], capture_output=True, text=True, timeout=timeout,
+                          cwd=REPO, env=tool_env(extra_env))
+
+
+def load_script(rel_path: str, name: str) -> ModuleType:
+    """Import the script at ``rel_path`` (relative to the repository root) as a module called ``name``."""
+    spec = importlib.util.spec_from_file_location(name, os.path.join(REPO, rel_path))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def module_imports(path: str, root: Optional[str] = None) -> List[Tuple[int, str]]:
+    """(line, absolute module name) of every import in ``path``, relative ones resolved against the
+    file's place under ``root`` (default: the repository)."""
+    with open(path, encoding="utf-8") as f:
+        tree = ast.parse(f.read(), filename=path)
+    # A relative import of level n drops the module's last n name parts (for __init__, the package's own).
+    here = os.path.relpath(path, root or REPO)[:-3].replace(os.sep, ".").split(".")
+    found = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            found.extend((node.lineno, alias.name) for alias in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            if node.level:
+                base = here[:-node.level]
+                module = ".".join(base + ([node.module] if node.module else []))
+            else:
+                module = node.module or ""
+            found.append((node.lineno, module))
+            # `from ppdet_retina import engine` imports the sub-package itself.
+            if module == PACKAGE:
+                found.extend((node.lineno, f"{PACKAGE}.{alias.name}") for alias in node.names)
+    return found
 
 
 def launch_two_ranks(log_dir: str, script_args: Sequence[str], timeout: float = 85,
@@ -143,7 +197,7 @@ def launch_two_ranks(log_dir: str, script_args: Sequence[str], timeout: float = 
     """Run a script (``script_args``: its path and arguments) in two CPU processes under
     paddle.distributed.launch from the repository root; returns the finished launcher and each rank's
     worker log that exists."""
-    env = dict(os.environ, GLOG_minloglevel="2", PYTHONWARNINGS="ignore::UserWarning", **(extra_env or {}))
+    env = tool_env(extra_env)
     cmd = [sys.executable, "-m", "paddle.distributed.launch", "--log_level", "WARNING", "--log_dir", log_dir,
            "--nproc_per_node", "2", *script_args]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=REPO, env=env)

@@ -4,20 +4,17 @@ exit non-zero), and a clear error once more than max_bad_image_ratio of an epoch
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import logging
 import os
 import shutil
-import subprocess
-import sys
 
 import cv2
 import numpy as np
 import paddle
 import pytest
 
-from conftest import REPO, launch_two_ranks, make_coco, write_tiny_config
+from conftest import REPO, launch_two_ranks, load_script, make_coco, run_tool, write_tiny_config
 from ppdet_retina.core.workspace import create, load_config
 from ppdet_retina.data.coco import COCODataSet
 from ppdet_retina.data.transforms import BadImageError, decode_image, image_bytes_complete
@@ -33,12 +30,6 @@ def _photo_bytes(ext: str = ".jpg") -> bytes:
     ok, buf = cv2.imencode(ext, image)
     assert ok
     return buf.tobytes()
-
-
-def _run(script, *args, timeout=120):
-    env = dict(os.environ, GLOG_minloglevel="2", PYTHONWARNINGS="ignore::UserWarning")
-    return subprocess.run([sys.executable, os.path.join(REPO, "tools", script), *args], capture_output=True,
-                          text=True, timeout=timeout, cwd=REPO, env=env)
 
 
 class _Messages(logging.Handler):
@@ -165,7 +156,7 @@ def test_training_replaces_broken_image_and_reports_it(tmp_path, tiny_coco):
     assert f"broken image {bad} (image id 2) replaced by another image" in rank0
     assert "Epoch: [0/1] done; 1 broken image(s) were replaced by others this epoch" in rank0
 
-    proc = _run("train.py", "-c", cfg)  # the default 1% of 2 images allows none
+    proc = run_tool("train.py", "-c", cfg)  # the default 1% of 2 images allows none
     assert proc.returncode != 0
     assert "1 of the 2 images of this epoch could not be read" in proc.stderr
     assert "TrainReader.max_bad_image_ratio" in proc.stderr and "Traceback" not in proc.stderr
@@ -207,9 +198,9 @@ GOOD = ["extra.png", "img_1.png", "img_2.png", "img_3.png", "img_5.png"]
 
 def test_infer_folder_skips_broken_file_writes_the_rest_and_fails(scored_model, tmp_path):
     out_dir = tmp_path / "infer"
-    proc = _run("infer.py", "-c", scored_model["cfg"], "-o", f"weights={scored_model['weights']}",
-                "--infer_dir", scored_model["folder"], "--output_dir", str(out_dir), "--save_results",
-                "--draw_threshold", "0.9")
+    proc = run_tool("infer.py", "-c", scored_model["cfg"], "-o", f"weights={scored_model['weights']}",
+                   "--infer_dir", scored_model["folder"], "--output_dir", str(out_dir), "--save_results",
+                   "--draw_threshold", "0.9")
     out = proc.stdout + proc.stderr
     assert proc.returncode != 0, out
     assert sorted(os.listdir(out_dir)) == sorted(GOOD + ["bbox.json"])
@@ -228,17 +219,10 @@ def test_infer_folder_skips_broken_file_writes_the_rest_and_fails(scored_model, 
     assert len(dets) >= 5 and max(d["score"] for d in dets) < 0.9
 
 
-def _load_deploy():
-    spec = importlib.util.spec_from_file_location("deploy_for_bad_images", os.path.join(REPO, "tools", "deploy.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def test_deploy_folder_skips_broken_file_writes_the_rest_and_fails(scored_model, tmp_path):
     out_dir = tmp_path / "deploy"
-    proc = _run("deploy.py", "--model_dir", scored_model["model_dir"], "--image_dir", scored_model["folder"],
-                "--output_dir", str(out_dir), "--batch_size", "2", "--save_results")
+    proc = run_tool("deploy.py", "--model_dir", scored_model["model_dir"], "--image_dir", scored_model["folder"],
+                   "--output_dir", str(out_dir), "--batch_size", "2", "--save_results")
     assert proc.returncode == 1, proc.stdout + proc.stderr
     assert sorted(os.listdir(out_dir)) == sorted(GOOD + ["bbox.json"])
     broken = os.path.join(scored_model["folder"], "broken.jpg")
@@ -250,7 +234,7 @@ def test_deploy_folder_skips_broken_file_writes_the_rest_and_fails(scored_model,
 
 
 def test_deploy_reads_one_batch_at_a_time(scored_model, monkeypatch):
-    deploy = _load_deploy()
+    deploy = load_script("tools/deploy.py", "deploy_for_bad_images")
     files = deploy.collect_images(None, scored_model["folder"])
     assert [os.path.basename(f) for f in files] == ["broken.jpg"] + GOOD
     reads = []

@@ -2,10 +2,9 @@
 
 import json
 import os
-import subprocess
-import sys
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from conftest import REPO, run_tool
+
 KEYS = ["threads", "train_step_ms", "train_backbone_neck_ms", "train_head_ms", "train_loss_ms",
         "train_backward_ms", "infer_ms", "postprocess_ms", "postprocess_dense_ms", "peak_rss_mb",
         "infer_default_engine_ms", "default_engine_trace_s"]
@@ -13,9 +12,7 @@ DENSE_ONLY_KEYS = ["postprocess_sparse_ms"]
 
 
 def run_benchmark(*args):
-    env = dict(os.environ, GLOG_minloglevel="2", PYTHONWARNINGS="ignore::UserWarning")
-    proc = subprocess.run([sys.executable, os.path.join(REPO, "tools", "benchmark.py"), *args],
-                          capture_output=True, text=True, timeout=120, cwd=REPO, env=env)
+    proc = run_tool("benchmark.py", *args, timeout=120)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
     assert len(lines) == 1, proc.stdout

@@ -4,13 +4,13 @@ Sizes are cut down (200 images); no timing is judged here."""
 
 import json
 import os
-import subprocess
 import sys
 
 import numpy as np
 import pytest
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from conftest import REPO, run_tool
+
 sys.path.insert(0, os.path.join(REPO, "tools"))
 
 import bench_data_common as common  # noqa: E402
@@ -91,10 +91,7 @@ def test_records_round_trip(small):
 
 def test_benchmark_data_json(small, tmp_path):
     _, paths, _ = small
-    env = dict(os.environ, GLOG_minloglevel="2")
-    proc = subprocess.run([sys.executable, os.path.join(REPO, "tools", "benchmark.py"), "--data",
-                           "--work-dir", paths["dataset_dir"]] + SMALL,
-                          capture_output=True, text=True, timeout=300, cwd=REPO, env=env)
+    proc = run_tool("benchmark.py", "--data", "--work-dir", paths["dataset_dir"], *SMALL, timeout=300)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     lines = [json.loads(ln) for ln in proc.stdout.splitlines() if ln.startswith("{")]
     assert [(d["measure"], d["impl"]) for d in lines] == [("dataset", "ppdet_retina"), ("metric", "ppdet_retina")]

@@ -7,7 +7,6 @@ then exist and no two are near-tied, so fp32 runtimes must agree row for row.
 
 from __future__ import annotations
 
-import ast
 import importlib.util
 import json
 import os
@@ -22,7 +21,7 @@ import paddle
 import pytest
 import yaml
 
-from conftest import TINY_CATEGORIES, make_coco
+from conftest import TINY_CATEGORIES, load_script, make_coco, module_imports
 from ppdet_retina.core.workspace import create, load_config
 from ppdet_retina.engine import export as E
 from ppdet_retina.engine.exported_eval import cpu_supports_bf16, evaluate_exported
@@ -304,16 +303,12 @@ def test_onnx_equals_predictor_at_the_exported_size(setup):
 # ----------------------------------------------------------------------------- deploy.py
 
 def _load_deploy():
-    spec = importlib.util.spec_from_file_location("ppdet_retina_deploy_script", DEPLOY_PY)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("tools/deploy.py", "ppdet_retina_deploy_script")
 
 
 def _imported_modules(path: str) -> set:
-    tree = ast.parse(open(path, encoding="utf-8").read())
-    names = {a.name.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
-    return names | {n.module.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module}
+    """Top-level names of every module ``path`` imports (relative imports resolved into the package)."""
+    return {module.split(".")[0] for _, module in module_imports(path)}
 
 
 def test_deploy_imports_no_package_code():

@@ -18,10 +18,10 @@ from ppdet_retina.core.workspace import load_config
 from ppdet_retina.engine import checkpoint, env
 from ppdet_retina.engine.trainer import Trainer, weights_digest
 
-from conftest import REPO, make_coco, write_tiny_config
+from conftest import REPO, make_coco, tool_env, write_tiny_config
 
 TRAIN = os.path.join(REPO, "tools", "train.py")
-_ENV = dict(os.environ, GLOG_minloglevel="2", PYTHONWARNINGS="ignore::UserWarning", PYTHONUNBUFFERED="1")
+_ENV = tool_env({"PYTHONUNBUFFERED": "1"})
 EPOCHS = 4  # of 3 steps each (3 training images, batch 1)
 SEED = 1
 

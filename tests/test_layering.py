@@ -6,16 +6,13 @@ Two files stand alone: engine/predictor.py (deploy.py loads it by path) and tool
 
 from __future__ import annotations
 
-import ast
 import os
 import sys
-from typing import Dict, List, Set, Tuple
+from typing import Dict, List, Set
 
 import pytest
 
-from conftest import REPO
-
-PACKAGE = "ppdet_retina"
+from conftest import PACKAGE, REPO, module_imports
 
 # Layer -> the package layers its modules may import (its own layer is always allowed).
 ALLOWED: Dict[str, Set[str]] = {
@@ -30,29 +27,6 @@ ALLOWED: Dict[str, Set[str]] = {
 # serve the heads and architectures and never import them.
 MODELING_UPPER = ("heads", "architectures")
 STANDALONE = ("ppdet_retina/engine/predictor.py", "tools/deploy.py")
-
-
-def _imports(path: str) -> List[Tuple[int, str]]:
-    """(line, absolute module name) of every import in ``path``, relative ones resolved."""
-    with open(path, encoding="utf-8") as f:
-        tree = ast.parse(f.read(), filename=path)
-    # A relative import of level n drops the module's last n name parts (for __init__, the package's own).
-    here = os.path.relpath(path, REPO)[:-3].replace(os.sep, ".").split(".")
-    found = []
-    for node in ast.walk(tree):
-        if isinstance(node, ast.Import):
-            found.extend((node.lineno, alias.name) for alias in node.names)
-        elif isinstance(node, ast.ImportFrom):
-            if node.level:
-                base = here[:-node.level]
-                module = ".".join(base + ([node.module] if node.module else []))
-            else:
-                module = node.module or ""
-            found.append((node.lineno, module))
-            # `from ppdet_retina import engine` imports the sub-package itself.
-            if module == PACKAGE:
-                found.extend((node.lineno, f"{PACKAGE}.{alias.name}") for alias in node.names)
-    return found
 
 
 def _package_files() -> List[str]:
@@ -81,7 +55,7 @@ def test_layers_import_only_downwards():
         layer = _layer(rel[:-3].replace(os.sep, "."))
         if layer not in ALLOWED:
             continue
-        for line, module in _imports(path):
+        for line, module in module_imports(path, REPO):
             if not module.startswith(PACKAGE + "."):
                 continue
             target = _layer(module)
@@ -97,7 +71,7 @@ def test_modeling_shared_pieces_never_import_heads_or_architectures():
         parts = rel[:-3].split(os.sep)
         if parts[1] != "modeling" or (len(parts) > 3 and parts[2] in MODELING_UPPER):
             continue
-        for line, module in _imports(path):
+        for line, module in module_imports(path, REPO):
             sub = module.split(".")
             if module.startswith(PACKAGE + ".modeling.") and len(sub) > 2 and sub[2] in MODELING_UPPER:
                 wrong.append(f"{rel}:{line} imports {module}")
@@ -106,7 +80,7 @@ def test_modeling_shared_pieces_never_import_heads_or_architectures():
 
 @pytest.mark.parametrize("rel", STANDALONE)
 def test_standalone_files_import_nothing_from_the_package(rel):
-    package_imports = [f"{rel}:{line} {module}" for line, module in _imports(os.path.join(REPO, rel))
+    package_imports = [f"{rel}:{line} {module}" for line, module in module_imports(os.path.join(REPO, rel), REPO)
                        if module == PACKAGE or module.startswith(PACKAGE + ".")]
     assert package_imports == []
 
@@ -117,6 +91,6 @@ def test_the_checker_sees_a_violation(tmp_path, monkeypatch):
     fake.parent.mkdir(parents=True)
     fake.write_text("import os\nfrom ..engine import trainer\nfrom ppdet_retina.core import workspace\n")
     monkeypatch.setattr(sys.modules[__name__], "REPO", str(tmp_path))
-    assert _imports(str(fake)) == [(1, "os"), (2, "ppdet_retina.engine"), (3, "ppdet_retina.core")]
+    assert module_imports(str(fake), REPO) == [(1, "os"), (2, "ppdet_retina.engine"), (3, "ppdet_retina.core")]
     with pytest.raises(AssertionError, match=r"modeling/bad.py:2 \(modeling\) imports ppdet_retina.engine"):
         test_layers_import_only_downwards()

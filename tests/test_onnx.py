@@ -23,6 +23,8 @@ from ppdet_retina.engine import export as E
 from ppdet_retina.engine import onnx as O
 from ppdet_retina.modeling.nms import MultiClassNMS
 
+from conftest import load_script
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEMO = os.path.join(REPO, "configs", "demo", "retinanet_demo.yml")
 
@@ -32,10 +34,7 @@ needs_onnx = pytest.mark.skipif(
 
 
 def _export_tool():
-    spec = importlib.util.spec_from_file_location("export_model_tool", os.path.join(REPO, "tools", "export_model.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("tools/export_model.py", "export_model_tool")
 
 
 def _confident(model) -> None:

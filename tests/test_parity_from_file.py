@@ -16,37 +16,27 @@ otherwise) and, so that a bare clone runs the check too, our shipped config with
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
-from typing import Dict, List, Tuple
+from typing import List, Tuple
 
 import numpy as np
 import paddle
 import pytest
 import yaml
 
-from conftest import REPO, ppdet_config
+from conftest import REPO, load_script, ppdet_config
 
-GENERATOR = os.path.join(REPO, "tools", "dev", "ppdet_file_reference.py")
 OUR_CONFIGS = {"retinanet": "configs/retinanet/retinanet_r50_fpn_1x.yml",
                "faster_rcnn": "configs/faster_rcnn/faster_rcnn_r50_fpn_1x.yml"}
 PPDET_CONFIGS = {"retinanet": "retinanet/retinanet_r50_fpn_1x_coco.yml",
                  "faster_rcnn": "faster_rcnn/faster_rcnn_r50_fpn_1x_coco.yml"}
 SCORE_TOL, BOX_TOL = 1e-4, 0.01
 
-
-def _load(name: str, path: str):
-    spec = importlib.util.spec_from_file_location(name, path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-gen = _load("ppdet_file_reference", GENERATOR)
-infer_tool = _load("ppdet_retina_infer_tool", os.path.join(REPO, "tools", "infer.py"))
-export_tool = _load("ppdet_retina_export_tool", os.path.join(REPO, "tools", "export_model.py"))
-deploy_tool = _load("ppdet_retina_deploy_tool", os.path.join(REPO, "tools", "deploy.py"))
+gen = load_script("tools/dev/ppdet_file_reference.py", "ppdet_file_reference")
+infer_tool = load_script("tools/infer.py", "ppdet_retina_infer_tool")
+export_tool = load_script("tools/export_model.py", "ppdet_retina_export_tool")
+deploy_tool = load_script("tools/deploy.py", "ppdet_retina_deploy_tool")
 
 
 @pytest.fixture(scope="module", params=["retinanet", "faster_rcnn"])
@@ -191,7 +181,7 @@ def _one_image_coco(work, ref: dict) -> str:
 # evaluation scores exactly the detections its inference gives: eval's bbox.json must hold the same rows.
 @pytest.mark.parametrize("engine", ["dygraph", "paddle_inference"])
 def test_eval_results_match_paddledetection(case, engine):
-    eval_tool = _load("ppdet_retina_eval_tool", os.path.join(REPO, "tools", "eval.py"))
+    eval_tool = load_script("tools/eval.py", "ppdet_retina_eval_tool")
     arch, ref, weights, work = case
     dataset_dir = str(work / "evalset") if (work / "evalset").exists() else _one_image_coco(work, ref)
     cfg = _config(work, os.path.join(REPO, OUR_CONFIGS[arch]), ref, f"eval_{engine}")

@@ -12,7 +12,6 @@ relative. Intermediates are compared at fixed sample positions to localise a fai
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 
@@ -23,19 +22,13 @@ import pytest
 from ppdet_retina.core.workspace import create, load_config
 from ppdet_retina.engine.checkpoint import load_weights
 
+from conftest import load_script
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FIXTURE = os.path.join(ROOT, "tests", "data", "ppdet_reference_retinanet.npz")
 
 
-def _load_generator():
-    spec = importlib.util.spec_from_file_location("ppdet_reference",
-                                                  os.path.join(ROOT, "tools", "dev", "ppdet_reference.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-gen = _load_generator()
+gen = load_script("tools/dev/ppdet_reference.py", "ppdet_reference")
 
 
 @pytest.fixture(scope="module")

@@ -2,26 +2,18 @@
 
 import json
 import os
-import subprocess
-import sys
 
 import numpy as np
 import pytest
 
 from ppdet_retina.utils.visualize import class_color, draw_detections
 
-from conftest import REPO, write_tiny_config
-
-
-def run_tool(name, *args, timeout=80):
-    env = dict(os.environ, GLOG_minloglevel="2", PYTHONWARNINGS="ignore::UserWarning")
-    return subprocess.run([sys.executable, os.path.join(REPO, "tools", name), *args], capture_output=True,
-                          text=True, timeout=timeout, cwd=REPO, env=env)
+from conftest import run_tool, write_tiny_config
 
 
 def test_train_eval_infer_round_trip(tmp_path, tiny_coco):
     cfg = write_tiny_config(tmp_path, tiny_coco, epoch=1)
-    proc = run_tool("train.py", "-c", cfg, "--seed", "3", "-o", "log_iter=1")
+    proc = run_tool("train.py", "-c", cfg, "--seed", "3", "-o", "log_iter=1", timeout=80)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "Epoch: [0/1]" in proc.stdout and "ips:" in proc.stdout and "eta:" in proc.stdout
     weights = os.path.join(str(tmp_path), "output", "tiny_retina", "model_final")
@@ -30,7 +22,8 @@ def test_train_eval_infer_round_trip(tmp_path, tiny_coco):
     eval_dir = str(tmp_path / "eval_out")
     # A low score threshold so that the barely trained model has detections to compare.
     low = "RetinaHead.nms.score_threshold=0.0"
-    proc = run_tool("eval.py", "-c", cfg, "-o", f"weights={weights}", low, "--classwise", "--output_eval", eval_dir)
+    proc = run_tool("eval.py", "-c", cfg, "-o", f"weights={weights}", low, "--classwise", "--output_eval", eval_dir,
+                    timeout=80)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     dygraph_eval = proc.stdout
     assert os.path.isfile(os.path.join(eval_dir, "bbox.json"))
@@ -38,18 +31,19 @@ def test_train_eval_infer_round_trip(tmp_path, tiny_coco):
 
     # The same weights exported and evaluated through the Paddle Inference predictor give the same mAP.
     export_dir = str(tmp_path / "exported")
-    proc = run_tool("export_model.py", "-c", cfg, "-o", f"weights={weights}", low, "--output_dir", export_dir)
+    proc = run_tool("export_model.py", "-c", cfg, "-o", f"weights={weights}", low, "--output_dir", export_dir,
+                    timeout=80)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     model_dir = os.path.join(export_dir, "tiny_retina")
     assert {"model.json", "model.pdiparams", "infer_cfg.yml"} <= set(os.listdir(model_dir))
-    proc_exported = run_tool("eval.py", "-c", cfg, "--exported", model_dir)
+    proc_exported = run_tool("eval.py", "-c", cfg, "--exported", model_dir, timeout=80)
     assert proc_exported.returncode == 0, proc_exported.stdout + proc_exported.stderr
     assert _ap_lines(proc_exported.stdout) == _ap_lines(dygraph_eval)
 
     out_dir = str(tmp_path / "infer_out")
     image = os.path.join(tiny_coco.image_root, "img_1.png")
     proc = run_tool("infer.py", "-c", cfg, "-o", f"weights={weights}", "--infer_img", image,
-                    "--output_dir", out_dir, "--draw_threshold", "0.0", "--save_results", "true")
+                    "--output_dir", out_dir, "--draw_threshold", "0.0", "--save_results", "true", timeout=80)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert sorted(os.listdir(out_dir)) == ["bbox.json", "img_1.png"]
     with open(os.path.join(out_dir, "bbox.json")) as f:
@@ -81,7 +75,7 @@ def test_unreachable_pretrain_weights_url_gives_one_line_error(tiny_coco, tmp_pa
                     f"pretrain_weights={url}",
                     f"TrainDataset.dataset_dir={tiny_coco.dataset_dir}",
                     f"TrainDataset.image_dir={tiny_coco.image_dir}",
-                    f"TrainDataset.anno_path={tiny_coco.anno_path}")
+                    f"TrainDataset.anno_path={tiny_coco.anno_path}", timeout=80)
     assert proc.returncode == 2, proc.stdout + proc.stderr
     assert "Traceback" not in proc.stderr
     line = [ln for ln in proc.stderr.splitlines() if ln.startswith("error: ")]
@@ -101,7 +95,7 @@ def test_unreachable_pretrain_weights_url_gives_one_line_error(tiny_coco, tmp_pa
 def test_user_errors_exit_2(tmp_path, tiny_coco, tool, extra, message, monkeypatch):
     monkeypatch.setenv("PPDET_WEIGHTS_HOME", str(tmp_path / "weights_cache"))  # never the user's cache
     cfg = write_tiny_config(tmp_path, tiny_coco, epoch=1)
-    proc = run_tool(tool, "-c", cfg, *extra)
+    proc = run_tool(tool, "-c", cfg, *extra, timeout=80)
     assert proc.returncode == 2, proc.stdout + proc.stderr
     assert "Traceback" not in proc.stderr
     assert proc.stderr.strip().splitlines()[-1].startswith("error: ")

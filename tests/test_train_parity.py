@@ -11,7 +11,6 @@ whose exact norm must agree as well). Parameters PaddleDetection keeps frozen mu
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 from typing import Dict
@@ -25,19 +24,13 @@ from ppdet_retina.engine.checkpoint import load_weights
 from ppdet_retina.engine.optimizer import build_optimizer
 from ppdet_retina.engine.ppdet_names import convert_ppdet_state_dict
 
+from conftest import load_script
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 REL_TOL = 0.01
 
 
-def _load_reference_module():
-    spec = importlib.util.spec_from_file_location(
-        "ppdet_train_reference", os.path.join(ROOT, "tools", "dev", "ppdet_train_reference.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-tref = _load_reference_module()
+tref = load_script("tools/dev/ppdet_train_reference.py", "ppdet_train_reference")
 gen = tref.gen
 
 
@@ -47,10 +40,11 @@ def _fixture(arch: str) -> Dict[str, np.ndarray]:
         return {k: data[k] for k in data.files}
 
 
-def _per_param(ref: Dict[str, np.ndarray], key: str, model_keys) -> Dict[str, float]:
-    """A per-parameter array of the fixture as {our name: value}."""
-    names = [str(n) for n in ref["param_names"]]
-    return convert_ppdet_state_dict(dict(zip(names, ref[key].tolist())), model_keys)
+def _per_param(ref: Dict[str, np.ndarray], key: str, model_keys, names: str = "param_names") -> Dict[str, float]:
+    """A per-parameter array of the fixture (``ref[key]``, one value per PaddleDetection name in
+    ``ref[names]``) as {our name: value}."""
+    ppdet_names = [str(n) for n in ref[names]]
+    return convert_ppdet_state_dict(dict(zip(ppdet_names, ref[key].tolist())), model_keys)
 
 
 def _our_batch(arch: str, inputs: Dict[str, np.ndarray]) -> Dict[str, paddle.Tensor]:
@@ -92,7 +86,7 @@ def run_our_steps(arch: str, ref: Dict[str, np.ndarray], tmp_path) -> Dict[str, 
     return {"model": model, "before": before, "after": after, "lr": lrs, "loss": losses}
 
 
-def update_agreement(arch: str, ref: Dict[str, np.ndarray], run: Dict[str, object]) -> Dict[str, float]:
+def update_agreement(ref: Dict[str, np.ndarray], run: Dict[str, object]) -> Dict[str, float]:
     """{our parameter name: relative difference of the update} over PaddleDetection's trainable ones."""
     model_keys = list(run["after"])
     ppdet_names = [str(n) for n in ref["param_names"]]
@@ -157,7 +151,7 @@ def test_retinanet_updates_match(parity_run):
     # Schedule at the end of the warm-up: 0.01 * (0.001 + 0.999 * i / 500), i = 498, 499, 500.
     np.testing.assert_allclose(run["lr"], [0.01 * (0.001 + 0.999 * i / 500) for i in (498, 499, 500)], rtol=1e-9)
     np.testing.assert_allclose(run["loss"], ref["loss:loss"], rtol=1e-4)
-    rel = update_agreement("retinanet", ref, run)
+    rel = update_agreement(ref, run)
     assert len(rel) == int(ref["trainable"].sum()) == 70
     worst = max(rel, key=rel.get)
     assert rel[worst] <= REL_TOL, f"{worst}: update differs by {rel[worst]:.4f} of its norm"
@@ -166,8 +160,7 @@ def test_retinanet_updates_match(parity_run):
 def test_retinanet_frozen_parts_stay_frozen(parity_run):
     ref, run = parity_run("retinanet")
     keys = list(run["after"])
-    changed = convert_ppdet_state_dict(dict(zip([str(n) for n in ref["state_names"]], ref["changed"].tolist())),
-                                       keys)
+    changed = _per_param(ref, "changed", keys, names="state_names")
     assert set(changed) == set(keys)
     moved = {k for k in keys if not np.array_equal(run["after"][k], run["before"][k])}
     assert moved == {k for k, v in changed.items() if v}
@@ -204,12 +197,11 @@ def test_faster_rcnn_updates_match(parity_run):
     # No Faster R-CNN parameter has its own LR or regularizer in PaddleDetection.
     assert set(ref["lr_mult"][ref["trainable"]].tolist()) == {1.0}
     assert set(ref["reg_coeff"][ref["trainable"]].tolist()) == {-1.0}
-    rel = update_agreement("faster_rcnn", ref, run)
+    rel = update_agreement(ref, run)
     assert len(rel) == int(ref["trainable"].sum())
     worst = max(rel, key=rel.get)
     assert rel[worst] <= REL_TOL, f"{worst}: update differs by {rel[worst]:.4f} of its norm"
-    changed = convert_ppdet_state_dict(dict(zip([str(n) for n in ref["state_names"]], ref["changed"].tolist())),
-                                       keys)
+    changed = _per_param(ref, "changed", keys, names="state_names")
     moved = {k for k in keys if not np.array_equal(run["after"][k], run["before"][k])}
     assert moved == {k for k, v in changed.items() if v}
 
@@ -225,8 +217,7 @@ def test_trainable_norm_variant_parameter_attrs_match():
     cfg = load_config(os.path.join(ROOT, tref.OUR_CONFIGS["retinanet"]), overrides)
     model = create(cfg["architecture"], cfg)
     named = dict(model.named_parameters())
-    names = [str(n) for n in ref["variant:param_names"]]
-    expected = {key: convert_ppdet_state_dict(dict(zip(names, ref[f"variant:{key}"].tolist())), list(named))
+    expected = {key: _per_param(ref, f"variant:{key}", list(named), names="variant:param_names")
                 for key in ("trainable", "lr_mult", "reg_coeff")}
     assert set(expected["trainable"]) == set(named)
     got = {}

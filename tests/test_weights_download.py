@@ -15,7 +15,7 @@ import pytest
 from ppdet_retina.engine import weights
 from ppdet_retina.engine.weights import WeightsDownloadError, cache_path, resolve_weights
 
-from conftest import REPO, write_tiny_config
+from conftest import REPO, run_tool, tool_env, write_tiny_config
 
 _WAIT_S = 60  # upper bound for any wait in these tests; none should come near it
 
@@ -183,7 +183,7 @@ def test_two_processes_download_once(server, cache, tmp_path):
     server.files["/shared.pdparams"] = body
     server.plan = ["block"]
     url = server.url("/shared.pdparams")
-    env = dict(os.environ, GLOG_minloglevel="2", PYTHONWARNINGS="ignore", PYTHONPATH=REPO)
+    env = tool_env({"PYTHONWARNINGS": "ignore", "PYTHONPATH": REPO})
     # Progress lines to stderr, the cached path alone to stdout.
     cmd = [sys.executable, "-c", "import logging, sys; from ppdet_retina.engine import weights; "
            "weights.logger.addHandler(logging.StreamHandler(sys.stderr)); weights.logger.propagate = False; "
@@ -228,10 +228,7 @@ def test_train_tool_fine_tunes_from_a_url_with_another_class_count(server, cache
     with open(source, "rb") as f:
         server.files["/five_classes.pdparams"] = f.read()
     url = server.url("/five_classes.pdparams")
-    env = dict(os.environ, GLOG_minloglevel="2", PYTHONWARNINGS="ignore::UserWarning")
-    proc = subprocess.run([sys.executable, os.path.join(REPO, "tools", "train.py"), "-c", config,
-                           "-o", f"pretrain_weights={url}"], capture_output=True, text=True, env=env, cwd=REPO,
-                          timeout=120)
+    proc = run_tool("train.py", "-c", config, "-o", f"pretrain_weights={url}", timeout=120)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     total = len(model.state_dict())
     cached = str(cache / "five_classes.pdparams")
