@@ -4,7 +4,7 @@ A *record* is the dict one image starts from before the sample transforms::
 
     im_file  str            absolute path of the image
     im_id    int            COCO image id (ImageFolder: running index)
-    h, w     int            image size from the annotation json
+    h, w     int            image size from the annotation json (else from the file's header)
     gt_bbox  float32 [n,4]  x1,y1,x2,y2 in original pixels, clipped to the image
     gt_class int32  [n,1]   contiguous class 0..C-1 (COCO category ids sorted ascending)
     is_crowd int32  [n,1]   1 = crowd region (only present with load_crowd=True)
@@ -21,6 +21,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 import numpy as np
 
 from ppdet_retina.core.workspace import ConfigError, register, serializable
+from ppdet_retina.data.image_header import HeaderError, header_size
 from ppdet_retina.data.labels import default_label_set
 from ppdet_retina.data.transforms import BadImageError
 
@@ -105,7 +106,10 @@ class COCODataSet(_TransformMixin):
     ``catid2clsid``, ``clsid2catid`` and ``label_names`` (indexed by class).
     Boxes are clipped to the image; boxes narrower or shorter than 1 px after
     clipping (including zero-area and fully outside boxes) are dropped and
-    counted in one log line.
+    counted in one log line, as are annotations of an image id that 'images'
+    does not list. An image id listed twice is an error naming both files. An
+    image entry without width/height gets the size its file's header gives
+    (in the decoded orientation; one log line says so).
     """
 
     def __init__(self, dataset_dir: Optional[str] = None, image_dir: Optional[str] = None,
@@ -147,12 +151,14 @@ class COCODataSet(_TransformMixin):
         data = read_coco_json(anno_file)
         self.catid2clsid, self.clsid2catid, self.label_names = _category_maps(data, anno_file)
         image_root = self.get_image_root()
-        # pycocotools' own index keeps the last entry of a repeated id; so does this.
+        # Ids are unique (read_coco_json refuses a repeated one).
         imgs = {img["id"]: img for img in data["images"]}
+        _warn_unlisted_images(data["annotations"], imgs, anno_file)
         img_ids = sorted(imgs)
         if self.sample_num > 0:
             img_ids = img_ids[:self.sample_num]
-        _check_images_exist(imgs, img_ids, image_root, anno_file)
+        _check_images_exist(imgs, img_ids, image_root, anno_file, self.image_dir)
+        _fill_sizes_from_headers(imgs, img_ids, image_root, anno_file)
         # The array path handles any well-formed json at COCO scale in seconds; whatever it does
         # not vouch for goes through the per-annotation path, whose errors name the annotation.
         built = self._array_records(data, imgs, img_ids, image_root)
@@ -377,11 +383,12 @@ def _validate_coco_json(data: Any, anno_file: str) -> None:
                          f"(a COCO instances file has 'images', 'annotations', 'categories')")
     # One pass of plain membership tests finds the first incomplete entry (a per-entry list
     # costs seconds at COCO scale); only that entry's message is worked out.
-    img = next((i for i in data["images"]
-                if not ("id" in i and "file_name" in i and "height" in i and "width" in i)), None)
+    # width and height may be missing: COCODataSet then reads them from the image files' headers.
+    img = next((i for i in data["images"] if not ("id" in i and "file_name" in i)), None)
     if img is not None:
-        lacks = [k for k in ("id", "file_name", "height", "width") if k not in img]
+        lacks = [k for k in ("id", "file_name") if k not in img]
         raise ValueError(f"{anno_file}: not a COCO json: image entry {img.get('id', img)} lacks {lacks}")
+    _check_unique_image_ids(data["images"], anno_file)
     ann = next((a for a in data["annotations"]
                 if not ("id" in a and "image_id" in a and "category_id" in a and "bbox" in a)), None)
     if ann is not None:
@@ -390,6 +397,64 @@ def _validate_coco_json(data: Any, anno_file: str) -> None:
     for cat in data["categories"]:
         if "id" not in cat:
             raise ValueError(f"{anno_file}: not a COCO json: category entry {cat} lacks 'id'")
+
+
+def _check_unique_image_ids(images: Sequence[dict], anno_file: str) -> None:
+    """Refuse an image id listed twice: pycocotools keeps the last entry, so the boxes of one
+    picture would be trained and scored on the other's pixels."""
+    file_of: Dict[Any, Any] = {}
+    for img in images:
+        img_id = img["id"]
+        if img_id in file_of:
+            raise ValueError(
+                f"{anno_file}: image id {img_id!r} is listed twice in 'images', for {file_of[img_id]!r} and "
+                f"{img.get('file_name')!r} (exports merged by hand?); give each image its own id and point "
+                f"its annotations' image_id at it")
+        file_of[img_id] = img.get("file_name")
+
+
+def _warn_unlisted_images(anns: Sequence[dict], imgs: Dict[Any, dict], anno_file: str, shown: int = 5) -> None:
+    """One warning for the annotations whose image_id 'images' does not list (no record has them)."""
+    try:
+        unlisted = [a["image_id"] for a in anns if a["image_id"] not in imgs]
+    except TypeError:  # an unhashable id: the record builders report the json as malformed
+        return
+    if not unlisted:
+        return
+    ids = list(dict.fromkeys(unlisted))
+    more = f", ... ({len(ids)} ids in all)" if len(ids) > shown else ""
+    logger.warning("%s: ignored %d annotation(s) whose image_id is not in 'images' (image ids %s%s); "
+                   "add those images to 'images' or remove their annotations", anno_file, len(unlisted),
+                   ", ".join(repr(i) for i in ids[:shown]), more)
+
+
+def _has_size(img: dict) -> bool:
+    # A converter that does not know the size writes nothing, null or 0.
+    return bool(img.get("height")) and bool(img.get("width"))
+
+
+def _fill_sizes_from_headers(imgs: Dict[Any, dict], img_ids: Sequence[int], image_root: str,
+                             anno_file: str) -> None:
+    """Give each entry of ``img_ids`` without width/height the size its file's header gives
+    (as :func:`~ppdet_retina.data.image_header.header_size` reads it: the decoded orientation),
+    so its record is the one a json with the size written in would give."""
+    missing = [i for i in img_ids if not _has_size(imgs[i])]
+    if not missing:
+        return
+    join = _path_joiner(image_root)
+    for img_id in missing:
+        path = join(imgs[img_id]["file_name"])
+        try:
+            h, w = header_size(path)
+        except (HeaderError, OSError) as err:
+            reason = err if isinstance(err, HeaderError) else (err.strerror or err)
+            raise ValueError(
+                f"{anno_file}: image id {img_id} has no width/height, and its size cannot be read from the "
+                f"header of {path}: {reason}; write \"width\" and \"height\" into its entry in 'images' or "
+                f"replace the file") from None
+        imgs[img_id]["height"], imgs[img_id]["width"] = h, w
+    logger.info("%s: %d image entr%s without width/height: sizes read from the image files' headers",
+                anno_file, len(missing), "y" if len(missing) == 1 else "ies")
 
 
 def _category_maps(data: dict, anno_file: str) -> Tuple[Dict[int, int], Dict[int, int], List[str]]:
@@ -463,7 +528,8 @@ def _path_joiner(root: str) -> Callable[[str], str]:
     return lambda name: name if name.startswith("/") else prefix + name
 
 
-def _check_images_exist(imgs: Dict[Any, dict], img_ids: Sequence[int], image_root: str, anno_file: str) -> None:
+def _check_images_exist(imgs: Dict[Any, dict], img_ids: Sequence[int], image_root: str, anno_file: str,
+                        image_dir: Optional[str] = None) -> None:
     join = _path_joiner(image_root)
     # One directory listing instead of a stat per image; names it does not vouch for are stat'ed.
     try:
@@ -478,7 +544,22 @@ def _check_images_exist(imgs: Dict[Any, dict], img_ids: Sequence[int], image_roo
     shown = "; ".join(f"{os.path.join(image_root, f)} (image id {i})" for i, f in missing[:3])
     more = f" and {len(missing) - 3} more" if len(missing) > 3 else ""
     raise ValueError(f"{anno_file}: {len(missing)} image file(s) listed in the json do not exist: "
-                     f"{shown}{more}. Check image_dir (now '{image_root}') or regenerate the data")
+                     f"{shown}{more}. Check image_dir (now '{image_root}') or regenerate the data"
+                     + _doubled_dir_hint([f for _, f in missing], image_dir))
+
+
+def _doubled_dir_hint(file_names: Sequence[str], image_dir: Optional[str]) -> str:
+    """The fix when the json's file names already start with image_dir (Label Studio and CVAT
+    export ``images/x.jpg`` beside the json), so that the folder is joined twice; else ''."""
+    folder = _norm_name(image_dir or "").rstrip("/")
+    if not folder or os.path.isabs(folder):
+        return ""
+    doubled = [f for f in file_names if _norm_name(str(f)).startswith(folder + "/")]
+    if not doubled:
+        return ""
+    return (f"; the json's file names already start with image_dir '{image_dir}' (e.g. '{doubled[0]}'): set "
+            f"image_dir: '' (TrainDataset.image_dir, EvalDataset.image_dir for evaluation) or strip "
+            f"'{folder}/' from the file names")
 
 
 def _clipped_xyxy(ann: dict, w: float, h: float, anno_file: str) -> Optional[List[float]]:
@@ -566,7 +647,10 @@ class ImageFolder(_TransformMixin):
         if not cats:
             raise ValueError(f"{path}: no 'categories' to read label names from; "
                              f"fix TestDataset.anno_path or remove it")
-        self._anno_images = data.get("images")
+        images = data.get("images")
+        if isinstance(images, list):
+            _check_unique_image_ids([i for i in images if isinstance(i, dict) and "id" in i], path)
+        self._anno_images = images
         cats = sorted(cats, key=lambda c: c["id"])
         catid2clsid = {c["id"]: i for i, c in enumerate(cats)}
         return catid2clsid, {i: c for c, i in catid2clsid.items()}, [str(c.get("name", c["id"])) for c in cats]
