@@ -146,14 +146,17 @@ def test_annotations_of_unlisted_images_are_ignored_with_one_warning(tmp_path):
         (0, [[4, 4, 24, 20]]), (1, [[2, 30, 32, 50]]), (2, [[6, 6, 18, 26]])]
 
 
-def test_unlisted_ids_beyond_five_are_counted(tmp_path, coco_log):
-    strays = [{"id": 100 + k, "image_id": 50 + k, "category_id": 0, "bbox": [1, 1, 5, 5], "iscrowd": 0}
-              for k in range(7)]
-    export = write_export(str(tmp_path), extra_annotations=strays)
-    _dataset(export)
+def test_unlisted_ids_below_between_and_above_the_listed_ones_are_all_counted(tmp_path, coco_log):
+    # 'images' lists 0 and 2 only, so the export's own annotation of image 1 is unlisted too.
+    listed = [{"id": 0, "file_name": "images/street.jpg", "height": 32, "width": 48},
+              {"id": 2, "file_name": "images/scan.png", "height": 36, "width": 28}]
+    strays = [{"id": 100 + k, "image_id": img_id, "category_id": 0, "bbox": [1, 1, 5, 5], "iscrowd": 0}
+              for k, img_id in enumerate([50, 51, 52, 53, 54, 55, -1])]
+    export = write_export(str(tmp_path), images=listed, extra_annotations=strays)
+    assert [r["im_id"] for r in _dataset(export).roidbs] == [0, 2]
     lines = [m for m in coco_log if "not in 'images'" in m]
-    assert lines == [f"{export.anno_file}: ignored 7 annotation(s) whose image_id is not in 'images' (image ids "
-                     f"50, 51, 52, 53, 54, ... (7 ids in all)); add those images to 'images' or remove their "
+    assert lines == [f"{export.anno_file}: ignored 8 annotation(s) whose image_id is not in 'images' (image ids "
+                     f"1, 50, 51, 52, 53, ... (8 ids in all)); add those images to 'images' or remove their "
                      f"annotations"]
 
 

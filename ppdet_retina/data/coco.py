@@ -153,18 +153,19 @@ class COCODataSet(_TransformMixin):
         image_root = self.get_image_root()
         # Ids are unique (read_coco_json refuses a repeated one).
         imgs = {img["id"]: img for img in data["images"]}
-        _warn_unlisted_images(data["annotations"], imgs, anno_file)
         img_ids = sorted(imgs)
+        ann_img = np.asarray([a["image_id"] for a in data["annotations"]])
+        _warn_unlisted_images(data["annotations"], ann_img, img_ids, anno_file)
         if self.sample_num > 0:
             img_ids = img_ids[:self.sample_num]
         _check_images_exist(imgs, img_ids, image_root, anno_file, self.image_dir)
         _fill_sizes_from_headers(imgs, img_ids, image_root, anno_file)
         # The array path handles any well-formed json at COCO scale in seconds; whatever it does
         # not vouch for goes through the per-annotation path, whose errors name the annotation.
-        built = self._array_records(data, imgs, img_ids, image_root)
+        built = self._array_records(data, ann_img, imgs, img_ids, image_root)
         if built is None:
             built = self._python_records(data, img_ids, image_root, anno_file)
-        del data, imgs
+        del data, imgs, ann_img
         records, has_boxes, dropped = built
         with_boxes = [r for r, keep in zip(records, has_boxes) if keep]
         empty = [r for r, keep in zip(records, has_boxes) if not keep]
@@ -205,13 +206,13 @@ class COCODataSet(_TransformMixin):
             records.append(self._keep_fields(record))
         return records, has_boxes, dropped
 
-    def _array_records(self, data: dict, imgs: Dict[Any, dict], img_ids: Sequence[int],
+    def _array_records(self, data: dict, ann_img: np.ndarray, imgs: Dict[Any, dict], img_ids: Sequence[int],
                        image_root: str) -> Optional[Tuple[List[dict], List[bool], int]]:
         """What ``_python_records`` returns, computed on whole-dataset arrays; None when the json
         has anything the arrays would not treat exactly as the per-annotation path does (odd id
         types, repeated annotation ids, a malformed, NaN or None bbox value, an unknown category,
         a missing iscrowd), which then goes there for its error or its exact result."""
-        table = _annotation_table(data["annotations"], img_ids, self.load_crowd)
+        table = _annotation_table(data["annotations"], ann_img, img_ids, self.load_crowd)
         if table is None:
             return None
         try:
@@ -413,12 +414,24 @@ def _check_unique_image_ids(images: Sequence[dict], anno_file: str) -> None:
         file_of[img_id] = img.get("file_name")
 
 
-def _warn_unlisted_images(anns: Sequence[dict], imgs: Dict[Any, dict], anno_file: str, shown: int = 5) -> None:
-    """One warning for the annotations whose image_id 'images' does not list (no record has them)."""
-    try:
-        unlisted = [a["image_id"] for a in anns if a["image_id"] not in imgs]
-    except TypeError:  # an unhashable id: the record builders report the json as malformed
+def _warn_unlisted_images(anns: Sequence[dict], ann_img: np.ndarray, img_ids: Sequence[Any], anno_file: str,
+                          shown: int = 5) -> None:
+    """One warning for the annotations whose image_id 'images' does not list (no record has them).
+
+    ``ann_img`` is the annotations' image ids as an array, ``img_ids`` every listed id, sorted."""
+    if not len(anns):
         return
+    known = np.asarray(img_ids)
+    if ann_img.dtype.kind in "iu" and known.dtype.kind in "iu" and len(known):
+        # Integer ids (every real export): one table lookup per annotation (a set of COCO's
+        # 860,000 ids costs 0.4 s, a binary search 0.15 s).
+        unlisted = ann_img[~_is_listed(ann_img, known)].tolist()
+    else:
+        try:
+            listed = set(img_ids)
+            unlisted = [a["image_id"] for a in anns if a["image_id"] not in listed]
+        except TypeError:  # an unhashable id: the record builders report the json as malformed
+            return
     if not unlisted:
         return
     ids = list(dict.fromkeys(unlisted))
@@ -426,6 +439,18 @@ def _warn_unlisted_images(anns: Sequence[dict], imgs: Dict[Any, dict], anno_file
     logger.warning("%s: ignored %d annotation(s) whose image_id is not in 'images' (image ids %s%s); "
                    "add those images to 'images' or remove their annotations", anno_file, len(unlisted),
                    ", ".join(repr(i) for i in ids[:shown]), more)
+
+
+def _is_listed(values: np.ndarray, known: np.ndarray) -> np.ndarray:
+    """Whether each of the integer ``values`` is in the sorted, non-empty integer array ``known``."""
+    low, high = int(known[0]), int(known[-1])
+    if low >= 0 and high < 8 * (len(known) + len(values)) + 1024:
+        # Ids are dense enough for a flag per id, looked up straight away.
+        flags = np.zeros(high + 2, bool)  # the last flag stands for every id out of range
+        flags[known] = True
+        return flags[np.where((values < 0) | (values > high), high + 1, values)]
+    slot = np.minimum(np.searchsorted(known, values), len(known) - 1)
+    return known[slot] == values
 
 
 def _has_size(img: dict) -> bool:
@@ -469,13 +494,12 @@ def _category_maps(data: dict, anno_file: str) -> Tuple[Dict[int, int], Dict[int
     return catid2clsid, clsid2catid, names
 
 
-def _annotation_table(anns: List[dict], img_ids: Sequence[int], load_crowd: bool):
+def _annotation_table(anns: List[dict], ann_img: np.ndarray, img_ids: Sequence[int], load_crowd: bool):
     """The annotations of ``img_ids`` that ``_make_record`` would look at, as arrays ordered by image
     and, within one, by the file: (image position, xywh float64 [n,4], category ids, crowd flag),
     or None when some value needs the per-annotation path (see ``_array_records``)."""
     n = len(anns)
     ids = np.asarray(img_ids)
-    ann_img = np.asarray([a["image_id"] for a in anns])
     if ids.dtype.kind not in "iu" or (n and ann_img.dtype.kind not in "iu"):
         return None
     ann_ids = [a["id"] for a in anns]
