@@ -231,10 +231,12 @@ def test_header_size_matches_the_decoded_image(tmp_path):
 
 def test_header_size_refuses_what_it_cannot_read(tmp_path):
     ok, webp = cv2.imencode(".webp", _picture((8, 8), 0))
+    assert ok
+    zero_bmp = b"BM" + bytes(12) + (40).to_bytes(4, "little") + bytes(8)  # a 0x0 info header
     cases = {"photo.webp": (webp.tobytes(), "not a JPEG, PNG or BMP file"),
              "empty.png": (b"", "not a JPEG, PNG or BMP file"),
              "cut.png": (b"\x89PNG\r\n\x1a\n\x00\x00", "its PNG header has no IHDR chunk first"),
-             "zero.bmp": (b"BM" + bytes(12) + (40).to_bytes(4, "little") + bytes(8), "its BMP header gives a size of 0x0")}
+             "zero.bmp": (zero_bmp, "its BMP header gives a size of 0x0")}
     for name, (data, reason) in cases.items():
         (tmp_path / name).write_bytes(data)
         with pytest.raises(HeaderError, match=reason):
