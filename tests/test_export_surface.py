@@ -144,7 +144,8 @@ def _candidates_by_hand(raw, anchors_cfg, scale_factor):
         # Channel a*C + c of cell (y, x) is row (y*w + x)*A + a, column c.
         cls = cls.reshape(b, num_anchors, num_classes, h, w).transpose(0, 3, 4, 1, 2).reshape(b, -1, num_classes)
         reg = reg.reshape(b, num_anchors, 4, h, w).transpose(0, 3, 4, 1, 2).reshape(b, -1, 4) / weights
-        ys, xs = np.meshgrid(np.arange(h) * stride, np.arange(w) * stride, indexing="ij")
+        offset = anchors_cfg["anchor_offset"] * stride
+        ys, xs = np.meshgrid(np.arange(h) * stride + offset, np.arange(w) * stride + offset, indexing="ij")
         shifts = np.stack([xs, ys, xs, ys], axis=-1).reshape(-1, 1, 4)
         anchors = (shifts + np.asarray(anchors_cfg["cell_anchors"][level])[None]).reshape(-1, 4)
         for i, (sy, sx) in enumerate(scale_factor):
