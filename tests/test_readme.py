@@ -4,12 +4,13 @@ Commands that need COCO or a GPU cannot run on a CI machine, so each `python too
 parsed by that tool's own argument parser and its config resolved and loaded with its `-o`
 overrides; `make` lines must name Makefile targets; launcher lines must use the launcher's flags.
 Outside the command blocks, every `--flag` quoted in the text must be a flag of a tool or of the
-launcher, every quoted repository path (`configs/...`, `tools/...`) must exist, and every relative link
-must lead to a file. The tools themselves run end to end in test_tools.py, test_export.py and `make demo`.
+launcher, every quoted repository path (`configs/...`, `tools/...`) and package name
+(`ppdet_retina.engine.onnx.multiclass_nms`) must exist, and every relative link must lead to a file. The tools themselves run end to end in test_tools.py, test_export.py and `make demo`.
 """
 
 import argparse
 import glob
+import importlib
 import importlib.util
 import os
 import re
@@ -202,6 +203,31 @@ def test_paths_in_the_text_exist(page):
     assert broken == [], f"{page} links to files that do not exist"
 
 
+def _resolves(dotted):
+    """Whether ``ppdet_retina.a.b.name`` is a module, or an attribute of the longest module prefix."""
+    parts = dotted.split(".")
+    for cut in range(len(parts), 0, -1):
+        module = ".".join(parts[:cut])
+        try:
+            found = importlib.util.find_spec(module) is not None
+        except ModuleNotFoundError:
+            found = False
+        if found:
+            obj = importlib.import_module(module)
+            for name in parts[cut:]:
+                if not hasattr(obj, name):
+                    return False
+                obj = getattr(obj, name)
+            return True
+    return False
+
+
+@pytest.mark.parametrize("page", _pages())
+def test_package_names_in_the_text_exist(page):
+    names = {m for code in _inline_code(page) for m in re.findall(r"\bppdet_retina(?:\.\w+)+", code)}
+    assert sorted(n for n in names if not _resolves(n)) == [], f"{page} names modules or functions that do not exist"
+
+
 def test_the_checks_see_the_pages():
     # A regex that stopped matching would pass every check above on nothing.
     assert len(COMMANDS) >= 40 and {p for p, _ in COMMANDS} >= {"README.md", "docs/training.md",
@@ -209,6 +235,7 @@ def test_the_checks_see_the_pages():
                                                                "docs/configs.md", "docs/benchmarks.md"}
     assert "--engine dygraph" in _inline_code("docs/evaluation_and_deployment.md")
     assert "configs/retinanet/retinanet_r50_fpn_finetune_mydata.yml" in _inline_code("docs/training.md")
+    assert _resolves("ppdet_retina.engine.onnx.multiclass_nms") and not _resolves("ppdet_retina.engine.onnx.nms3")
 
 
 # ----------------------------------------------------------------------------- the custom component example
