@@ -23,7 +23,7 @@ $(STAMP): requirements.txt pyproject.toml
 	@touch $(STAMP)
 
 test: $(STAMP)
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q -rs tests
 
 # 1200 train images: on 400 the demo RetinaNet over-fits (val mAP 0.68 vs 0.73 after the same 1500 steps).
 demo-data: $(STAMP)

@@ -16,14 +16,11 @@ import numpy as np
 import paddle
 import pytest
 
-from conftest import make_coco, tiny_faster_rcnn_config, write_tiny_config
+from conftest import derive_ground_truth, make_coco, tiny_faster_rcnn_config, write_tiny_config
 from ppdet_retina.core.workspace import ConfigError, create, load_config
 from ppdet_retina.engine import fast_engine
 from ppdet_retina.engine.fast_engine import EngineChooser, PredictorModel, choose_engine
 from ppdet_retina.engine.trainer import Trainer
-
-CATEGORIES = [{"id": 12, "name": "c12"}, {"id": 3, "name": "c3"}, {"id": 7, "name": "c7"}]
-CATIDS = [3, 7, 12]  # class index -> category id (ascending ids)
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -44,43 +41,6 @@ def _sharpen(model) -> None:
         conv.bias.set_value(np.full(conv.bias.shape, -2.5, "float32"))
 
 
-def _detections(model, cfg) -> dict:
-    """{image id: [K, 6] rows} of the dygraph model over the config's EvalDataset."""
-    dataset = create("EvalDataset", cfg)
-    out = {}
-    model.eval()
-    with paddle.no_grad():
-        for batch in create("EvalReader", cfg)(dataset, 0):
-            result = model(batch)
-            bbox, counts = result["bbox"].numpy().reshape(-1, 6), result["bbox_num"].numpy()
-            start = 0
-            for im_id, count in zip(batch["im_id"].numpy().reshape(-1), counts):
-                out[int(im_id)] = bbox[start:start + count]
-                start += int(count)
-    return out
-
-
-def _derive_ground_truth(model, cfg, coco, name: str = "derived.json") -> str:
-    """Write a COCO json whose boxes are the model's 3 best detections per image, each moved by 1-6 px;
-    returns its path relative to the dataset folder."""
-    rng = np.random.default_rng(7)
-    with open(coco.anno_file) as f:
-        source = json.load(f)
-    anns, ann_id = [], 1
-    for im_id, rows in sorted(_detections(model, cfg).items()):
-        for cls, score, x1, y1, x2, y2 in rows[np.argsort(-rows[:, 1])][:3]:
-            dx, dy = rng.uniform(1, 6, size=2) * rng.choice([-1, 1], size=2)
-            box = [float(x1 + dx), float(y1 + dy), float(x2 - x1), float(y2 - y1)]
-            anns.append({"id": ann_id, "image_id": im_id, "category_id": CATIDS[int(cls)], "bbox": box,
-                         "area": box[2] * box[3], "iscrowd": 0, "segmentation": []})
-            ann_id += 1
-    assert len(anns) >= 8, anns  # every image contributes
-    path = os.path.join(coco.dataset_dir, "annotations", name)
-    with open(path, "w") as f:
-        json.dump({"images": source["images"], "annotations": anns, "categories": CATEGORIES}, f)
-    return os.path.join("annotations", name)
-
-
 @pytest.fixture(scope="module")
 def retina(tmp_path_factory):
     root = tmp_path_factory.mktemp("default_engine")
@@ -90,7 +50,7 @@ def retina(tmp_path_factory):
     cfg = load_config(cfg_path)
     model = create("RetinaNet", cfg)
     _sharpen(model)
-    anno = _derive_ground_truth(model, cfg, coco)
+    anno = derive_ground_truth(model, cfg, coco)
     weights = str(root / "seeded.pdparams")
     paddle.save(model.state_dict(), weights)
     derived = SimpleNamespace(dataset_dir=coco.dataset_dir, image_dir=coco.image_dir, anno_path=anno)
@@ -162,7 +122,7 @@ use_gpu: false
     cfg = tiny_faster_rcnn_config(tmp_path, readers.format(root=coco.dataset_dir, anno=coco.anno_path))
     paddle.seed(5)
     model = create(cfg["architecture"], cfg)
-    anno = _derive_ground_truth(model, cfg, coco)
+    anno = derive_ground_truth(model, cfg, coco)
     weights = str(tmp_path / "frcnn.pdparams")
     paddle.save(model.state_dict(), weights)
     cfg_path = tmp_path / "tiny_faster_rcnn.yml"

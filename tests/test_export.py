@@ -21,7 +21,8 @@ import paddle
 import pytest
 import yaml
 
-from conftest import TINY_CATEGORIES, load_script, make_coco, module_imports
+from conftest import (TINY_CATEGORIES, load_script, make_coco, model_detections, module_imports,
+                      write_derived_ground_truth)
 from ppdet_retina.core.workspace import create, load_config
 from ppdet_retina.engine import export as E
 from ppdet_retina.engine.exported_eval import cpu_supports_bf16, evaluate_exported
@@ -387,7 +388,12 @@ def test_cpu_flag_reader(tmp_path):
 # ----------------------------------------------------------------------------- exported evaluation
 
 def test_evaluate_exported_equals_dygraph_metric(setup, tmp_path):
-    cfg, model = setup["cfg"], setup["model"]
+    # Ground truth from the model's own detections, moved a little: a mAP that moves with any box or score.
+    model = setup["model"]
+    # (Its boxes are small: moved by at most 3 px.)
+    anno = write_derived_ground_truth(setup["data"], model_detections(model, setup["cfg"]), "exported_eval.json",
+                                      max_shift=3.0)
+    cfg = load_config(str(setup["root"] / "tiny_export.yml"), [f"EvalDataset.anno_path={anno}"])
     stats = evaluate_exported(cfg, setup["model_dir"], cpu_threads=1, output_eval=str(tmp_path / "exp"))
     dataset = create("EvalDataset", cfg)
     metric = COCOMetric(dataset.get_anno(), dataset.clsid2catid, output_eval=str(tmp_path / "dy"))
@@ -396,4 +402,5 @@ def test_evaluate_exported_equals_dygraph_metric(setup, tmp_path):
         metric.update(feeds, {"bbox": bbox, "bbox_num": bbox_num})
     expected = metric.accumulate()
     assert len(stats["bbox"]) == 12
+    assert 0.2 < expected["bbox"][0] < 0.95, expected["bbox"]
     np.testing.assert_allclose(stats["bbox"], expected["bbox"], atol=1e-6)

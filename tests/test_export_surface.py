@@ -130,20 +130,54 @@ def test_infer_cfg_per_mode(tiny):
     np.testing.assert_allclose(anchors["cell_anchors"][0][4], [-half, -half, half, half], atol=1e-5)
 
 
-def test_deploy_model_outputs_are_the_models_answers(tiny):
-    _, model = tiny
+def _candidates_by_hand(raw, anchors_cfg, scale_factor):
+    """NumPy from the raw outputs and infer_cfg.yml's ``anchors`` entry, as a runtime of a raw export would:
+    per level the nms_pre anchors with the best class logit, decoded, divided by (sx, sy, sx, sy).
+    Returns boxes [B, M, 4] and scores [B, C, M]."""
+    num_classes, num_anchors = anchors_cfg["num_classes"], anchors_cfg["num_anchors"]
+    weights = np.asarray(anchors_cfg["box_weights"])
+    levels = len(anchors_cfg["strides"])
+    boxes, logits = [[] for _ in scale_factor], [[] for _ in scale_factor]
+    for level, stride in enumerate(anchors_cfg["strides"]):
+        cls, reg = raw[level], raw[levels + level]
+        b, _, h, w = cls.shape
+        # Channel a*C + c of cell (y, x) is row (y*w + x)*A + a, column c.
+        cls = cls.reshape(b, num_anchors, num_classes, h, w).transpose(0, 3, 4, 1, 2).reshape(b, -1, num_classes)
+        reg = reg.reshape(b, num_anchors, 4, h, w).transpose(0, 3, 4, 1, 2).reshape(b, -1, 4) / weights
+        offset = anchors_cfg["anchor_offset"] * stride
+        ys, xs = np.meshgrid(np.arange(h) * stride + offset, np.arange(w) * stride + offset, indexing="ij")
+        shifts = np.stack([xs, ys, xs, ys], axis=-1).reshape(-1, 1, 4)
+        anchors = (shifts + np.asarray(anchors_cfg["cell_anchors"][level])[None]).reshape(-1, 4)
+        for i, (sy, sx) in enumerate(scale_factor):
+            keep = np.arange(len(anchors))
+            if len(anchors) > anchors_cfg["nms_pre"]:
+                keep = np.argsort(-cls[i].max(axis=1), kind="stable")[:anchors_cfg["nms_pre"]]
+            a, d = anchors[keep], reg[i, keep]
+            size = a[:, 2:] - a[:, :2]
+            centre = a[:, :2] + 0.5 * size + d[:, :2] * size
+            pred = np.exp(np.minimum(d[:, 2:], np.log(1000.0 / 16))) * size
+            boxes[i].append(np.concatenate([centre - 0.5 * pred, centre + 0.5 * pred], axis=1) / [sx, sy, sx, sy])
+            logits[i].append(cls[i, keep])
+    scores = 1 / (1 + np.exp(-np.stack([np.concatenate(x) for x in logits])))
+    return np.stack([np.concatenate(x) for x in boxes]), scores.transpose(0, 2, 1)
+
+
+def test_deploy_model_outputs_match_a_runtime_written_from_infer_cfg(tiny):
+    cfg, model = tiny
     rng = np.random.default_rng(0)
     inputs = {"image": paddle.to_tensor(rng.normal(size=(2, 3, 64, 96)).astype("float32")),
               "im_shape": paddle.to_tensor([[64.0, 96.0], [60.0, 90.0]]),
               "scale_factor": paddle.to_tensor([[0.5, 0.5], [2.0, 1.5]])}
     with paddle.no_grad():
         boxes, scores = E.DeployModel(model, "candidates")(*inputs.values())
-        want_boxes, want_scores = model.decode_candidates(inputs)
-        raw = E.DeployModel(model, "raw")(*inputs.values())
-        logits, deltas = model.head(model.neck(model.backbone(inputs)))
-    assert boxes.shape[0] == 2 and boxes.shape[2] == 4 and scores.shape[:2] == [2, 3]
-    np.testing.assert_array_equal(boxes.numpy(), want_boxes.numpy())
-    np.testing.assert_array_equal(scores.numpy(), want_scores.numpy())
-    assert len(raw) == 10
-    for got, want in zip(raw, list(logits) + list(deltas)):
-        np.testing.assert_array_equal(got.numpy(), want.numpy())
+        raw = [t.numpy() for t in E.DeployModel(model, "raw")(*inputs.values())]
+    # Raw: 9 anchors x 3 classes and 9 x 4 deltas per cell of P3-P7 on 64 x 96 (FPN's extra levels round up).
+    sizes = [(8, 12), (4, 6), (2, 3), (1, 2), (1, 1)]
+    assert [r.shape for r in raw] == [(2, 27, h, w) for h, w in sizes] + [(2, 36, h, w) for h, w in sizes]
+    assert np.std(raw[0]) > 0.01 and np.std(raw[5]) > 0.01  # not a constant map
+    # Candidates: P3 keeps its nms_pre = 300 best of 864 anchors, every other level all of its own.
+    assert boxes.shape == [2, 300 + 216 + 54 + 18 + 9, 4] and scores.shape == [2, 3, 597]
+    anchors_cfg = E.build_infer_cfg(cfg, E.DeployModel(model, "raw"))["anchors"]
+    want_boxes, want_scores = _candidates_by_hand(raw, anchors_cfg, inputs["scale_factor"].numpy())
+    np.testing.assert_allclose(boxes.numpy(), want_boxes, rtol=1e-5, atol=1e-3)
+    np.testing.assert_allclose(scores.numpy(), want_scores, rtol=1e-5, atol=1e-6)

@@ -1,10 +1,9 @@
-"""Faults for real: kill -9 (at a random moment, and inside a save), a full disk, bad data on rank 1,
+"""Faults for real: kill -9 (at fixed training steps, and inside a save), a full disk, bad data on rank 1,
 and two launchers acting as two nodes. Every run is a real tools/train.py process on a tiny config."""
 
 import hashlib
 import json
 import os
-import random
 import resource
 import signal
 import socket
@@ -91,15 +90,49 @@ def _assert_nothing_corrupt(out):
     assert {r["epoch"] for r in records} == set(range(EPOCHS))
 
 
-def test_kill_9_at_a_random_moment_then_auto_resume_finishes(run_setup, tmp_path):
+# Runs tools/train.py (argv[1:]) in a process that kills itself with SIGKILL just before optimizer step
+# $KILL_AT_STEP (counted from 1): the same moment on every run, whatever the machine's speed.
+_KILL_AT_STEP = """
+import os, runpy, signal, sys
+import paddle
+
+_step, _count = paddle.optimizer.Optimizer.step, [0]
+
+
+def step(self, *args, **kwargs):
+    _count[0] += 1
+    if _count[0] == int(os.environ["KILL_AT_STEP"]):
+        print(f"kill -9 before optimizer step {_count[0]}", flush=True)
+        os.kill(os.getpid(), signal.SIGKILL)
+    return _step(self, *args, **kwargs)
+
+
+paddle.optimizer.Optimizer.step = step
+sys.argv = sys.argv[1:]
+runpy.run_path(sys.argv[0], run_name="__main__")
+"""
+STEPS_PER_EPOCH = 3
+
+
+@pytest.mark.parametrize("step", [2, 4, 11])  # before the first save; just after one; late in the run
+def test_kill_9_at_a_fixed_step_then_auto_resume_finishes(run_setup, tmp_path, step):
     cfg, want = run_setup
     save_dir = str(tmp_path / "out")
-    delay = random.Random().uniform(0.0, 1.5)  # training after the first log line lasts about 2 s
-    _start_and_kill_when(cfg, save_dir, "Epoch: [0/", delay)
+    out = os.path.join(save_dir, "tiny_retina")
+    cmd = [sys.executable, "-c", _KILL_AT_STEP] + _train_cmd(cfg, save_dir)[1:]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=60, cwd=REPO,
+                          env=dict(_ENV, KILL_AT_STEP=str(step)))
+    assert proc.returncode == -signal.SIGKILL, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert f"kill -9 before optimizer step {step}" in proc.stdout
+    epochs_done = (step - 1) // STEPS_PER_EPOCH
     said, digest = _finish(cfg, save_dir, tmp_path)
-    _assert_nothing_corrupt(os.path.join(save_dir, "tiny_retina"))
-    # Resumed (or restarted, when killed before the first save) to the uninterrupted run's weights.
-    assert digest == want, f"killed {delay:.2f} s after the first step:\n{said[-3000:]}"
+    if epochs_done:
+        assert f"-r auto: resuming from {os.path.join(out, str(epochs_done - 1))}," in said, said[-3000:]
+    else:
+        assert "-r auto: no complete checkpoint in" in said, said[-3000:]
+    _assert_nothing_corrupt(out)
+    # Resumed (or restarted) to the uninterrupted run's weights.
+    assert digest == want, said[-3000:]
 
 
 def test_kill_9_inside_a_save_resumes_from_the_previous_checkpoint(run_setup, tmp_path):

@@ -141,9 +141,26 @@ def test_optimizer_types_and_regularizer():
     momentum = {"type": "Momentum", "momentum": 0.9}
     w = _one_step(OptimizerBuilder(clip_grad_by_norm=1.0, regularizer=None, optimizer=momentum))
     np.testing.assert_allclose(w, [1 - 0.5 / math.sqrt(2), -2 - 0.5 / math.sqrt(2)], rtol=1e-5)
-    adamw = OptimizerBuilder(regularizer=None, optimizer={"type": "AdamW", "weight_decay": 0.05})
-    opt = adamw(0.1, paddle.nn.Linear(2, 2))
+    # AdamW's weight_decay is decoupled: each step first shrinks w by lr * decay, then takes Adam's step
+    # (about lr * sign(grad) here, so an L2 term added to the gradient would leave no trace). The
+    # builder's regularizer does not apply to AdamW.
+    adamw = OptimizerBuilder(regularizer={"type": "L2", "factor": 0.1},
+                             optimizer={"type": "AdamW", "weight_decay": 0.05})
+    model = paddle.nn.Linear(2, 1, bias_attr=False)
+    model.weight.set_value(paddle.to_tensor([[1.0], [-2.0]]))
+    opt = adamw(0.5, model)
     assert isinstance(opt, paddle.optimizer.AdamW)
+    w, m, v, grad = np.array([1.0, -2.0]), np.zeros(2), np.zeros(2), np.array([10.0, 10.0])
+    for t in (1, 2):
+        (model(paddle.to_tensor([[1.0, 1.0]])) * 10).sum().backward()
+        opt.step()
+        opt.clear_grad()
+        w = w * (1 - 0.5 * 0.05)
+        m, v = 0.9 * m + 0.1 * grad, 0.999 * v + 0.001 * grad ** 2
+        w = w - 0.5 * (m / (1 - 0.9 ** t)) / (np.sqrt(v / (1 - 0.999 ** t)) + 1e-8)
+        # atol: Paddle keeps beta2 ** t in float32, and 1 - 0.999 ** 2 loses digits to cancellation.
+        np.testing.assert_allclose(model.weight.numpy().ravel(), w, atol=1e-5)
+    np.testing.assert_allclose(w, [1 * 0.975 ** 2 - 0.5 * 0.975 - 0.5, -2 * 0.975 ** 2 - 0.5 * 0.975 - 0.5])
 
 
 def test_bad_optimizer_config_errors():

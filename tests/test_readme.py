@@ -1,11 +1,17 @@
-"""Every command in README.md is checked here, so the README cannot go stale.
+"""Every command in README.md and docs/*.md is checked here, so the documentation cannot go stale.
 
 Commands that need COCO or a GPU cannot run on a CI machine, so each `python tools/X.py ...` line is
 parsed by that tool's own argument parser and its config resolved and loaded with its `-o`
 overrides; `make` lines must name Makefile targets; launcher lines must use the launcher's flags.
-The tools themselves run end to end in test_tools.py, test_export.py and `make demo`.
+Outside the command blocks, every `--flag` quoted in the text must be a flag of a tool or of the
+launcher, every quoted repository path (`configs/...`, `tools/...`) and package name
+(`ppdet_retina.engine.onnx.multiclass_nms`) must exist, and every relative link must lead to a file. The tools themselves run end to end in test_tools.py, test_export.py and `make demo`.
 """
 
+import argparse
+import glob
+import importlib
+import importlib.util
 import os
 import re
 import runpy
@@ -18,16 +24,32 @@ from ppdet_retina.core.workspace import load_config, resolve_config_path
 from conftest import ppdet_config
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-# Flags of `python -m paddle.distributed.launch` that the README uses.
+# Flags of `python -m paddle.distributed.launch` that the pages use.
 LAUNCH_FLAGS = {"--gpus", "--devices", "--nproc_per_node", "--ips", "--master", "--nnodes", "--log_level",
                 "--log_dir"}
+# `ppdet-retina <command>` (the console script) runs the tool of the same job.
+CONSOLE_TOOLS = {"train": "train.py", "eval": "eval.py", "infer": "infer.py", "export": "export_model.py",
+                 "export_model": "export_model.py", "deploy": "deploy.py"}
+# Tools whose flags the pages may quote in their text.
+TOOLS_WITH_FLAGS = ("train.py", "eval.py", "infer.py", "export_model.py", "deploy.py", "benchmark.py",
+                    "benchmark_data.py", "make_demo_data.py", "demo.py")
+README_MAX_LINES = 150
 
 
-def readme_commands():
-    with open(os.path.join(REPO, "README.md"), encoding="utf-8") as f:
-        text = f.read()
+def _pages():
+    """README.md first, then docs/*.md, as paths relative to the repository."""
+    docs = sorted(os.path.relpath(p, REPO) for p in glob.glob(os.path.join(REPO, "docs", "*.md")))
+    return ["README.md"] + docs
+
+
+def _read(page):
+    with open(os.path.join(REPO, page), encoding="utf-8") as f:
+        return f.read()
+
+
+def page_commands(page):
     commands = []
-    for block in re.findall(r"```bash\n(.*?)```", text, flags=re.S):
+    for block in re.findall(r"```bash\n(.*?)```", _read(page), flags=re.S):
         for line in block.replace("\\\n", " ").splitlines():
             line = line.split(" #", 1)[0].strip()
             if line and not line.startswith("#"):
@@ -35,11 +57,28 @@ def readme_commands():
     return commands
 
 
-COMMANDS = readme_commands()
+def _prose(page):
+    """The page without its fenced blocks (commands are checked by test_documented_command)."""
+    return re.sub(r"```.*?```", "", _read(page), flags=re.S)
+
+
+def _inline_code(page):
+    return re.findall(r"`([^`\n]+)`", _prose(page))
+
+
+COMMANDS = [(page, command) for page in _pages() for command in page_commands(page)]
 
 
 def test_readme_opens_with_the_two_commands():
-    assert COMMANDS[:2] == ["make demo", "make test"]
+    assert page_commands("README.md")[:2] == ["make demo", "make test"]
+
+
+def test_readme_is_a_front_door_to_the_docs():
+    lines = _read("README.md").splitlines()
+    assert len(lines) <= README_MAX_LINES, f"README.md has {len(lines)} lines; move detail into docs/"
+    # Every page under docs/ is reachable from the README.
+    for page in _pages()[1:]:
+        assert page in _read("README.md"), f"README.md does not mention {page}"
 
 
 def _tool_parser(name):
@@ -49,8 +88,35 @@ def _tool_parser(name):
     return module["build_parser"]().parse_args
 
 
+class _Captured(Exception):
+    def __init__(self, parser):
+        super().__init__()
+        self.parser = parser
+
+
+def _tool_flags(name):
+    """Option strings of tools/<name>'s parser, caught where the tool would parse its command line."""
+    def capture(parser, *args, **kwargs):
+        raise _Captured(parser)
+
+    module = runpy.run_path(os.path.join(REPO, "tools", name), run_name="readme_check")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(argparse.ArgumentParser, "parse_args", capture)
+        patch.setattr(argparse.ArgumentParser, "parse_known_args", capture)
+        try:
+            if "parse_args" in module:
+                module["parse_args"]([])
+            elif "build_parser" in module:
+                return set(module["build_parser"]()._option_string_actions)
+            else:
+                module["main"]()
+        except _Captured as caught:
+            return set(caught.parser._option_string_actions)
+    raise AssertionError(f"tools/{name} parsed no command line")
+
+
 def _config_path(path):
-    """The README shows PaddleDetection's own config paths: found through tests/conftest.py's ppdet_config."""
+    """The pages show PaddleDetection's own config paths: found through tests/conftest.py's ppdet_config."""
     marker = "PaddleDetection/configs/"
     if path.startswith(marker):
         path = ppdet_config(path[len(marker):])
@@ -60,6 +126,9 @@ def _config_path(path):
 
 def _check_tool_command(argv):
     tool = os.path.basename(argv[0])
+    # Spelled out in full: argparse would also take a prefix, which a new flag can make ambiguous.
+    flags = {a.split("=")[0] for a in argv[1:] if a.startswith("--")}
+    assert flags <= _tool_flags(tool), (tool, sorted(flags - _tool_flags(tool)))
     args = _tool_parser(tool)(argv[1:])
     config = getattr(args, "config", None)
     if config:
@@ -67,17 +136,35 @@ def _check_tool_command(argv):
         assert cfg.get("architecture") or cfg.get("TrainDataset")
 
 
-@pytest.mark.parametrize("command", COMMANDS)
-def test_readme_command(command):
+def _check_package_module(argv, command):
+    """`python -m ppdet_retina.<module> ...`: the module exists, and a `-c` config it is given is there."""
+    assert importlib.util.find_spec(argv[2]) is not None, f"no module {argv[2]}: {command}"
+    if "-c" in argv:
+        assert os.path.isfile(_config_path(argv[argv.index("-c") + 1])), command
+
+
+@pytest.mark.parametrize("page, command", COMMANDS, ids=[f"{p}: {c}" for p, c in COMMANDS])
+def test_documented_command(page, command):
     argv = shlex.split(command)
+    while argv and re.match(r"^[A-Z_]+=", argv[0]):  # VAR=value prefixes
+        argv = argv[1:]
     if argv[0] == "make":
         with open(os.path.join(REPO, "Makefile"), encoding="utf-8") as f:
             targets = set(re.findall(r"^([\w-]+):", f.read(), flags=re.M))
         assert set(argv[1:]) <= targets, command
         return
-    if argv[:2] == ["pip", "install"]:
+    if argv[:2] in (["pip", "install"], ["git", "clone"]):
         return
-    assert argv[0] == "python", f"unexpected README command: {command}"
+    if argv[0] == "ppdet-retina":
+        with open(os.path.join(REPO, "pyproject.toml"), encoding="utf-8") as f:
+            assert re.search(r'^"?ppdet-retina"?\s*=', f.read(), flags=re.M), "no ppdet-retina console script"
+        assert argv[1] in CONSOLE_TOOLS, command
+        _check_tool_command(["tools/" + CONSOLE_TOOLS[argv[1]]] + argv[2:])
+        return
+    assert argv[0] == "python", f"unexpected command in {page}: {command}"
+    if argv[1] == "-m" and argv[2].startswith("ppdet_retina."):
+        _check_package_module(argv, command)
+        return
     if argv[1:3] == ["-m", "paddle.distributed.launch"]:
         tool_at = next(i for i, a in enumerate(argv) if a.startswith("tools/"))
         for flag in argv[3:tool_at]:
@@ -88,13 +175,75 @@ def test_readme_command(command):
     _check_tool_command(argv[1:])
 
 
+# ----------------------------------------------------------------------------- the text around the commands
+
+@pytest.fixture(scope="module")
+def known_flags():
+    flags = set(LAUNCH_FLAGS)
+    for tool in TOOLS_WITH_FLAGS:
+        flags |= _tool_flags(tool)
+    return flags
+
+
+@pytest.mark.parametrize("page", _pages())
+def test_flags_in_the_text_exist(page, known_flags):
+    quoted = {m.split("=")[0] for code in _inline_code(page) for m in re.findall(r"(?<![\w-])--[\w-]+", code)}
+    assert quoted - known_flags == set(), f"{page} quotes flags no tool has"
+
+
+@pytest.mark.parametrize("page", _pages())
+def test_paths_in_the_text_exist(page):
+    paths = {code for code in _inline_code(page) if re.fullmatch(r"(configs|tools|docs|ppdet_retina)/[\w./-]*", code)}
+    missing = sorted(p for p in paths if not os.path.exists(os.path.join(REPO, p)))
+    assert missing == [], f"{page} names paths that do not exist"
+    # Relative links (and pictures) lead to files.
+    base = os.path.dirname(os.path.join(REPO, page))
+    links = [t for t in re.findall(r"\]\(([^)\s]+)\)", _prose(page)) if not re.match(r"\w+://", t)]
+    broken = [t for t in links if not os.path.exists(os.path.join(base, t.split("#")[0]))]
+    assert broken == [], f"{page} links to files that do not exist"
+
+
+def _resolves(dotted):
+    """Whether ``ppdet_retina.a.b.name`` is a module, or an attribute of the longest module prefix."""
+    parts = dotted.split(".")
+    for cut in range(len(parts), 0, -1):
+        module = ".".join(parts[:cut])
+        try:
+            found = importlib.util.find_spec(module) is not None
+        except ModuleNotFoundError:
+            found = False
+        if found:
+            obj = importlib.import_module(module)
+            for name in parts[cut:]:
+                if not hasattr(obj, name):
+                    return False
+                obj = getattr(obj, name)
+            return True
+    return False
+
+
+@pytest.mark.parametrize("page", _pages())
+def test_package_names_in_the_text_exist(page):
+    names = {m for code in _inline_code(page) for m in re.findall(r"\bppdet_retina(?:\.\w+)+", code)}
+    assert sorted(n for n in names if not _resolves(n)) == [], f"{page} names modules or functions that do not exist"
+
+
+def test_the_checks_see_the_pages():
+    # A regex that stopped matching would pass every check above on nothing.
+    assert len(COMMANDS) >= 40 and {p for p, _ in COMMANDS} >= {"README.md", "docs/training.md",
+                                                               "docs/evaluation_and_deployment.md",
+                                                               "docs/configs.md", "docs/benchmarks.md"}
+    assert "--engine dygraph" in _inline_code("docs/evaluation_and_deployment.md")
+    assert "configs/retinanet/retinanet_r50_fpn_finetune_mydata.yml" in _inline_code("docs/training.md")
+    assert _resolves("ppdet_retina.engine.onnx.multiclass_nms") and not _resolves("ppdet_retina.engine.onnx.nms3")
+
+
 # ----------------------------------------------------------------------------- the custom component example
 
 def _custom_component_example():
-    """The README's python and yaml blocks after 'Your own component', each with its file name
+    """docs/configs.md's python and yaml blocks after 'Your own component', each with its file name
     (their first line, a comment)."""
-    with open(os.path.join(REPO, "README.md"), encoding="utf-8") as f:
-        text = f.read()
+    text = _read(os.path.join("docs", "configs.md"))
     section = text[text.index("Your own component, without forking"):]
     blocks = []
     for lang in ("python", "yaml"):
@@ -104,7 +253,7 @@ def _custom_component_example():
     return blocks
 
 
-def test_readme_custom_component_example_runs(tmp_path, monkeypatch):
+def test_custom_component_example_runs(tmp_path, monkeypatch):
     import numpy as np
     import paddle
 

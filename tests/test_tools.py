@@ -8,7 +8,7 @@ import pytest
 
 from ppdet_retina.utils.visualize import class_color, draw_detections
 
-from conftest import run_tool, write_tiny_config
+from conftest import detections_from_bbox_json, run_tool, write_derived_ground_truth, write_tiny_config
 
 
 def test_train_eval_infer_round_trip(tmp_path, tiny_coco):
@@ -20,14 +20,23 @@ def test_train_eval_infer_round_trip(tmp_path, tiny_coco):
     assert os.path.isfile(weights + ".pdparams")
 
     eval_dir = str(tmp_path / "eval_out")
-    # A low score threshold so that the barely trained model has detections to compare.
+    # A score threshold of 0 so that the barely trained model keeps its keep_top_k = 100 detections per image.
     low = "RetinaHead.nms.score_threshold=0.0"
     proc = run_tool("eval.py", "-c", cfg, "-o", f"weights={weights}", low, "--classwise", "--output_eval", eval_dir,
                     timeout=80)
     assert proc.returncode == 0, proc.stdout + proc.stderr
-    dygraph_eval = proc.stdout
-    assert os.path.isfile(os.path.join(eval_dir, "bbox.json"))
     assert "Average Precision" in proc.stdout and "category" in proc.stdout
+    detections = detections_from_bbox_json(os.path.join(eval_dir, "bbox.json"))
+    assert {k: len(v) for k, v in detections.items()} == {1: 100, 2: 100, 3: 100, 5: 100}
+
+    # Ground truth from those detections, moved a few pixels: a mAP that moves with any box or score.
+    anno = write_derived_ground_truth(tiny_coco, detections)
+    derived = f"EvalDataset.anno_path={anno}"
+    proc = run_tool("eval.py", "-c", cfg, "-o", f"weights={weights}", low, derived, "--engine", "dygraph",
+                    timeout=80)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    dygraph_ap = _ap_values(proc.stdout)
+    assert 0.2 < dygraph_ap[0] < 0.95, proc.stdout
 
     # The same weights exported and evaluated through the Paddle Inference predictor give the same mAP.
     export_dir = str(tmp_path / "exported")
@@ -36,25 +45,28 @@ def test_train_eval_infer_round_trip(tmp_path, tiny_coco):
     assert proc.returncode == 0, proc.stdout + proc.stderr
     model_dir = os.path.join(export_dir, "tiny_retina")
     assert {"model.json", "model.pdiparams", "infer_cfg.yml"} <= set(os.listdir(model_dir))
-    proc_exported = run_tool("eval.py", "-c", cfg, "--exported", model_dir, timeout=80)
+    proc_exported = run_tool("eval.py", "-c", cfg, "-o", derived, "--exported", model_dir, timeout=80)
     assert proc_exported.returncode == 0, proc_exported.stdout + proc_exported.stderr
-    assert _ap_lines(proc_exported.stdout) == _ap_lines(dygraph_eval)
+    np.testing.assert_allclose(_ap_values(proc_exported.stdout), dygraph_ap, atol=1.5e-3)
 
     out_dir = str(tmp_path / "infer_out")
     image = os.path.join(tiny_coco.image_root, "img_1.png")
-    proc = run_tool("infer.py", "-c", cfg, "-o", f"weights={weights}", "--infer_img", image,
+    proc = run_tool("infer.py", "-c", cfg, "-o", f"weights={weights}", low, "--infer_img", image,
                     "--output_dir", out_dir, "--draw_threshold", "0.0", "--save_results", "true", timeout=80)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert sorted(os.listdir(out_dir)) == ["bbox.json", "img_1.png"]
     with open(os.path.join(out_dir, "bbox.json")) as f:
         dets = json.load(f)
-    assert all(d["category_id"] in (3, 7, 12) and d["file_name"] == "img_1.png" for d in dets)
+    assert len(dets) == 100
+    assert {d["category_id"] for d in dets} == {3, 7, 12} and {d["file_name"] for d in dets} == {"img_1.png"}
+    assert {d["image_id"] for d in dets} == {1}  # the image id of TestDataset.anno_path's json
 
 
-def _ap_lines(stdout: str) -> list:
-    lines = [ln.strip() for ln in stdout.splitlines() if "Average Precision" in ln]
-    assert len(lines) == 6, stdout
-    return lines
+def _ap_values(stdout: str) -> list:
+    """The six 'Average Precision' numbers pycocotools printed (3 decimals)."""
+    values = [float(ln.rsplit("=", 1)[1]) for ln in stdout.splitlines() if "Average Precision" in ln]
+    assert len(values) == 6, stdout
+    return values
 
 
 def _closed_port_url(name):

@@ -136,18 +136,26 @@ def test_train_with_validation_keeps_best_and_evaluates(tiny_cfg):
 def test_predict_writes_images_and_coco_json(tiny_cfg, tiny_coco, tmp_path):
     trainer = Trainer(tiny_cfg, mode="train")
     trainer.train()
-    predictor = Trainer(tiny_cfg, mode="test")
+    # Score threshold 0: the barely trained model keeps its keep_top_k = 100 detections in every image.
+    cfg = load_config(write_tiny_config(tmp_path, tiny_coco), ["RetinaHead.nms.score_threshold=0.0"])
+    predictor = Trainer(cfg, mode="test")
     predictor.load_weights(os.path.join(trainer.output_dir, "model_final"))
     out_dir = str(tmp_path / "infer")
     results = predictor.predict(tiny_coco.image_root, draw_threshold=0.0, output_dir=out_dir, save_results=True)
-    assert len(results) == 4
+    assert [len(r["bbox"]) for r in results] == [100] * 4
     assert sorted(os.listdir(out_dir)) == ["bbox.json", "img_1.png", "img_2.png", "img_3.png", "img_5.png"]
     with open(os.path.join(out_dir, "bbox.json")) as f:
         dets = json.load(f)
-    assert len(dets) == sum(len(r["bbox"]) for r in results)
-    assert {d["category_id"] for d in dets} <= {3, 7, 12}
+    assert len(dets) == 400
+    assert {d["category_id"] for d in dets} == {3, 7, 12}
+    # Each image's rows under the json's own image id and the file's name.
+    names = {1: "img_1.png", 2: "img_2.png", 3: "img_3.png", 5: "img_5.png"}
+    assert sorted((d["image_id"], d["file_name"]) for d in dets) == sorted((i, n) for i, n in names.items()
+                                                                           for _ in range(100))
     for d in dets:
         assert set(d) == {"image_id", "category_id", "bbox", "score", "file_name"} and len(d["bbox"]) == 4
+        x, y, w, h = d["bbox"]
+        assert w > 0 and h > 0 and 0 <= d["score"] <= 1
 
 
 def test_device_fallback_and_threads(monkeypatch, caplog):
