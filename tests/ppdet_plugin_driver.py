@@ -98,6 +98,9 @@ def run_exported(args) -> None:
         os.path.join(args.model_dir, "model.json")) else os.path.join(args.model_dir, "model.pdmodel"),
         os.path.join(args.model_dir, "model.pdiparams"))
     config.disable_gpu()
+    # PaddleDetection's own RetinaNet export fails under oneDNN on Paddle 3.3 ("ConvertPirAttribute2-
+    # RuntimeAttribute not support ArrayAttribute<DoubleAttribute>"), with or without the plugin.
+    config.disable_mkldnn()
     predictor = pi.create_predictor(config)
     feeds = {"image": sample["image"][None], "im_shape": np.asarray(sample["im_shape"], np.float32)[None],
              "scale_factor": np.asarray(sample["scale_factor"], np.float32)[None]}
