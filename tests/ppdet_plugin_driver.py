@@ -4,6 +4,7 @@
     PYTHON tests/ppdet_plugin_driver.py train OUT.npz CONFIG --plugin {0,1} [-o KEY=VALUE ...]
     PYTHON tests/ppdet_plugin_driver.py exported OUT.json MODEL_DIR IMAGE
     PYTHON tests/ppdet_plugin_driver.py coco80 OUT.json
+    PYTHON tests/ppdet_plugin_driver.py conventions OUT.json WEIGHTS CONFIG [-o KEY=VALUE ...]
 
 ``weights``: the seeded weights (tools/dev/ppdet_file_reference.py's ``state_dict``) under the names of
 PaddleDetection's own model built from CONFIG, written as a .pdparams file.
@@ -16,6 +17,8 @@ image preprocessed by PaddleDetection's own TestReader operators; writes COCO re
 infer.py's bbox.json.
 ``coco80``: a COCO annotation file without images and with PaddleDetection's default COCO label set
 (80 classes, category ids 1..90): its infer.py reads the label set from TestDataset's annotation file.
+``conventions``: PaddleDetection's own RetinaHead, FocalLoss and MaxIoUAssigner and ours through the
+plugin, called the way PaddleDetection calls them on the same inputs; writes the largest differences.
 """
 
 from __future__ import annotations
@@ -124,6 +127,44 @@ def write_coco80(args) -> None:
         json.dump({"images": [], "annotations": [], "categories": categories}, f)
 
 
+def conventions(args) -> None:
+    import paddle
+    from ppdet.core.workspace import create
+    from ppdet.modeling.assigners.max_iou_assigner import MaxIoUAssigner as TheirAssigner
+    from ppdet.modeling.losses.focal_loss import FocalLoss as TheirFocalLoss
+    _load(args.config, args.opt)
+    theirs = create("RetinaNet")
+    from ppdet_retina import ppdet_plugin
+    ppdet_plugin.register()
+    ours = create("RetinaNet")
+    state = paddle.load(args.weights)
+    for model in (theirs, ours):
+        model.set_dict(state)
+        model.eval()
+    paddle.seed(0)
+    feats = theirs.neck(theirs.backbone({"image": paddle.randn([1, 3, 160, 224])}))
+    logits = [theirs.head.decode_cls_logits(theirs.head(feats)[0]).numpy(),
+              ours.head.decode_cls_logits(ours.head(feats)[0]).numpy()]
+    # The same top-k per level; ties may order alike-valued anchors differently, so compare sorted.
+    out = {"decode_cls_logits": float(np.abs(np.sort(logits[0], 2) - np.sort(logits[1], 2)).max())}
+    pred, target = paddle.randn([50, 80]), paddle.randint(0, 81, [50])
+    for reduction in ("none", "sum", "mean"):
+        diff = ours.head.loss_class(pred, target, reduction=reduction) - TheirFocalLoss()(pred, target, reduction)
+        out[f"focal_{reduction}"] = float(paddle.abs(diff).max())
+    out["focal_default"] = float(paddle.abs(ours.head.loss_class(pred, target) - TheirFocalLoss()(pred, target)).max())
+    corner = paddle.rand([300, 2]) * 100
+    anchors = paddle.concat([corner, corner + paddle.rand([300, 2]) * 50 + 5], axis=1)
+    gts = paddle.to_tensor([[10.0, 10.0, 60.0, 60.0], [30.0, 40.0, 90.0, 120.0]])
+    match_o, label_o = ours.head.bbox_assigner(anchors, gts)
+    match_t, label_t = TheirAssigner(0.5, 0.4)(anchors, gts)
+    positive = label_t.numpy() == 1
+    out["assigner_labels_equal"] = bool((label_o.numpy() == label_t.numpy()).all())
+    out["assigner_positives"] = int(positive.sum())
+    out["assigner_matches_equal"] = bool((match_o.numpy()[positive] == match_t.numpy()[positive]).all())
+    with open(args.out, "w") as f:
+        json.dump(out, f)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -142,9 +183,14 @@ def main() -> None:
     p.add_argument("image")
     p = sub.add_parser("coco80")
     p.add_argument("out")
+    p = sub.add_parser("conventions")
+    p.add_argument("out")
+    p.add_argument("weights")
+    p.add_argument("config")
+    p.add_argument("-o", "--opt", nargs="*", default=[])
     args = parser.parse_args()
-    {"weights": write_weights, "train": train, "exported": run_exported,
-     "coco80": write_coco80}[args.command](args)
+    {"weights": write_weights, "train": train, "exported": run_exported, "coco80": write_coco80,
+     "conventions": conventions}[args.command](args)
 
 
 if __name__ == "__main__":

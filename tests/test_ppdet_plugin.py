@@ -198,6 +198,18 @@ def test_three_trainer_steps_match_paddledetections_components(work):
           f"by largest element {by_max:.2e}")
 
 
+def test_taken_over_names_answer_paddledetections_calls_as_its_own(work):
+    """Calls of PaddleDetection's convention that RetinaNet's forward does not make in the tests above."""
+    out = str(work["root"] / "conventions.json")
+    _ok(_run([DRIVER, "conventions", out, work["weights"], CONFIG, "-o", *NARROW], pythonpath=(PPDET_ROOT, REPO)))
+    with open(out) as f:
+        found = json.load(f)
+    assert found["decode_cls_logits"] <= 1e-5
+    assert max(found[f"focal_{r}"] for r in ("none", "sum", "mean", "default")) <= 1e-4
+    assert found["assigner_positives"] > 0
+    assert found["assigner_labels_equal"] and found["assigner_matches_equal"]
+
+
 def test_eval_through_plugin_prints_coco_ap(work):
     out = _ok(_run(_plugin("eval.py", "-c", CONFIG, "-o", *NARROW, *work["data"],
                            f"EvalReader.sample_transforms={SMALL_READER}", "EvalReader.batch_size=2",
