@@ -176,8 +176,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print(f"ppdet_retina.ppdet_plugin: script '{script}' not found (give the path of a PaddleDetection "
               f"tool, e.g. PaddleDetection/tools/train.py)\n\n{_USAGE}", file=sys.stderr)
         return 2
-    # As `python SCRIPT`: the script's folder first on sys.path, not this package's or the cwd.
+    # As `python SCRIPT`: the script's folder first on sys.path, not this package's or the cwd. Our
+    # package stays importable (at the end) if only the replaced entry made it so.
+    package_root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     sys.path[0] = os.path.dirname(os.path.abspath(script))
+    if package_root not in sys.path:
+        sys.path.append(package_root)
     root = _checkout_root(script)
     if root is not None and root not in sys.path:
         # PaddleDetection's tools put their checkout on sys.path themselves, after their imports of
