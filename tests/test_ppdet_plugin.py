@@ -69,8 +69,20 @@ def _env(pythonpath: Sequence[str]) -> Dict[str, str]:
     return env
 
 
-def _start(args: Sequence[str], pythonpath: Sequence[str] = (REPO,), cwd: str = REPO) -> subprocess.Popen:
-    return subprocess.Popen([PPDET_PYTHON, *args], cwd=cwd, env=_env(pythonpath), text=True,
+# PaddleDetection's scripts write files into the working directory (eval.py's bbox.json): they run in a
+# scratch folder, never in the repository.
+_SCRATCH: Dict[str, str] = {}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _scratch_cwd(tmp_path_factory):
+    _SCRATCH["cwd"] = str(tmp_path_factory.mktemp("ppdet_cwd"))
+    yield
+    _SCRATCH.clear()
+
+
+def _start(args: Sequence[str], pythonpath: Sequence[str] = (REPO,), cwd: str = "") -> subprocess.Popen:
+    return subprocess.Popen([PPDET_PYTHON, *args], cwd=cwd or _SCRATCH["cwd"], env=_env(pythonpath), text=True,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
 
 
@@ -79,7 +91,7 @@ def _finish(proc: subprocess.Popen, timeout: float = 240) -> subprocess.Complete
     return subprocess.CompletedProcess(proc.args, proc.returncode, out, "")
 
 
-def _run(args: Sequence[str], pythonpath: Sequence[str] = (REPO,), cwd: str = REPO,
+def _run(args: Sequence[str], pythonpath: Sequence[str] = (REPO,), cwd: str = "",
          timeout: float = 240) -> subprocess.CompletedProcess:
     return _finish(_start(args, pythonpath, cwd), timeout)
 
