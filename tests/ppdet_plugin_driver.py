@@ -1,6 +1,6 @@
 """PaddleDetection-side steps of tests/test_ppdet_plugin.py, run with PaddleDetection's python.
 
-    PYTHON tests/ppdet_plugin_driver.py weights OUT.pdparams CONFIG [-o KEY=VALUE ...]
+    PYTHON tests/ppdet_plugin_driver.py weights OUT.pdparams CONFIG [--arch faster_rcnn] [-o KEY=VALUE ...]
     PYTHON tests/ppdet_plugin_driver.py train OUT.npz CONFIG --plugin {0,1} [-o KEY=VALUE ...]
     PYTHON tests/ppdet_plugin_driver.py exported OUT.json MODEL_DIR IMAGE
     PYTHON tests/ppdet_plugin_driver.py coco80 OUT.json
@@ -56,7 +56,7 @@ def write_weights(args) -> None:
     model = create(cfg.architecture)
     names = list(model.state_dict())
     shapes = [list(t.shape) for t in model.state_dict().values()]
-    state = gen.state_dict(names, shapes, SEED, "retinanet")
+    state = gen.state_dict(names, shapes, SEED, args.arch)
     paddle.save({k: paddle.to_tensor(v) for k, v in state.items()}, args.out)
 
 
@@ -171,6 +171,7 @@ def main() -> None:
     p = sub.add_parser("weights")
     p.add_argument("out")
     p.add_argument("config")
+    p.add_argument("--arch", default="retinanet", choices=["retinanet", "faster_rcnn"])
     p.add_argument("-o", "--opt", nargs="*", default=[])
     p = sub.add_parser("train")
     p.add_argument("out")

@@ -167,6 +167,28 @@ def test_infer_through_plugin_gives_paddledetections_detections(infer_rows):
     print(f"infer parity: {figures}")
 
 
+def test_faster_rcnn_keeps_its_detections_with_our_nms_in_the_registry(work):
+    """PaddleDetection's Faster R-CNN calls the taken-over MultiClassNMS in its own form (per-class boxes,
+    RoI counts, background label): its infer.py gives the same rows with the plugin as without."""
+    config = os.path.join(PPDET_ROOT, "configs", "faster_rcnn", "faster_rcnn_r50_fpn_1x_coco.yml")
+    narrow = ["use_gpu=false", "FPN.out_channel=32", "TwoFCHead.out_channel=64"]  # FASTER_RCNN_OVERRIDES
+    weights = str(work["root"] / "faster_rcnn.pdparams")
+    _ok(_run([DRIVER, "weights", weights, config, "--arch", "faster_rcnn", "-o", *narrow],
+             pythonpath=(PPDET_ROOT, REPO)))
+    jobs, outs = {}, {}
+    for name, prefix in (("ppdet", [_tool("infer.py")]), ("plugin", _plugin("infer.py"))):
+        out = work["root"] / f"faster_rcnn_{name}"
+        jobs[name] = _start([*prefix, "-c", config, "--infer_img", PHOTO, "--output_dir", str(out),
+                             "--save_results", "True", "--save_threshold", "0", "--visualize", "False",
+                             "-o", *narrow, *work["data"], f"weights={weights}"])
+        outs[name] = str(out / "bbox.json")
+    logs = {name: _ok(_finish(job)) for name, job in jobs.items()}
+    assert PLUGIN_LINE in logs["plugin"]
+    figures = _compare_rows(_rows(outs["plugin"]), _rows(outs["ppdet"]))
+    assert figures["rows"] == 75
+    print(f"faster r-cnn beside the plugin: {figures}")
+
+
 def _update_diffs(ours: np.lib.npyio.NpzFile, theirs: np.lib.npyio.NpzFile, before: Dict[str, np.ndarray]):
     """Per parameter that moved: |our update - theirs| relative to theirs, by norm and by largest element."""
     by_norm, by_max, moved = 0.0, 0.0, 0
