@@ -18,7 +18,6 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-import sys
 from typing import Dict, List, Sequence
 
 import numpy as np
@@ -345,6 +344,24 @@ def test_error_when_paddledetection_differs_from_the_supported_one(tmp_path):
     assert (f"PluginError: ppdet_retina.ppdet_plugin: PaddleDetection 0.9.0 at {fake} differs from what the "
             f"adapters support: its registry has no RetinaHead, RetinaFeat, RetinaAnchorGenerator, MaxIoUAssigner, "
             f"FocalLoss, MultiClassNMS. Supported: PaddleDetection develop") in proc.stdout
+
+    # The names are there, but its RetinaNet hands the head no batch in training.
+    names = ["RetinaHead", "RetinaFeat", "RetinaAnchorGenerator", "MaxIoUAssigner", "FocalLoss", "MultiClassNMS"]
+    (fake / "ppdet" / "core" / "workspace.py").write_text(
+        f"global_config = {{name: {{}} for name in {names}}}\n"
+        "def create(name):\n    pass\ndef register(cls):\n    return cls\n")
+    (fake / "ppdet" / "modeling" / "architectures").mkdir()
+    (fake / "ppdet" / "modeling" / "architectures" / "__init__.py").write_text("")
+    (fake / "ppdet" / "modeling" / "architectures" / "retinanet.py").write_text(
+        "class RetinaNet:\n    def _forward(self):\n        feats = self.neck(self.backbone(self.inputs))\n"
+        "        if self.training:\n            return self.head(feats)\n"
+        "        return self.head.post_process(self.head(feats), self.inputs['im_shape'])\n")
+    proc = _run(["-c", "from ppdet_retina import ppdet_plugin; ppdet_plugin.register()"],
+                pythonpath=(str(fake), REPO))
+    assert proc.returncode == 1
+    assert (f"PluginError: ppdet_retina.ppdet_plugin: PaddleDetection 0.9.0 at {fake} differs from what the "
+            f"adapters support: its RetinaNet does not call self.head(neck_feats, self.inputs) in training. "
+            f"Supported: PaddleDetection develop") in proc.stdout
 
 
 def test_error_for_a_config_key_our_component_does_not_take(work):
