@@ -22,6 +22,9 @@ ALLOWED: Dict[str, Set[str]] = {
     "modeling": {"core", "utils"},
     "metrics": {"core", "utils", "data"},
     "engine": {"core", "utils", "data", "modeling", "metrics"},
+    # The PaddleDetection plugin: adapters of our modeling components, and the module that registers them.
+    "ppdet_adapters": {"core", "modeling"},
+    "ppdet_plugin": {"ppdet_adapters"},
 }
 # Inside modeling, the shared pieces (geometry, matching, targets, losses, NMS, the dense-head base)
 # serve the heads and architectures and never import them.

@@ -686,13 +686,25 @@ def _check_keys(spec: _Spec, section: dict, where: str) -> None:
     valid = spec.keys + list(spec.ignored)
     unknown = [k for k in section if k not in valid]
     if unknown:
-        parts = []
-        for key in unknown:
-            close = difflib.get_close_matches(key, valid, n=1, cutoff=0.6)
-            parts.append(f"'{key}'" + (f" (did you mean '{close[0]}'?)" if close else ""))
-        ignored = f" (accepted and ignored: {', '.join(spec.ignored)})" if spec.ignored else ""
-        raise ConfigError(f"{where}: unknown config key {', '.join(parts)} for {spec.name}; "
-                          f"valid keys: {', '.join(spec.keys)}{ignored}")
+        raise unknown_keys_error(where, spec.name, unknown, spec.keys, spec.ignored)
+
+
+def unknown_keys_error(where: str, name: str, unknown: Sequence[str], keys: Sequence[str],
+                       ignored: Iterable[str] = ()) -> ConfigError:
+    """The registry's error for config keys ``unknown`` that component ``name`` does not take.
+
+    Public so that a component built by another registry (the PaddleDetection plugin's adapters)
+    words it the same way.
+    """
+    ignored = list(ignored)
+    valid = list(keys) + ignored
+    parts = []
+    for key in unknown:
+        close = difflib.get_close_matches(key, valid, n=1, cutoff=0.6)
+        parts.append(f"'{key}'" + (f" (did you mean '{close[0]}'?)" if close else ""))
+    note = f" (accepted and ignored: {', '.join(ignored)})" if ignored else ""
+    return ConfigError(f"{where}: unknown config key {', '.join(parts)} for {name}; "
+                       f"valid keys: {', '.join(keys)}{note}")
 
 
 def _build_injected(spec: _Spec, key: str, value: Any, cfg: dict, where: str) -> Any:
