@@ -182,6 +182,9 @@ def known_flags():
     flags = set(LAUNCH_FLAGS)
     for tool in TOOLS_WITH_FLAGS:
         flags |= _tool_flags(tool)
+    # The plugin runner's own flags: the words its main() compares argv[0] with.
+    with open(os.path.join(REPO, "ppdet_retina", "ppdet_plugin.py"), encoding="utf-8") as f:
+        flags |= set(re.findall(r'argv\[0\] == "(--[\w-]+)"', f.read()))
     return flags
 
 
