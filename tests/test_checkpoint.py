@@ -9,9 +9,9 @@ import paddle
 import pytest
 
 from ppdet_retina.core.workspace import load_config, create
-from ppdet_retina.engine import checkpoint as ckpt
-from ppdet_retina.engine.checkpoint import load_pretrain_weights, load_weights, resume_checkpoint, save_checkpoint
-from ppdet_retina.engine.ppdet_names import convert_ppdet_state_dict, detect_key_style
+from ppdet_retina.io import checkpoint as ckpt
+from ppdet_retina.io.checkpoint import load_pretrain_weights, load_weights, resume_checkpoint, save_checkpoint
+from ppdet_retina.io.ppdet_names import convert_ppdet_state_dict, detect_key_style
 from ppdet_retina.modeling.backbones.resnet import ResNet
 
 from conftest import REPO, read_param_table
@@ -341,7 +341,7 @@ def test_full_paddledetection_faster_rcnn_names_convert():
 # --------------------------------------------------------------------------- load reports in the log
 
 @contextlib.contextmanager
-def _log_lines(name="ppdet_retina.engine.checkpoint"):
+def _log_lines(name="ppdet_retina.io.checkpoint"):
     """Messages of one logger (the package's root logger does not propagate to pytest's caplog)."""
     records = []
     handler = logging.Handler(level=logging.INFO)

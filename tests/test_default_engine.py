@@ -18,9 +18,9 @@ import pytest
 
 from conftest import make_coco, tiny_faster_rcnn_config, write_tiny_config
 from ppdet_retina.core.workspace import ConfigError, create, load_config
-from ppdet_retina.engine import fast_engine
-from ppdet_retina.engine.fast_engine import EngineChooser, PredictorModel, choose_engine
-from ppdet_retina.engine.trainer import Trainer
+from ppdet_retina.inference import engines as fast_engine
+from ppdet_retina.inference.engines import EngineChooser, PredictorModel, choose_engine
+from ppdet_retina.training.trainer import Trainer
 
 CATEGORIES = [{"id": 12, "name": "c12"}, {"id": 3, "name": "c3"}, {"id": 7, "name": "c7"}]
 CATIDS = [3, 7, 12]  # class index -> category id (ascending ids)

@@ -33,7 +33,7 @@ def test_two_process_launch_keeps_ranks_identical(tmp_path, tiny_coco):
 _FAILING_RANK0 = """
 import sys
 sys.path.insert(0, {repo!r})
-from ppdet_retina.engine import env
+from ppdet_retina.core import env
 
 env.init_distributed()
 def work():

@@ -23,8 +23,8 @@ import yaml
 
 from conftest import TINY_CATEGORIES, load_script, make_coco, module_imports
 from ppdet_retina.core.workspace import create, load_config
-from ppdet_retina.engine import export as E
-from ppdet_retina.engine.exported_eval import cpu_supports_bf16, evaluate_exported
+from ppdet_retina.export import paddle_inference as E
+from ppdet_retina.inference.exported_eval import cpu_supports_bf16, evaluate_exported
 from ppdet_retina.metrics.coco import COCOMetric
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -315,7 +315,7 @@ def test_deploy_imports_no_package_code():
     # deploy.py reads the package's predictor runtime by file path; that file imports no package code.
     stdlib = {"argparse", "ast", "colorsys", "importlib", "json", "os", "sys", "time", "typing", "__future__"}
     assert _imported_modules(DEPLOY_PY) - stdlib == {"cv2", "numpy"}
-    runtime = os.path.join(REPO, "ppdet_retina", "engine", "predictor.py")
+    runtime = os.path.join(REPO, "ppdet_retina", "runtime.py")
     assert _imported_modules(runtime) - stdlib == {"cv2", "numpy", "yaml", "paddle"}
     deploy = _load_deploy()
     assert os.path.samefile(deploy.rt.__file__, runtime)
@@ -349,11 +349,11 @@ def test_deploy_end_to_end(setup, tmp_path):
 
 
 def test_deploy_runs_from_a_copy_without_the_package(setup, tmp_path):
-    # deploy.py and predictor.py copied beside each other run with ppdet_retina made unimportable.
+    # deploy.py and runtime.py copied beside each other run with ppdet_retina made unimportable.
     app = tmp_path / "app"
     app.mkdir()
     shutil.copy(DEPLOY_PY, app / "deploy.py")
-    shutil.copy(os.path.join(REPO, "ppdet_retina", "engine", "predictor.py"), app / "predictor.py")
+    shutil.copy(os.path.join(REPO, "ppdet_retina", "runtime.py"), app / "runtime.py")
     script = ("import runpy, sys; sys.modules['ppdet_retina'] = None; "
               "sys.argv = ['deploy.py'] + sys.argv[1:]; runpy.run_path('deploy.py', run_name='__main__')")
     image = os.path.join(setup["data"].image_root, "img_1.png")

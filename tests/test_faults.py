@@ -15,8 +15,9 @@ import paddle
 import pytest
 
 from ppdet_retina.core.workspace import load_config
-from ppdet_retina.engine import checkpoint, env
-from ppdet_retina.engine.trainer import Trainer, weights_digest
+from ppdet_retina.io import checkpoint
+from ppdet_retina.core import env
+from ppdet_retina.training.trainer import Trainer, weights_digest
 
 from conftest import REPO, make_coco, tool_env, write_tiny_config
 

@@ -3,7 +3,7 @@
 import pytest
 
 from ppdet_retina.core.workspace import ConfigError, load_config
-from ppdet_retina.engine.trainer import Trainer
+from ppdet_retina.training.trainer import Trainer
 
 from conftest import tiny_faster_rcnn_config, write_tiny_config
 

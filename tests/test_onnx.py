@@ -19,8 +19,8 @@ import yaml
 
 from ppdet_retina.core.workspace import create, load_config
 from ppdet_retina.data.shapes import ensure_demo_dataset
-from ppdet_retina.engine import export as E
-from ppdet_retina.engine import onnx as O
+from ppdet_retina.export import paddle_inference as E
+from ppdet_retina.export import onnx as O
 from ppdet_retina.modeling.nms import MultiClassNMS
 
 from conftest import load_script

@@ -350,7 +350,7 @@ def test_traced_post_process_equals_dygraph_in_the_predictor(tmp_path, fixed):
     # top-k path, level 1 (3x4x9 = 108) too, at fixed size from Python, at dynamic size with a
     # run-time k. The oneDNN predictor once dropped a scale fused into the integer index
     # arithmetic at fixed size (wrong logits gathered for classes > 0).
-    from ppdet_retina.engine.export import load_exported, run_predictor
+    from ppdet_retina.export.paddle_inference import load_exported, run_predictor
 
     num_classes, sizes = 20, [(6, 8), (3, 4)]
     head = _head(num_classes=num_classes, strides=(8.0, 16.0), one_anchor=False, nms_pre=50)

@@ -295,7 +295,7 @@ def test_faster_rcnn_dynamic_size_export_equals_dygraph(tmp_path):
     # Traced with unknown H and W, the proposal top-k sizes min(pre_nms_top_n, anchors) are
     # run-time values: P2 at 64x96 has 1152 anchors (> 100, capped), P6 only 18 (all kept).
     from ppdet_retina.core.workspace import create
-    from ppdet_retina.engine import export as E
+    from ppdet_retina.export import paddle_inference as E
 
     cfg = tiny_faster_rcnn_config(tmp_path)
     paddle.seed(0)

@@ -7,7 +7,7 @@ import paddle
 import pytest
 
 from ppdet_retina.core.workspace import create, load_config
-from ppdet_retina.engine import checkpoint
+from ppdet_retina.io import checkpoint
 from ppdet_retina.modeling.layers import SyncableBatchNorm, convert_sync_batchnorm, make_norm
 
 from conftest import REPO, launch_two_ranks, write_tiny_config

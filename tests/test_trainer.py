@@ -8,8 +8,8 @@ import paddle
 import pytest
 
 from ppdet_retina.core.workspace import load_config
-from ppdet_retina.engine import env
-from ppdet_retina.engine.trainer import Trainer, weights_digest
+from ppdet_retina.core import env
+from ppdet_retina.training.trainer import Trainer, weights_digest
 
 from conftest import write_tiny_config
 
@@ -153,7 +153,7 @@ def test_predict_writes_images_and_coco_json(tiny_cfg, tiny_coco, tmp_path):
 def test_device_fallback_and_threads(monkeypatch, caplog):
     monkeypatch.setattr(env, "_WARNED_NO_GPU", False)
     if not paddle.device.is_compiled_with_cuda():
-        with caplog.at_level("WARNING", logger="ppdet_retina.engine.env"):
+        with caplog.at_level("WARNING", logger="ppdet_retina.core.env"):
             assert env.select_device(True) == "cpu"
             assert env.select_device(True) == "cpu"
         assert sum("no GPU" in r.message for r in caplog.records) == 1

@@ -2,7 +2,7 @@
 """Run an exported detector with Paddle Inference (PaddleDetection's deploy/python/infer.py flags).
 
 Needs only paddle, opencv-python, numpy and PyYAML, and the package's predictor runtime
-``ppdet_retina/engine/predictor.py`` (read by file path: from the checkout, or copied next to this
+``ppdet_retina/runtime.py`` (read by file path: from the checkout, or copied next to this
 file). To deploy without the package, copy both files next to an export and run
 
     python deploy.py --model_dir output_inference/retinanet_r50_fpn_1x --image_dir demo/ \\
@@ -39,11 +39,11 @@ import cv2
 import numpy as np
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
-_RUNTIME_FILE = "predictor.py"
+_RUNTIME_FILE = "runtime.py"
 
 
 def load_runtime() -> Any:
-    """The package's predictor runtime (ppdet_retina/engine/predictor.py), loaded by file path:
+    """The package's predictor runtime (ppdet_retina/runtime.py), loaded by file path:
     next to this script in a copied deployment, else from the checkout this script belongs to.
     Only that one file is read, so the rest of the package is never needed."""
     here = os.path.dirname(os.path.abspath(__file__))
@@ -51,14 +51,14 @@ def load_runtime() -> Any:
     if name in sys.modules:
         return sys.modules[name]
     for path in (os.path.join(here, _RUNTIME_FILE),
-                 os.path.join(here, os.pardir, "ppdet_retina", "engine", _RUNTIME_FILE)):
+                 os.path.join(here, os.pardir, "ppdet_retina", _RUNTIME_FILE)):
         if os.path.isfile(path):
             spec = importlib.util.spec_from_file_location(name, path)
             module = importlib.util.module_from_spec(spec)
             spec.loader.exec_module(module)
             sys.modules[name] = module
             return module
-    raise SystemExit(f"error: deploy.py needs {_RUNTIME_FILE} (ppdet_retina/engine/{_RUNTIME_FILE} of the "
+    raise SystemExit(f"error: deploy.py needs {_RUNTIME_FILE} (ppdet_retina/{_RUNTIME_FILE} of the "
                      f"package) next to it; copy that file beside deploy.py")
 
 

@@ -68,7 +68,7 @@ __all__ = [
 BASE_KEY = "_BASE_"
 # Sub-packages whose modules register components; imported before a config is
 # read so that every `!Tag` and every `name:` is known.
-_COMPONENT_PACKAGES = ("ppdet_retina.modeling", "ppdet_retina.data", "ppdet_retina.engine")
+_COMPONENT_PACKAGES = ("ppdet_retina.modeling", "ppdet_retina.data", "ppdet_retina.training")
 
 # Top-level keys besides component sections (a registered class name, or a section a config names
 # elsewhere, e.g. ``architecture: RetinaNet``) and ``__shared__`` keys. Everything else at the top level

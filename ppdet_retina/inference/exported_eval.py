@@ -1,12 +1,12 @@
 """COCO evaluation of an exported model through the Paddle Inference predictor.
 
-On CPU the predictor (:mod:`ppdet_retina.engine.predictor`) runs the convolutions with oneDNN (optionally in bf16), while dygraph
+On CPU the predictor (:mod:`ppdet_retina.runtime`) runs the convolutions with oneDNN (optionally in bf16), while dygraph
 convolutions use Paddle's plain CPU kernel even with the oneDNN flags on, so evaluating an
 export is the fast way to score a model on a CPU. Data and metric are the package's own: ``EvalDataset``,
 ``EvalReader`` and :class:`~ppdet_retina.metrics.coco.COCOMetric`, so the numbers are
 comparable with ``tools/eval.py`` on the dygraph model.
 
-    from ppdet_retina.engine.exported_eval import evaluate_exported
+    from ppdet_retina.inference.exported_eval import evaluate_exported
     stats = evaluate_exported(cfg, "output_inference/retinanet_r50_fpn_1x", bf16=True)
     stats["bbox"][0]   # AP@[.50:.95]
 """
@@ -17,9 +17,9 @@ import time
 from typing import Any, Dict, List, Optional
 
 from ppdet_retina.core.workspace import ConfigError
-from ppdet_retina.engine.export import preprocess_entries
-from ppdet_retina.engine.predictor import cpu_supports_bf16, create_predictor, model_files, read_infer_cfg, run
-from ppdet_retina.engine.trainer import build_eval_loader, output_dir_of
+from ppdet_retina.export.paddle_inference import preprocess_entries
+from ppdet_retina.runtime import cpu_supports_bf16, create_predictor, model_files, read_infer_cfg, run
+from ppdet_retina.training.trainer import build_eval_loader, output_dir_of
 from ppdet_retina.metrics.coco import COCOMetric
 from ppdet_retina.utils.logger import setup_logger
 
@@ -61,7 +61,7 @@ def evaluate_exported(cfg: dict, model_dir: str, use_mkldnn: bool = True, bf16: 
         classwise: also log per-category AP.
         output_eval: folder for bbox.json; default ``cfg['output_eval']`` or save_dir/<config name>.
     """
-    from ppdet_retina.engine import env
+    from ppdet_retina.core import env
 
     if str(cfg.get("metric", "COCO")) != "COCO":
         raise ConfigError(f"metric '{cfg.get('metric')}' is not supported; set metric: COCO")

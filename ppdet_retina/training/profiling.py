@@ -23,7 +23,7 @@ import paddle
 
 __all__ = ["ProfilerDone", "parse_profiler_options", "StepProfiler"]
 
-logger = logging.getLogger("ppdet_retina.engine.profiling")
+logger = logging.getLogger("ppdet_retina.training.profiling")
 
 _DEFAULTS: Dict[str, Any] = {"batch_range": [10, 20], "state": "All", "sorted_key": "total",
                              "tracer_option": "Default", "profile_path": "/tmp/profile", "exit_on_finished": True}

@@ -23,6 +23,7 @@ __all__ = [
     "barrier",
     "run_on_main_then_sync",
     "PEER_FAILED",
+    "RunFailure",
     "PeerFailure",
     "stop_all_ranks",
     "check_peers",
@@ -31,7 +32,7 @@ __all__ = [
     "str2bool",
 ]
 
-logger = logging.getLogger("ppdet_retina.engine.env")
+logger = logging.getLogger("ppdet_retina.core.env")
 
 
 def world_size() -> int:
@@ -157,7 +158,12 @@ def run_on_main_then_sync(fn: Callable[[], Any]) -> Any:
 PEER_FAILED = 2.0
 
 
-class PeerFailure(RuntimeError):
+class RunFailure(Exception):
+    """A run stopped by its surroundings, not by its inputs (another rank failed, the disk is full):
+    tools print its message and exit with 1."""
+
+
+class PeerFailure(RunFailure, RuntimeError):
     """Another rank failed; this rank stops with it. The message carries that rank's error."""
 
 
@@ -251,14 +257,13 @@ def run_tool(main, argv=None) -> int:
     import sys
 
     from ppdet_retina.core.workspace import ConfigError
-    from ppdet_retina.engine.checkpoint import CheckpointSaveError
 
     try:
         main(argv)
     except (ConfigError, FileNotFoundError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    except (FloatingPointError, PeerFailure, CheckpointSaveError) as err:
+    except (FloatingPointError, RunFailure) as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
     return 0

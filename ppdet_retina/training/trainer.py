@@ -5,7 +5,7 @@ Outputs of a training run go to ``<save_dir>/<config file stem>/``:
 * ``<epoch>.pdparams`` / ``.pdopt`` / ``.commit.json`` every ``snapshot_epoch``
   epochs (0-based epoch id), ``model_final`` after the last epoch,
   ``best_model`` with ``--eval`` (highest bbox mAP so far); the commit record
-  makes the pair one save (``engine/checkpoint.py``), and ``-r auto`` resumes
+  makes the pair one save (``io/checkpoint.py``), and ``-r auto`` resumes
   from the newest complete one;
 * ``train_log.jsonl``: one JSON object per log step (``"type": "train"``:
   epoch, iter, step, lr, every loss term, batch_cost, data_cost, ips) and per
@@ -33,15 +33,16 @@ import paddle
 
 from ppdet_retina.core.workspace import ConfigError, create
 from ppdet_retina.data.transforms import decode_image
-from ppdet_retina.engine import checkpoint, env
-from ppdet_retina.engine.amp import MixedPrecision
-from ppdet_retina.engine.ema import RAW_WEIGHTS_SUFFIX, build_ema
-from ppdet_retina.engine.fast_engine import EngineChooser
-from ppdet_retina.engine.predictor import split_detections, unique_output_path
-from ppdet_retina.engine.optimizer import build_optimizer
-from ppdet_retina.engine.profiling import StepProfiler
-from ppdet_retina.engine.train_options import distributed_model, to_static_model
-from ppdet_retina.engine.vdl import VisualDLWriter
+from ppdet_retina.io import checkpoint
+from ppdet_retina.core import env
+from ppdet_retina.training.amp import MixedPrecision
+from ppdet_retina.training.ema import RAW_WEIGHTS_SUFFIX, build_ema
+from ppdet_retina.inference.engines import EngineChooser
+from ppdet_retina.runtime import split_detections, unique_output_path
+from ppdet_retina.training.optimizer import build_optimizer
+from ppdet_retina.training.profiling import StepProfiler
+from ppdet_retina.training.train_options import distributed_model, to_static_model
+from ppdet_retina.training.vdl import VisualDLWriter
 from ppdet_retina.metrics.coco import COCOMetric, detections_to_coco
 from ppdet_retina.modeling.layers import convert_sync_batchnorm
 from ppdet_retina.utils.logger import JsonlWriter, TrainingStats, format_eta, setup_logger
@@ -120,10 +121,10 @@ class Trainer:
             ``worker_num``, ``metric``, ``classwise``, ``output_eval`` and the
             ``{Train,Eval,Test}{Dataset,Reader}``, ``LearningRate``,
             ``OptimizerBuilder`` sections; in training also PaddleDetection's
-            switches: ``amp`` (engine/amp.py), ``use_ema`` and its keys
-            (engine/ema.py), ``norm_type: sync_bn``, ``to_static``, ``fleet``,
+            switches: ``amp`` (training/amp.py), ``use_ema`` and its keys
+            (training/ema.py), ``norm_type: sync_bn``, ``to_static``, ``fleet``,
             ``profiler_options``, ``use_vdl`` / ``vdl_log_dir``
-            (engine/train_options.py, profiling.py, vdl.py); in evaluation
+            (training/train_options.py, profiling.py, vdl.py); in evaluation
             ``save_prediction_only``.
         mode: ``train`` (optimizer, LR, train loader), ``eval`` (eval loader,
             metric) or ``test`` (inference on images given to ``predict``).
@@ -192,7 +193,7 @@ class Trainer:
 
     def set_engine(self, engine: str = "auto", bf16: bool = False) -> None:
         """Engine of evaluate / predict: ``auto``, ``paddle_inference`` or ``dygraph``
-        (:mod:`ppdet_retina.engine.fast_engine`); ``bf16`` for oneDNN bfloat16. Checked at once."""
+        (:mod:`ppdet_retina.inference.engines`); ``bf16`` for oneDNN bfloat16. Checked at once."""
         self.engine = EngineChooser(engine, bf16, self.device, training=self.mode == "train")
         self.engine.check(str(self.cfg["architecture"]))
 

@@ -34,7 +34,7 @@ register_top_level_keys({
     "custom_black_list": "op names --amp keeps in float32",
 })
 
-logger = logging.getLogger("ppdet_retina.engine.amp")
+logger = logging.getLogger("ppdet_retina.training.amp")
 
 
 class MixedPrecision:

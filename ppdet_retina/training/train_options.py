@@ -15,7 +15,7 @@ from typing import Any, Dict, Tuple
 import paddle
 
 from ppdet_retina.core.workspace import ConfigError, register_top_level_keys
-from ppdet_retina.engine import env
+from ppdet_retina.core import env
 
 __all__ = ["TRAIN_FLAGS", "add_train_flags", "flags_to_config", "make_deterministic", "to_static_model", "distributed_model"]
 
@@ -44,7 +44,7 @@ register_top_level_keys({
     "save_prediction_only": "tools/eval.py --save_prediction_only: write bbox.json without the mAP",
 })
 
-logger = logging.getLogger("ppdet_retina.engine.train_options")
+logger = logging.getLogger("ppdet_retina.training.train_options")
 
 
 def add_train_flags(parser: argparse.ArgumentParser) -> None:

@@ -98,7 +98,7 @@ def export_onnx(deploy: Any, save_dir: str, input_size: Sequence[int], opset: in
     settings to apply) and check (the verdict).
     Raises OnnxCheckError when the check finds a difference.
     """
-    from ppdet_retina.engine.export import DeployModel, MODEL_PREFIX, _trace_and_save, input_spec, mode_fields
+    from ppdet_retina.export.paddle_inference import DeployModel, MODEL_PREFIX, _trace_and_save, input_spec, mode_fields
 
     if int(opset) < MIN_ONNX_OPSET:
         raise ConfigError(f"--onnx_opset {opset}: the graph's TopK, Range and GatherElements convert only "
@@ -388,7 +388,7 @@ def check_onnx(onnx_file: str, paddle_prefix: str, feeds: Sequence[Tuple[str, Di
         import onnxruntime  # noqa: F401
     except ImportError:
         return "skipped: onnxruntime is not installed (pip install onnxruntime)"
-    from ppdet_retina.engine.predictor import create_predictor, run as run_predictor
+    from ppdet_retina.runtime import create_predictor, run as run_predictor
 
     session = ort_session(onnx_file)
     names = [i.name for i in session.get_inputs()]

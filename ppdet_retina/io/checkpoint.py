@@ -4,7 +4,7 @@ Files: ``<prefix>.pdparams`` holds the model's state dict (our parameter names);
 holds the optimizer's state dict plus our ``extra`` dict (epoch, step, ...) under ``EXTRA_KEY``.
 
 Weight files in our names, a PaddleDetection model's or its ImageNet backbone's are accepted; the names
-are translated by :mod:`ppdet_retina.engine.ppdet_names`.
+are translated by :mod:`ppdet_retina.io.ppdet_names`.
 """
 
 from __future__ import annotations
@@ -21,8 +21,9 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 import numpy as np
 import paddle
 
-from ppdet_retina.engine import weights
-from ppdet_retina.engine.ppdet_names import convert_ppdet_state_dict, detect_key_style
+from ppdet_retina.core.env import RunFailure
+from ppdet_retina.io import download_cache as weights
+from ppdet_retina.io.ppdet_names import convert_ppdet_state_dict, detect_key_style
 
 __all__ = [
     "EXTRA_KEY",
@@ -38,7 +39,7 @@ __all__ = [
     "remove_stale_temps",
 ]
 
-logger = logging.getLogger("ppdet_retina.engine.checkpoint")
+logger = logging.getLogger("ppdet_retina.io.checkpoint")
 
 EXTRA_KEY = "__ppdet_retina_extra__"
 # PaddleDetection keeps the number of finished epochs in its .pdopt under this key (our extra 'epoch').
@@ -156,7 +157,7 @@ _DISK_FULL = (errno.ENOSPC, errno.EFBIG, errno.EDQUOT)
 SAVE_PAUSE_ENV = "PPDET_RETINA_TEST_SAVE_PAUSE"
 
 
-class CheckpointSaveError(OSError):
+class CheckpointSaveError(OSError, RunFailure):
     """A checkpoint could not be written (full disk, quota, file-size limit); nothing was replaced."""
 
     def __str__(self) -> str:

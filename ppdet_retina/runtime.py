@@ -1,9 +1,9 @@
 """Paddle Inference runtime for an exported detector: the one place that configures and runs it.
 
 Used by ``tools/deploy.py`` (loaded by file path, so that script runs without the package),
-``tools/eval.py --exported`` (:mod:`ppdet_retina.engine.exported_eval`), the default engine of
-eval / infer / training's evaluation (:mod:`ppdet_retina.engine.fast_engine`) and the export
-checks (:mod:`ppdet_retina.engine.export`, :mod:`ppdet_retina.engine.onnx`). It therefore imports
+``tools/eval.py --exported`` (:mod:`ppdet_retina.inference.exported_eval`), the default engine of
+eval / infer / training's evaluation (:mod:`ppdet_retina.inference.engines`) and the export
+checks (:mod:`ppdet_retina.export.paddle_inference`, :mod:`ppdet_retina.export.onnx`). It therefore imports
 nothing of the package: only paddle, numpy, OpenCV and PyYAML.
 
 What lives here:

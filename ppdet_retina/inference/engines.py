@@ -32,7 +32,7 @@ import numpy as np
 import paddle
 
 from ppdet_retina.core.workspace import ConfigError
-from ppdet_retina.engine import predictor as rt
+from ppdet_retina import runtime as rt
 from ppdet_retina.utils.logger import setup_logger
 
 __all__ = ["ENGINES", "SHIPPED_ARCHITECTURES", "PredictorModel", "EngineChooser", "add_engine_args", "choose_engine",
@@ -164,7 +164,7 @@ def cache_root() -> str:
 
 def _trace(model: paddle.nn.Layer, folder: str) -> float:
     """Trace ``model`` (detections with NMS, dynamic shapes) into ``folder``; returns the seconds it took."""
-    from ppdet_retina.engine.export import DeployModel, _trace_and_save, input_spec
+    from ppdet_retina.export.paddle_inference import DeployModel, _trace_and_save, input_spec
 
     tic = time.perf_counter()
     was_training = model.training
@@ -240,7 +240,7 @@ def inference_runner(model: paddle.nn.Layer, cfg: Dict[str, Any], engine: str = 
     Under ``auto`` a failed export falls back to dygraph with a warning; under
     ``paddle_inference`` it raises.
     """
-    from ppdet_retina.engine import env
+    from ppdet_retina.core import env
 
     architecture = str(cfg.get("architecture", type(model).__name__))
     chosen, why = choose_engine(engine, device, architecture, bf16)

@@ -5,7 +5,7 @@ Layout written by :func:`export_model` under ``<output_dir>/<config name>/``::
     model.json + model.pdiparams   the traced graph (PIR) and its weights
     infer_cfg.yml                  everything a runtime needs besides the graph (see below)
     model.onnx                     only with ``onnx=True``: fixed input size, boxes + scores before the
-                                   NMS (converted and checked by :mod:`ppdet_retina.engine.onnx`)
+                                   NMS (converted and checked by :mod:`ppdet_retina.export.onnx`)
 
 Graph inputs (dynamic batch, height and width)::
 
@@ -46,7 +46,7 @@ import paddle.nn as nn
 import yaml
 
 from ppdet_retina.core.workspace import ConfigError, create
-from ppdet_retina.engine import predictor
+from ppdet_retina import runtime as predictor
 from ppdet_retina.modeling.architectures.export_surface import EXPORT_MODES, Exportable
 from ppdet_retina.utils.logger import setup_logger
 
@@ -277,7 +277,7 @@ def _write_yaml(path: str, data: Dict[str, Any]) -> None:
 # --------------------------------------------------------------------------- export
 
 def _load_model(cfg: dict, weights: Optional[str]) -> nn.Layer:
-    from ppdet_retina.engine import checkpoint
+    from ppdet_retina.io import checkpoint
 
     if "architecture" not in cfg:
         raise ConfigError("config has no 'architecture' key (e.g. architecture: RetinaNet)")
@@ -308,7 +308,7 @@ def export_model(cfg: dict, output_dir: str = "output_inference", weights: Optio
         onnx_opset: ONNX opset to ask paddle2onnx for (>= 11, default 11); infer_cfg.yml records the
             file's own.
         check_onnx: compare the ONNX model with the Paddle graphs when onnxruntime is installed
-            (:func:`ppdet_retina.engine.onnx.check_onnx`); a difference raises OnnxCheckError.
+            (:func:`ppdet_retina.export.onnx.check_onnx`); a difference raises OnnxCheckError.
         fixed_input_size: (H, W) to trace one image of exactly that padded size instead of dynamic
             shapes (for models whose code needs static sizes; runtimes pad every image to it).
     """
@@ -331,7 +331,7 @@ def export_model(cfg: dict, output_dir: str = "output_inference", weights: Optio
     infer_cfg = os.path.join(save_dir, "infer_cfg.yml")
     _write_yaml(infer_cfg, info)
     if onnx:
-        from ppdet_retina.engine import onnx as onnx_export
+        from ppdet_retina.export import onnx as onnx_export
 
         size = list(onnx_input_size) if onnx_input_size else onnx_export.default_onnx_size(info["Preprocess"])
         feeds = onnx_export.sample_feeds(cfg, *size) if check_onnx else None
@@ -345,7 +345,7 @@ def export_model(cfg: dict, output_dir: str = "output_inference", weights: Optio
 
 
 # --------------------------------------------------------------------------- running an export
-# The runtime lives in ppdet_retina.engine.predictor (shared with tools/deploy.py); these names stay
+# The runtime lives in ppdet_retina.runtime (shared with tools/deploy.py); these names stay
 # here for callers that run what they just exported.
 
 run_predictor = predictor.run
@@ -354,6 +354,6 @@ run_predictor = predictor.run
 def load_exported(model_file: str, params_file: str, use_mkldnn: bool = True, bf16: bool = False,
                   cpu_threads: int = 1, use_gpu: bool = False) -> Any:
     """A ``paddle.inference`` predictor for an exported model (CPU oneDNN by default); see
-    :func:`ppdet_retina.engine.predictor.create_predictor`."""
+    :func:`ppdet_retina.runtime.create_predictor`."""
     return predictor.create_predictor(model_file, params_file, device="gpu" if use_gpu else "cpu",
                                       cpu_threads=cpu_threads, mkldnn=use_mkldnn, bf16=bf16)
