@@ -250,7 +250,7 @@ def test_deploy_reads_one_batch_at_a_time(scored_model, monkeypatch):
 
 
 def test_infer_refuses_a_picture_it_cannot_write(tmp_path):
-    from ppdet_retina.training.trainer import write_picture
+    from ppdet_retina.inference.predict import write_picture
 
     (tmp_path / "taken.png").mkdir()  # a folder where the picture should go
     with pytest.raises(ValueError, match="cannot write .*taken.png"):

@@ -24,7 +24,8 @@ import yaml
 from conftest import TINY_CATEGORIES, load_script, make_coco, module_imports
 from ppdet_retina.core.workspace import create, load_config
 from ppdet_retina.export import paddle_inference as E
-from ppdet_retina.inference.exported_eval import cpu_supports_bf16, evaluate_exported
+from ppdet_retina.inference.exported_eval import evaluate_exported
+from ppdet_retina.runtime import cpu_supports_bf16
 from ppdet_retina.metrics.coco import COCOMetric
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -1,11 +1,13 @@
 """The package's layers import only downwards (docs/DESIGN.md, "Layers"), checked on the source with ast.
 
-core -> {data, modeling} -> metrics -> engine -> tools; utils is usable from every layer above core.
-Two files stand alone: runtime.py (deploy.py loads it by path) and tools/deploy.py.
+core -> utils -> {data, modeling} -> metrics; io (files) -> export -> inference -> training -> tools.
+Two files stand alone: runtime.py (deploy.py loads it by path, every layer may import it) and
+tools/deploy.py. No module imports itself back through others (no cycles), lazy imports included.
 """
 
 from __future__ import annotations
 
+import ast
 import os
 import sys
 from typing import Dict, List, Set
@@ -21,12 +23,14 @@ ALLOWED: Dict[str, Set[str]] = {
     "data": {"core", "utils"},
     "modeling": {"core", "utils"},
     "metrics": {"core", "utils", "data"},
-    "io": {"core", "utils", "data", "modeling", "metrics", "export", "inference", "training"},
-    "export": {"core", "utils", "data", "modeling", "metrics", "io", "inference", "training"},
-    "inference": {"core", "utils", "data", "modeling", "metrics", "io", "export", "training"},
+    "io": {"core", "utils"},
+    "export": {"core", "utils", "data", "modeling", "io"},
+    "inference": {"core", "utils", "data", "modeling", "metrics", "io", "export"},
     "training": {"core", "utils", "data", "modeling", "metrics", "io", "export", "inference"},
     "runtime": set(),
 }
+# runtime.py imports nothing of the package (deploy.py loads it by path), so every layer may use it.
+SHARED_BY_ALL = "runtime"
 # Inside modeling, the shared pieces (geometry, matching, targets, losses, NMS, the dense-head base)
 # serve the heads and architectures and never import them.
 MODELING_UPPER = ("heads", "architectures")
@@ -63,7 +67,7 @@ def test_layers_import_only_downwards():
             if not module.startswith(PACKAGE + "."):
                 continue
             target = _layer(module)
-            if target and target not in (layer, "runtime") and target not in ALLOWED[layer]:
+            if target and target not in (layer, SHARED_BY_ALL) and target not in ALLOWED[layer]:
                 wrong.append(f"{rel}:{line} ({layer}) imports {module} ({target})")
     assert wrong == [], "layer rule broken (docs/DESIGN.md, 'Layers'):\n" + "\n".join(wrong)
 
@@ -98,3 +102,76 @@ def test_the_checker_sees_a_violation(tmp_path, monkeypatch):
     assert module_imports(str(fake), REPO) == [(1, "os"), (2, "ppdet_retina.training"), (3, "ppdet_retina.core")]
     with pytest.raises(AssertionError, match=r"modeling/bad.py:2 \(modeling\) imports ppdet_retina.training"):
         test_layers_import_only_downwards()
+
+
+def _module_name(path: str) -> str:
+    rel = os.path.relpath(path, REPO)[:-3].replace(os.sep, ".")
+    return rel[:-len(".__init__")] if rel.endswith(".__init__") else rel
+
+
+def _imported_modules(path: str, files: Dict[str, str]) -> Set[str]:
+    """The package modules ``path`` imports, lazy ones included; ``from pkg import mod`` counts as ``pkg.mod``."""
+    with open(path, encoding="utf-8") as f:
+        tree = ast.parse(f.read(), filename=path)
+    here = _module_name(path).split(".")
+    if path.endswith("__init__.py"):
+        here = here + ["__init__"]  # a relative import in __init__ is relative to the package itself
+    out = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            out.update(a.name for a in node.names if a.name in files)
+        elif isinstance(node, ast.ImportFrom):
+            base = ".".join(here[:-node.level] + ([node.module] if node.module else [])) if node.level \
+                else node.module or ""
+            for alias in node.names:
+                full = f"{base}.{alias.name}"
+                out.add(full if full in files else base)
+    return {m for m in out if m in files}
+
+
+def _import_graph() -> Dict[str, Set[str]]:
+    """Package module -> the package modules it imports."""
+    files = {_module_name(p): p for p in _package_files()}
+    return {name: _imported_modules(path, files) - {name} for name, path in files.items()}
+
+
+def _cycles(graph: Dict[str, Set[str]]) -> List[List[str]]:
+    """One cycle per strongly connected group of modules (depth-first search)."""
+    found, done, stack = [], set(), []
+
+    def visit(node: str) -> None:
+        stack.append(node)
+        for nxt in sorted(graph.get(node, ())):
+            if nxt in stack:
+                found.append(stack[stack.index(nxt):] + [nxt])
+            elif nxt not in done:
+                visit(nxt)
+        stack.pop()
+        done.add(node)
+
+    for node in sorted(graph):
+        if node not in done:
+            visit(node)
+    return found
+
+
+def test_no_module_imports_itself_back():
+    # Package __init__ files import their own modules (registration) and are left out.
+    graph = {k: {m for m in v if not _is_package(m)} for k, v in _import_graph().items() if not _is_package(k)}
+    assert _cycles(graph) == [], "import cycle(s): " + "; ".join(" -> ".join(c) for c in _cycles(graph))
+
+
+def _is_package(module: str) -> bool:
+    return os.path.isfile(os.path.join(REPO, *module.split("."), "__init__.py"))
+
+
+def test_the_import_graph_sees_lazy_and_from_package_imports():
+    graph = _import_graph()
+    assert "ppdet_retina.export.onnx" in graph["ppdet_retina.export.paddle_inference"]
+    assert "ppdet_retina.export.trace" in graph["ppdet_retina.inference.engines"]  # inside a function
+    assert graph["ppdet_retina.runtime"] == set()
+
+
+def test_the_cycle_finder_sees_a_cycle():
+    assert _cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c", "a"]]
+    assert _cycles({"a": {"b"}, "b": set()}) == []

@@ -6,7 +6,7 @@ import os
 import numpy as np
 import pytest
 
-from ppdet_retina.utils.visualize import class_color, draw_detections
+from ppdet_retina.runtime import class_color, draw_detections
 
 from conftest import run_tool, write_tiny_config
 

@@ -11,6 +11,7 @@ import pytest
 
 from ppdet_retina.core.workspace import ConfigError, load_config
 from ppdet_retina.io import checkpoint
+from ppdet_retina.inference.evaluate import Evaluator
 from ppdet_retina.training.amp import MixedPrecision
 from ppdet_retina.training.profiling import ProfilerDone, parse_profiler_options
 from ppdet_retina.training.trainer import Trainer
@@ -185,9 +186,9 @@ def test_eval_save_prediction_only_writes_bbox_json_without_map(tmp_path, untrai
     cfg_path, weights = untrained_weights
     cfg = load_config(cfg_path, [f"weights={weights}", "save_prediction_only=true",
                                  "RetinaHead.nms.score_threshold=0.0", f"output_eval={tmp_path / 'ev'}"])
-    trainer = Trainer(cfg, mode="eval")
-    trainer.load_weights(weights)
-    assert trainer.evaluate() == {}
+    evaluator = Evaluator(cfg)
+    evaluator.load_weights(weights)
+    assert evaluator.evaluate() == {}
     with open(tmp_path / "ev" / "bbox.json") as f:
         dets = json.load(f)
     assert {d["image_id"] for d in dets} == {1, 2, 3, 5}  # the four val images

@@ -9,6 +9,8 @@ import pytest
 
 from ppdet_retina.core.workspace import load_config
 from ppdet_retina.core import env
+from ppdet_retina.inference.evaluate import Evaluator
+from ppdet_retina.inference.predict import Predictor
 from ppdet_retina.training.trainer import Trainer, weights_digest
 
 from conftest import write_tiny_config
@@ -126,7 +128,7 @@ def test_train_with_validation_keeps_best_and_evaluates(tiny_cfg):
     assert all(len(r["bbox"]) == 12 and r["bbox_map"] == r["bbox"][0] for r in evals)
     assert trainer.best_ap == pytest.approx(max(r["bbox_map"] for r in evals))
 
-    evaluator = Trainer(tiny_cfg, mode="eval")
+    evaluator = Evaluator(tiny_cfg)
     evaluator.load_weights(os.path.join(out, "model_final"))
     stats = evaluator.evaluate()
     assert len(stats["bbox"]) == 12
@@ -136,7 +138,7 @@ def test_train_with_validation_keeps_best_and_evaluates(tiny_cfg):
 def test_predict_writes_images_and_coco_json(tiny_cfg, tiny_coco, tmp_path):
     trainer = Trainer(tiny_cfg, mode="train")
     trainer.train()
-    predictor = Trainer(tiny_cfg, mode="test")
+    predictor = Predictor(tiny_cfg)
     predictor.load_weights(os.path.join(trainer.output_dir, "model_final"))
     out_dir = str(tmp_path / "infer")
     results = predictor.predict(tiny_coco.image_root, draw_threshold=0.0, output_dir=out_dir, save_results=True)

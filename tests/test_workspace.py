@@ -270,7 +270,7 @@ def test_overrides_take_the_type_of_the_key(tmp_path, item, value):
 
 
 @pytest.mark.parametrize("item, message", [
-    ("use_gpu=on", r"'use_gpu' takes a boolean: true/false/yes/no/1/0"),
+    ("use_gpu=maybe", r"'use_gpu' takes a boolean: true/false, yes/no, on/off, 1/0"),
     ("use_gpu=maybe", r"'use_gpu' takes a boolean"),
     ("epoch=2.5", r"-o epoch=2.5: 'epoch' takes an integer, got float 2.5"),
     ("epoch=twelve", r"'epoch' takes an integer, got str 'twelve'"),

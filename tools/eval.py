@@ -55,13 +55,12 @@ def main(argv=None) -> None:
         return
     if not cfg.get("weights"):
         raise ConfigError("no weights to evaluate: pass -o weights=<path to .pdparams or its prefix>")
-    from ppdet_retina.training.trainer import Trainer
+    from ppdet_retina.inference.evaluate import Evaluator
 
-    trainer = Trainer(cfg, mode="eval")
-    trainer.set_engine(args.engine, args.bf16)
-    trainer.load_weights(cfg["weights"])
+    evaluator = Evaluator(cfg, args.engine, args.bf16)
+    evaluator.load_weights(cfg["weights"])
     if env.is_main_process():
-        trainer.evaluate()
+        evaluator.evaluate()
     env.barrier()
 
 

@@ -99,16 +99,15 @@ def main(argv=None) -> None:
     cfg = env.load_tool_config(args)
     if not cfg.get("weights"):
         raise ConfigError("no weights to run: pass -o weights=<path to .pdparams or its prefix>")
-    from ppdet_retina.training.trainer import Trainer
+    from ppdet_retina.inference.predict import Predictor
 
-    trainer = Trainer(cfg, mode="test")
-    trainer.set_engine(args.engine, args.bf16)
-    trainer.load_weights(cfg["weights"])
+    predictor = Predictor(cfg, args.engine, args.bf16)
+    predictor.load_weights(cfg["weights"])
     if not args.visualize and not args.save_results:
         raise ValueError("--visualize false without --save_results would write nothing; add --save_results")
-    trainer.predict(images, draw_threshold=args.draw_threshold, output_dir=args.output_dir,
-                    save_results=args.save_results, save_threshold=args.save_threshold,
-                    visualize=args.visualize)
+    predictor.predict(images, draw_threshold=args.draw_threshold, output_dir=args.output_dir,
+                      save_results=args.save_results, save_threshold=args.save_threshold,
+                      visualize=args.visualize)
 
 
 if __name__ == "__main__":

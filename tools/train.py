@@ -58,7 +58,7 @@ def main(argv=None) -> None:
     from ppdet_retina.training.profiling import ProfilerDone
     from ppdet_retina.training.trainer import Trainer
 
-    trainer = Trainer(cfg, mode="train")
+    trainer = Trainer(cfg)
     trainer.set_engine(args.engine, args.bf16)
     resumed = bool(args.resume) and trainer.resume_weights(args.resume)
     if not resumed:

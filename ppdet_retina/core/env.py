@@ -229,16 +229,16 @@ def add_config_args(parser) -> None:
 
 
 def str2bool(text: str) -> bool:
-    """argparse type for PaddleDetection's boolean flags: ``--flag``, ``--flag true``, ``--flag=False``."""
+    """argparse type for PaddleDetection's boolean flags: ``--flag``, ``--flag true``, ``--flag=False``
+    (the words of :func:`ppdet_retina.runtime.parse_bool`)."""
     import argparse
 
-    value = str(text).strip().lower()
-    if value in ("1", "true", "yes", "y", "on", "t"):
-        return True
-    if value in ("0", "false", "no", "n", "off", "f"):
-        return False
-    raise argparse.ArgumentTypeError(f"expected true or false, got '{text}'")
+    from ppdet_retina.runtime import parse_bool
 
+    try:
+        return parse_bool(text)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
 
 def load_tool_config(args) -> dict:
     """Load ``args.config`` with the ``-o`` overrides applied."""

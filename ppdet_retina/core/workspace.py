@@ -46,6 +46,8 @@ from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence
 
 import yaml
 
+from ppdet_retina.runtime import parse_bool
+
 __all__ = [
     "AttrDict",
     "ConfigError",
@@ -508,7 +510,6 @@ def merge_config(overrides: Iterable[str] | dict, cfg: Optional[AttrDict] = None
 
 
 _MISSING = object()
-_TRUE_WORDS, _FALSE_WORDS = ("true", "yes", "1"), ("false", "no", "0")
 
 
 def _current_value(cfg: dict, parts: Sequence[str]) -> Any:
@@ -538,10 +539,10 @@ def _typed_override(key: str, raw: str, value: Any, current: Any) -> Any:
     if current is _MISSING or current is None:
         return value
     if isinstance(current, bool):
-        word = raw.strip().lower()
-        if word in _TRUE_WORDS or word in _FALSE_WORDS:
-            return word in _TRUE_WORDS
-        raise ConfigError(f"-o {key}={raw}: '{key}' takes a boolean: true/false/yes/no/1/0")
+        try:
+            return parse_bool(raw)
+        except ValueError:
+            raise ConfigError(f"-o {key}={raw}: '{key}' takes a boolean: true/false, yes/no, on/off, 1/0") from None
     if value is None:
         return None  # an explicit null unsets any other kind of key
     if isinstance(current, int):

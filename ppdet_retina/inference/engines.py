@@ -164,12 +164,12 @@ def cache_root() -> str:
 
 def _trace(model: paddle.nn.Layer, folder: str) -> float:
     """Trace ``model`` (detections with NMS, dynamic shapes) into ``folder``; returns the seconds it took."""
-    from ppdet_retina.export.paddle_inference import DeployModel, _trace_and_save, input_spec
+    from ppdet_retina.export.trace import DeployModel, input_spec, trace
 
     tic = time.perf_counter()
     was_training = model.training
     try:
-        _trace_and_save(DeployModel(model, "detect"), os.path.join(folder, rt.MODEL_PREFIX), input_spec())
+        trace(DeployModel(model, "detect"), os.path.join(folder, rt.MODEL_PREFIX), input_spec())
     finally:
         if was_training:
             model.train()

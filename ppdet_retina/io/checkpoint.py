@@ -33,6 +33,7 @@ __all__ = [
     "resume_checkpoint",
     "log_load_report",
     "CheckpointSaveError",
+    "output_dir_of",
     "COMMIT_SUFFIX",
     "read_commit",
     "find_latest_checkpoint",
@@ -60,6 +61,11 @@ _CLASS_DEPENDENT = re.compile(r"^(head\.cls_logits|bbox_head\.cls_score|bbox_hea
 
 
 # --------------------------------------------------------------------------- files
+
+def output_dir_of(cfg: dict) -> str:
+    """``save_dir/<config name>``: where a config's checkpoints, logs and eval results go."""
+    return os.path.join(str(cfg.get("save_dir", "output")), str(cfg.get("filename", "model")))
+
 
 def _check_not_url(path: str, what: str) -> None:
     if re.match(r"^[a-z]+://", str(path)):

@@ -1,4 +1,4 @@
-"""Trainer: the train / evaluate / predict loops around a config-built detector.
+"""Trainer: the training loop around a config-built detector (evaluation: ppdet_retina.inference).
 
 Outputs of a training run go to ``<save_dir>/<config file stem>/``:
 
@@ -20,33 +20,29 @@ on rank 0 alone over the whole validation set while the others wait.
 from __future__ import annotations
 
 import contextlib
-import copy
 import hashlib
-import json
 import os
 import time
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Optional, Tuple
 
-import cv2
 import numpy as np
 import paddle
 
-from ppdet_retina.core.workspace import ConfigError, create
-from ppdet_retina.data.transforms import decode_image
-from ppdet_retina.io import checkpoint
 from ppdet_retina.core import env
+from ppdet_retina.core.workspace import create
+from ppdet_retina.inference.engines import EngineChooser
+from ppdet_retina.inference.evaluate import build_eval_loader, build_metric, evaluate
+from ppdet_retina.inference.session import check_num_classes, setup_device
+from ppdet_retina.io import checkpoint
+from ppdet_retina.io.checkpoint import output_dir_of
+from ppdet_retina.modeling.layers import convert_sync_batchnorm
 from ppdet_retina.training.amp import MixedPrecision
 from ppdet_retina.training.ema import RAW_WEIGHTS_SUFFIX, build_ema
-from ppdet_retina.inference.engines import EngineChooser
-from ppdet_retina.runtime import split_detections, unique_output_path
 from ppdet_retina.training.optimizer import build_optimizer
 from ppdet_retina.training.profiling import StepProfiler
 from ppdet_retina.training.train_options import distributed_model, to_static_model
 from ppdet_retina.training.vdl import VisualDLWriter
-from ppdet_retina.metrics.coco import COCOMetric, detections_to_coco
-from ppdet_retina.modeling.layers import convert_sync_batchnorm
 from ppdet_retina.utils.logger import JsonlWriter, TrainingStats, format_eta, setup_logger
-from ppdet_retina.utils.visualize import draw_detections
 
 __all__ = ["Trainer"]
 
@@ -55,7 +51,6 @@ logger = setup_logger("ppdet_retina")
 # Set to a folder to make every rank write the sha256 of its final weights
 # there (``rank<r>.sha256``); tests use it to check that ranks stayed in sync.
 WEIGHTS_HASH_ENV = "PPDET_RETINA_WEIGHTS_HASH_DIR"
-_MODES = ("train", "eval", "test")
 
 
 def weights_digest(model: paddle.nn.Layer) -> str:
@@ -73,102 +68,47 @@ def weights_digest(model: paddle.nn.Layer) -> str:
     return digest.hexdigest()
 
 
-def output_dir_of(cfg: dict) -> str:
-    """``save_dir/<config name>``: where a config's checkpoints, logs and eval results go."""
-    return os.path.join(str(cfg.get("save_dir", "output")), str(cfg.get("filename", "model")))
-
-
-def check_num_classes(dataset: Any, model: paddle.nn.Layer, section: str) -> None:
-    """ConfigError when the dataset's category count differs from the class count the model's heads use.
-
-    With more categories than ``num_classes`` the extra ones would silently train as background, with
-    fewer the head would learn classes that never occur.
-    """
-    categories = getattr(dataset, "clsid2catid", None)
-    if not categories:
-        return  # a dataset without category information (an image folder) has nothing to compare
-    counts = sorted({layer.num_classes for layer in model.sublayers(include_self=True)
-                     if isinstance(getattr(layer, "num_classes", None), int)})
-    for count in counts:
-        if count != len(categories):
-            anno = dataset.get_anno() if hasattr(dataset, "get_anno") else ""
-            source = f" ({anno})" if anno else ""
-            raise ConfigError(
-                f"{section} has {len(categories)} categories{source} but the model is built for "
-                f"num_classes {count}; set num_classes: {len(categories)} in the config (or "
-                f"-o num_classes={len(categories)}). Fine-tuning from weights of another class count "
-                f"works: their head is re-initialised.")
-
-
-def build_eval_loader(cfg: dict, dataset: Any = None) -> Tuple[Any, Any]:
-    """(EvalReader loader, dataset) over ``dataset`` or the config's EvalDataset.
-
-    Evaluation runs in one process over every image, so the loader must not shard the set
-    across ranks even under the launcher.
-    """
-    dataset = create("EvalDataset", cfg) if dataset is None else dataset
-    reader = create("EvalReader", cfg)
-    sampler = paddle.io.BatchSampler(dataset, batch_size=reader.batch_size, shuffle=False, drop_last=False)
-    return reader(dataset, int(cfg.get("worker_num", 0)), batch_sampler=sampler), dataset
-
-
 class Trainer:
-    """Builds dataset, reader and model from ``cfg`` for one ``mode`` and runs the loops.
+    """Builds dataset, reader, model and optimizer from ``cfg`` and trains.
 
     Args:
         cfg: a loaded config (``load_config``); reads ``architecture``, ``use_gpu``,
             ``epoch``, ``log_iter``, ``snapshot_epoch``, ``save_dir``, ``filename``,
             ``worker_num``, ``metric``, ``classwise``, ``output_eval`` and the
-            ``{Train,Eval,Test}{Dataset,Reader}``, ``LearningRate``,
-            ``OptimizerBuilder`` sections; in training also PaddleDetection's
+            ``{Train,Eval}{Dataset,Reader}``, ``LearningRate``,
+            ``OptimizerBuilder`` sections, and PaddleDetection's
             switches: ``amp`` (training/amp.py), ``use_ema`` and its keys
             (training/ema.py), ``norm_type: sync_bn``, ``to_static``, ``fleet``,
             ``profiler_options``, ``use_vdl`` / ``vdl_log_dir``
-            (training/train_options.py, profiling.py, vdl.py); in evaluation
-            ``save_prediction_only``.
-        mode: ``train`` (optimizer, LR, train loader), ``eval`` (eval loader,
-            metric) or ``test`` (inference on images given to ``predict``).
+            (training/train_options.py, profiling.py, vdl.py).
+        mode: only ``train`` (PaddleDetection's signature).
     """
 
     def __init__(self, cfg: dict, mode: str = "train"):
-        if mode not in _MODES:
-            raise ValueError(f"Trainer mode must be one of {_MODES}, got '{mode}'")
-        if "architecture" not in cfg:
-            raise ConfigError("config has no 'architecture' key (e.g. architecture: RetinaNet)")
+        if mode != "train":
+            # PaddleDetection's Trainer(cfg, mode=...) is three objects; here they are apart.
+            raise ValueError(f"Trainer only trains (mode='train', got '{mode}'): evaluate with "
+                             f"ppdet_retina.inference.evaluate.Evaluator, predict with "
+                             f"ppdet_retina.inference.predict.Predictor")
         self.cfg = cfg
-        self.mode = mode
-        self.device = env.setup_environment(bool(cfg.get("use_gpu", False)))
+        self.device = setup_device(cfg)
         self.world_size = env.world_size()
         self.rank = env.rank()
-        threads = f", {env.cpu_threads_per_process()} CPU thread(s) per process" if self.device == "cpu" else ""
-        logger.info(f"device {self.device}, {self.world_size} process(es){threads}")
         self.output_dir = output_dir_of(cfg)
         self.start_epoch = 0
         self._resumed = False
         self.best_ap = -1.0
-        self.lr = None
-        self.optimizer = None
         self._eval_loader = None
         self._eval_dataset = None
-        # What evaluate / predict run on (Paddle Inference on CPU by default); tools call set_engine.
-        self.engine = EngineChooser("auto", False, self.device, training=mode == "train")
-
-        if mode == "train":
-            self.dataset = create("TrainDataset", cfg)
-            self.loader = create("TrainReader", cfg)(self.dataset, int(cfg.get("worker_num", 0)))
-        elif mode == "eval":
-            self.dataset = create("EvalDataset", cfg)
-        else:
-            self.dataset = create("TestDataset", cfg)
+        # What evaluations run on (Paddle Inference on CPU by default); tools/train.py calls set_engine.
+        self.engine = EngineChooser("auto", False, self.device, training=True)
+        self.dataset = create("TrainDataset", cfg)
+        self.loader = create("TrainReader", cfg)(self.dataset, int(cfg.get("worker_num", 0)))
         self.model = create(cfg["architecture"], cfg)
-        if mode != "test":
-            check_num_classes(self.dataset, self.model, "TrainDataset" if mode == "train" else "EvalDataset")
-        self.train_model = self.model
-        self.amp = MixedPrecision(False, self.device)
-        self.ema = self.profiler = self.vdl = None
-        if mode == "train":
-            self._build_optimizer()
-            self._setup_training_options()
+        check_num_classes(self.dataset, self.model, "TrainDataset")
+        self.profiler = self.vdl = None
+        self._build_optimizer()
+        self._setup_training_options()
 
     # ------------------------------------------------------------------ setup
     def _setup_training_options(self) -> None:
@@ -194,7 +134,7 @@ class Trainer:
     def set_engine(self, engine: str = "auto", bf16: bool = False) -> None:
         """Engine of evaluate / predict: ``auto``, ``paddle_inference`` or ``dygraph``
         (:mod:`ppdet_retina.inference.engines`); ``bf16`` for oneDNN bfloat16. Checked at once."""
-        self.engine = EngineChooser(engine, bf16, self.device, training=self.mode == "train")
+        self.engine = EngineChooser(engine, bf16, self.device, training=True)
         self.engine.check(str(self.cfg["architecture"]))
 
     def load_weights(self, path: str, skip_mismatch_head: bool = False) -> None:
@@ -215,8 +155,6 @@ class Trainer:
         has none. A checkpoint saved with another world size, batch size per process or steps
         per epoch continues the schedule by epoch (see :meth:`_continue_by_epoch`).
         """
-        if self.optimizer is None:
-            raise ValueError("resume needs a Trainer in train mode")
         if path_prefix == "auto":
             path_prefix = self._auto_resume_point()
             if path_prefix is None:
@@ -324,8 +262,6 @@ class Trainer:
     # ------------------------------------------------------------------ training
     def train(self, validate: bool = False) -> None:
         """Run epochs ``start_epoch .. epoch-1``; with ``validate`` evaluate after each snapshot."""
-        if self.mode != "train":
-            raise ValueError("train() needs a Trainer built with mode='train'")
         cfg = self.cfg
         end_epoch = int(cfg.get("epoch", 12))
         log_iter = max(1, int(cfg.get("log_iter", 20)))
@@ -523,107 +459,16 @@ class Trainer:
     # ------------------------------------------------------------------ evaluation
     def _build_eval_loader(self):
         if self._eval_loader is None:
-            dataset = self.dataset if self.mode == "eval" else None
-            self._eval_loader, self._eval_dataset = build_eval_loader(self.cfg, dataset)
+            self._eval_loader, self._eval_dataset = build_eval_loader(self.cfg)
         return self._eval_loader
-
-    def _build_metric(self, dataset) -> COCOMetric:
-        kind = str(self.cfg.get("metric", "COCO"))
-        if kind != "COCO":
-            raise ConfigError(f"metric '{kind}' is not supported; set metric: COCO")
-        anno = dataset.get_anno()
-        output_eval = self.cfg.get("output_eval") or self.output_dir
-        # Training's evaluations need the mAP (best_model), so only tools/eval.py may skip it.
-        only_save = self.mode == "eval" and bool(self.cfg.get("save_prediction_only", False))
-        return COCOMetric(anno, dataset.clsid2catid, classwise=bool(self.cfg.get("classwise", False)),
-                          output_eval=output_eval, save_prediction_only=only_save)
 
     def evaluate(self) -> Dict[str, List[float]]:
         """COCO bbox evaluation of the current model on ``EvalDataset``: ``{'bbox': [12 stats]}``."""
         loader = self._build_eval_loader()
-        metric = self._build_metric(self._eval_dataset)
-        runner = self.engine.runner(self.model, self.cfg)
-        tic, images = time.time(), 0
-        with paddle.no_grad():
-            for batch in loader:
-                outputs = runner(batch)
-                metric.update(batch, outputs)
-                images += int(batch["image"].shape[0])
-        cost = time.time() - tic
-        self.engine.finished(cost)
-        logger.info(f"evaluated {images} images in {cost:.2f} s ({images / max(cost, 1e-9):.2f} images/s)")
-        if loader.bad_images:
-            logger.warning(f"{len(loader.bad_images)} broken image(s) were left out of the evaluation; their "
-                           f"ground truth counts as missed")
-        stats = metric.accumulate()
-        if self.mode == "train":
-            self.model.train()
+        metric = build_metric(self.cfg, self._eval_dataset, self.cfg.get("output_eval") or self.output_dir)
+        stats = evaluate(self.engine.runner(self.model, self.cfg), loader, metric, timed=self.engine.finished)
+        self.model.train()
         return stats
-
-    # ------------------------------------------------------------------ inference
-    def predict(self, images: Sequence[str] | str, draw_threshold: float = 0.5, output_dir: str = "output",
-                save_results: bool = False, save_threshold: float = 0.0, visualize: bool = True) -> List[dict]:
-        """Detect on ``images`` (files / folders / a list of files); with ``visualize`` write drawn
-        images to ``output_dir``.
-
-        Returns one dict per image: ``im_file``, ``im_id`` and ``bbox`` [N, 6]
-        (class, score, x1, y1, x2, y2 in original pixels). With ``save_results``
-        also writes ``output_dir/bbox.json``: COCO results (xywh, original
-        category ids) with each image's ``file_name``, for the detections scoring at
-        least ``save_threshold``; ``image_id`` is the id ``TestDataset.anno_path``
-        gives the file (see ImageFolder).
-
-        Each picture is written as soon as its batch is done. A file that cannot be
-        read is skipped with a warning naming it, and once every other image is
-        written a ValueError lists the skipped ones (tools/infer.py exits non-zero).
-        A picture that cannot be written is an error at once.
-        """
-        dataset = copy.copy(self.dataset) if self.mode == "test" else create("TestDataset", self.cfg)
-        dataset.set_images(images)
-        loader = create("TestReader", self.cfg)(dataset, 0)
-        imid2path = dataset.get_imid2path()
-        labels = dataset.get_label_list() if hasattr(dataset, "get_label_list") else []
-        os.makedirs(output_dir, exist_ok=True)
-        runner = self.engine.runner(self.model, self.cfg)
-        results, coco, used = [], [], set()
-        catmap = getattr(dataset, "clsid2catid", None) or {}
-        # The orientation Decode chose for files the json lists (its recorded size).
-        anno_hw = {r["im_id"]: r.get("anno_hw") for r in getattr(dataset, "roidbs", [])}
-        with paddle.no_grad():
-            for batch in loader:
-                outputs = runner(batch)
-                for res in _split_per_image(batch, outputs, imid2path):
-                    kept = sum(1 for r in res["bbox"] if r[1] >= draw_threshold and r[0] >= 0)
-                    if visualize:
-                        # The picture as Decode gave it to the model, in BGR.
-                        image = decode_image(res["im_file"], anno_hw.get(res["im_id"]), strict=False)[:, :, ::-1]
-                        drawn = draw_detections(image, res["bbox"], labels, threshold=draw_threshold)
-                        out_path = unique_output_path(output_dir, res["im_file"], used)
-                        write_picture(out_path, drawn)
-                        logger.info(f"{res['im_file']}: {kept} detection(s) >= {draw_threshold} -> {out_path}")
-                    else:
-                        logger.info(f"{res['im_file']}: {kept} detection(s) >= {draw_threshold}")
-                    if save_results:
-                        rows = res["bbox"][res["bbox"][:, 1] >= save_threshold]
-                        mapping = catmap or _identity_map(rows)
-                        for det in detections_to_coco(rows, [len(rows)], [res["im_id"]], mapping):
-                            det["file_name"] = os.path.basename(res["im_file"])
-                            coco.append(det)
-                    results.append(res)
-        if save_results:
-            path = os.path.join(output_dir, "bbox.json")
-            with open(path, "w", encoding="utf-8") as f:
-                json.dump(coco, f)
-            logger.info(f"{len(coco)} detections saved to {path}")
-        _raise_if_skipped(loader.bad_images, len(results), output_dir)
-        return results
-
-
-def _split_per_image(batch: dict, outputs: dict, imid2path: Dict[int, str]) -> List[dict]:
-    im_ids = batch["im_id"].numpy().reshape(-1)
-    per_image = split_detections(outputs["bbox"].numpy(), outputs["bbox_num"].numpy())
-    return [{"im_id": int(im_id), "im_file": imid2path[int(im_id)], "bbox": rows}
-            for im_id, rows in zip(im_ids, per_image)]
 
 
 def _drop_partial_last_line(path: str) -> None:
@@ -647,32 +492,3 @@ def _drop_partial_last_line(path: str) -> None:
                 return
             pos = start
         f.truncate(0)
-
-
-def _identity_map(rows: np.ndarray) -> Dict[int, int]:
-    """Without label information a class index stands for its own category id."""
-    return {int(c): int(c) for c in np.asarray(rows).reshape(-1, 6)[:, 0] if c >= 0}
-
-
-def write_picture(path: str, image_bgr: np.ndarray) -> None:
-    """Encode and write ``image_bgr``; ValueError naming ``path`` when that fails (full disk, no
-    permission), since cv2.imwrite only returns False."""
-    ok, data = cv2.imencode(os.path.splitext(path)[1] or ".jpg", np.ascontiguousarray(image_bgr))
-    if not ok:
-        raise ValueError(f"cannot encode the picture for {path}")
-    try:
-        with open(path, "wb") as f:
-            f.write(data.tobytes())
-    except OSError as err:
-        raise ValueError(f"cannot write {path}: {err.strerror or err}; check the free space and "
-                         f"permissions of the output folder") from None
-
-
-def _raise_if_skipped(bad: List[dict], done: int, output_dir: str) -> None:
-    if not bad:
-        return
-    shown = "; ".join(f"{r['im_file']}: {r['reason']}" for r in bad[:5])
-    more = f" and {len(bad) - 5} more" if len(bad) > 5 else ""
-    raise ValueError(f"{len(bad)} image(s) could not be read and were skipped ({done} written to "
-                     f"{output_dir}): {shown}{more}")
-
