@@ -215,7 +215,7 @@ def test_missing_file_and_url_give_clear_errors(tmp_path, monkeypatch):
         load_weights(model, str(tmp_path / "nowhere"))
     monkeypatch.setenv("PPDET_WEIGHTS_HOME", str(tmp_path / "cache"))
     url = "https://127.0.0.1:9/models/ResNet50_cos_pretrained.pdparams"  # the discard port: refused
-    monkeypatch.setattr(ckpt.weights.time, "sleep", lambda s: None)
+    monkeypatch.setattr(ckpt.download_cache.time, "sleep", lambda s: None)
     with pytest.raises(FileNotFoundError, match=r"cannot download.*ResNet50_cos_pretrained.*pretrain_weights="):
         load_pretrain_weights(model, url)
     with pytest.raises(FileNotFoundError, match=r"resuming needs a local checkpoint"):

@@ -25,6 +25,7 @@ from conftest import TINY_CATEGORIES, load_script, make_coco, module_imports
 from ppdet_retina.core.workspace import create, load_config
 from ppdet_retina.export import paddle_inference as E
 from ppdet_retina.inference.exported_eval import evaluate_exported
+from ppdet_retina import runtime as rt
 from ppdet_retina.runtime import cpu_supports_bf16
 from ppdet_retina.metrics.coco import COCOMetric
 
@@ -88,8 +89,7 @@ def setup(tmp_path_factory):
 
 
 def _predictor(model_dir: str, **kwargs):
-    return E.load_exported(os.path.join(model_dir, "model.json"), os.path.join(model_dir, "model.pdiparams"),
-                           **kwargs)
+    return rt.create_predictor(*rt.model_files(model_dir), **kwargs)
 
 
 def _batches(cfg, reader: str = "TestReader"):
@@ -156,7 +156,7 @@ def test_predictor_equals_dygraph_on_different_sizes(setup):
     total = 0
     for feeds in batches:
         expected = _dygraph(setup["model"], feeds)
-        got = E.run_predictor(predictor, feeds)
+        got = rt.run(predictor, feeds)
         _assert_same_detections(expected, (got[0], got[1]))
         total += int(expected[1].sum())
     assert total > 10  # the test compares real detections, not empty outputs
@@ -166,14 +166,14 @@ def test_predictor_equals_dygraph_on_a_padded_batch(setup):
     predictor = _predictor(setup["model_dir"], cpu_threads=1)
     feeds = _batches(setup["cfg"], "EvalReader")[0]
     assert feeds["image"].shape[0] == 2
-    got = E.run_predictor(predictor, feeds)
+    got = rt.run(predictor, feeds)
     _assert_same_detections(_dygraph(setup["model"], feeds), (got[0], got[1]))
 
 
 def test_plain_cpu_kernels_also_match(setup):
-    predictor = _predictor(setup["model_dir"], use_mkldnn=False)
+    predictor = _predictor(setup["model_dir"], mkldnn=False)
     feeds = _batches(setup["cfg"])[0]
-    got = E.run_predictor(predictor, feeds)
+    got = rt.run(predictor, feeds)
     _assert_same_detections(_dygraph(setup["model"], feeds), (got[0], got[1]))
 
 
@@ -186,7 +186,7 @@ def test_fixed_size_export_equals_dygraph(setup):
         info = yaml.safe_load(f)
     assert info["use_dynamic_shape"] is False and info["input_size"] == [96, 128]
     feeds = next(b for b in _batches(cfg) if b["image"].shape[2:] == (96, 128))
-    got = E.run_predictor(_predictor(model_dir, cpu_threads=1), feeds)
+    got = rt.run(_predictor(model_dir, cpu_threads=1), feeds)
     _assert_same_detections(_dygraph(model, feeds), (got[0], got[1]))
 
 
@@ -222,8 +222,8 @@ def test_bf16_close_to_fp32(setup):
     fp32 = _predictor(setup["model_dir"], cpu_threads=1)
     bf16 = _predictor(setup["model_dir"], cpu_threads=1, bf16=True)
     feeds = _batches(setup["cfg"])[0]
-    ref, _ = E.run_predictor(fp32, feeds)[:2]
-    low, _ = E.run_predictor(bf16, feeds)[:2]
+    ref, _ = rt.run(fp32, feeds)[:2]
+    low, _ = rt.run(bf16, feeds)[:2]
     top = ref[np.argsort(-ref[:, 1])[:10]]
     assert len(top) >= 5
     for row in top:
@@ -246,7 +246,7 @@ def test_raw_outputs_export_equals_head_outputs(setup):
     assert info["outputs"] == [f"cls_logits_{i}" for i in range(5)] + [f"bbox_deltas_{i}" for i in range(5)]
     assert info["anchors"]["num_anchors"] == 9 and info["anchors"]["strides"] == [8.0, 16.0, 32.0, 64.0, 128.0]
     feeds = _batches(cfg)[0]
-    got = E.run_predictor(_predictor(model_dir, cpu_threads=1), feeds)
+    got = rt.run(_predictor(model_dir, cpu_threads=1), feeds)
     with paddle.no_grad():
         image = paddle.to_tensor(feeds["image"])
         logits, deltas = model.head(model.neck(model.backbone({"image": image})))
@@ -286,7 +286,7 @@ def test_onnx_equals_predictor_at_the_exported_size(setup):
     assert info["onnx"]["outputs"] == ["boxes", "scores"] and info["onnx"]["nms_inside"] is False
     assert info["onnx"]["check"].startswith("ok")
     feeds = next(b for b in _batches(cfg) if b["image"].shape[2:] == (96, 128))
-    expected = E.run_predictor(_predictor(model_dir, cpu_threads=1), feeds)
+    expected = rt.run(_predictor(model_dir, cpu_threads=1), feeds)
     options = ort.SessionOptions()
     options.log_severity_level = 3
     session = ort.InferenceSession(os.path.join(model_dir, "model.onnx"), options,

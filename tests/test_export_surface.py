@@ -138,7 +138,7 @@ def test_deploy_model_outputs_are_the_models_answers(tiny):
               "scale_factor": paddle.to_tensor([[0.5, 0.5], [2.0, 1.5]])}
     with paddle.no_grad():
         boxes, scores = E.DeployModel(model, "candidates")(*inputs.values())
-        want_boxes, want_scores = model.decode_candidates(inputs)
+        want_boxes, want_scores = model.candidates(inputs)
         raw = E.DeployModel(model, "raw")(*inputs.values())
         logits, deltas = model.head(model.neck(model.backbone(inputs)))
     assert boxes.shape[0] == 2 and boxes.shape[2] == 4 and scores.shape[:2] == [2, 3]

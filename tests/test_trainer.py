@@ -11,7 +11,8 @@ from ppdet_retina.core.workspace import load_config
 from ppdet_retina.core import env
 from ppdet_retina.inference.evaluate import Evaluator
 from ppdet_retina.inference.predict import Predictor
-from ppdet_retina.training.trainer import Trainer, weights_digest
+from ppdet_retina.training.trainer import Trainer
+from instrumented_tool import weights_digest
 
 from conftest import write_tiny_config
 

@@ -42,7 +42,6 @@ import paddle
 import paddle.nn as nn
 import yaml
 
-from ppdet_retina import runtime as predictor
 from ppdet_retina.core.workspace import ConfigError, create
 from ppdet_retina.export import onnx as onnx_export
 from ppdet_retina.export.trace import (EXPORT_MODES, INPUT_NAMES, MODEL_PREFIX, DeployModel, export_mode, input_spec,
@@ -60,8 +59,6 @@ __all__ = [
     "preprocess_entries",
     "label_info",
     "export_model",
-    "load_exported",
-    "run_predictor",
 ]
 
 logger = setup_logger("ppdet_retina")
@@ -218,18 +215,3 @@ def export_model(cfg: dict, output_dir: str = "output_inference", weights: Optio
     logger.info(f"export: {info['arch']} ({mode} outputs: {', '.join(info['outputs'])}) "
                 f"written to {save_dir}")
     return save_dir
-
-
-# --------------------------------------------------------------------------- running an export
-# The runtime lives in ppdet_retina.runtime (shared with tools/deploy.py); these names stay
-# here for callers that run what they just exported.
-
-run_predictor = predictor.run
-
-
-def load_exported(model_file: str, params_file: str, use_mkldnn: bool = True, bf16: bool = False,
-                  cpu_threads: int = 1, use_gpu: bool = False) -> Any:
-    """A ``paddle.inference`` predictor for an exported model (CPU oneDNN by default); see
-    :func:`ppdet_retina.runtime.create_predictor`."""
-    return predictor.create_predictor(model_file, params_file, device="gpu" if use_gpu else "cpu",
-                                      cpu_threads=cpu_threads, mkldnn=use_mkldnn, bf16=bf16)

@@ -30,6 +30,15 @@ __all__ = ["MODEL_PREFIX", "EXPORT_MODES", "INPUT_NAMES", "DeployModel", "export
            "trace"]
 
 INPUT_NAMES = ("image", "im_shape", "scale_factor")
+# The config's ``export`` section: the keys that choose the export mode (read by export_mode only)...
+EXPORT_KEYS = ("post_process", "nms", "benchmark")
+# ...and PaddleDetection's keys accepted so its configs load, which change nothing here.
+EXPORT_IGNORED = {
+    "fuse_conv_bn": "Paddle Inference folds BatchNorm into the convolutions itself when it loads the graph "
+                    "(conv2d_bn_fuse_pass), so the exported files need no folding",
+    "fuse_normalize": "PaddleDetection moves NormalizeImage into the graph; here infer_cfg.yml's Preprocess "
+                      "lists it and every runtime applies it",
+}
 
 
 # --------------------------------------------------------------------------- the traced module
@@ -83,10 +92,10 @@ def export_mode(cfg: dict, raw_outputs: Optional[bool] = None) -> str:
     flag) wins over ``post_process`` when given.
     """
     section = dict(cfg.get("export") or {})
-    unknown = set(section) - {"post_process", "nms", "benchmark", "fuse_conv_bn", "fuse_normalize"}
+    unknown = set(section) - set(EXPORT_KEYS) - set(EXPORT_IGNORED)
     if unknown:
-        raise ConfigError(f"export: unknown key(s) {sorted(unknown)}; valid keys: post_process, nms, "
-                          f"benchmark, fuse_conv_bn")
+        raise ConfigError(f"export: unknown key(s) {sorted(unknown)}; valid keys: {', '.join(EXPORT_KEYS)} "
+                          f"(accepted and ignored: {', '.join(EXPORT_IGNORED)})")
     post_process = bool(section.get("post_process", True))
     if raw_outputs is not None:
         post_process = not raw_outputs

@@ -22,7 +22,7 @@ import numpy as np
 import paddle
 
 from ppdet_retina.core.env import RunFailure
-from ppdet_retina.io import download_cache as weights
+from ppdet_retina.io import download_cache
 from ppdet_retina.io.ppdet_names import convert_ppdet_state_dict, detect_key_style
 
 __all__ = [
@@ -77,7 +77,7 @@ def _check_not_url(path: str, what: str) -> None:
 def _weights_file(path: str, what: str) -> str:
     """``path`` (with or without ``.pdparams``, or an http(s) URL, downloaded once into the cache) ->
     the existing file, or a clear FileNotFoundError."""
-    path = weights.resolve_weights(str(path), what)
+    path = download_cache.resolve_weights(str(path), what)
     path = os.path.expanduser(str(path))
     candidates = [path] if path.endswith(".pdparams") else [path + ".pdparams", path]
     for cand in candidates:
@@ -92,7 +92,7 @@ def _load_numpy_state(file: str) -> Dict[str, np.ndarray]:
     try:
         raw = paddle.load(file, return_numpy=True)
     except Exception as err:  # pickle/paddle errors have many types; all mean "not a weight file"
-        cached = os.path.dirname(os.path.abspath(file)) == weights.weights_home()
+        cached = os.path.dirname(os.path.abspath(file)) == download_cache.weights_home()
         hint = "; it is in the download cache: delete it to download it again" if cached else ""
         raise ValueError(f"cannot read weights file '{file}' ({type(err).__name__}: {err}); "
                          f"it may be truncated or not a .pdparams file{hint}") from err
@@ -158,9 +158,6 @@ _TMP_TAG = ".tmp"
 _TMP_NAME = re.compile(r"^\.(?P<final>.+)\.tmp(?P<pid>\d+)$")
 _COMMIT_TOKEN = "commit"
 _DISK_FULL = (errno.ENOSPC, errno.EFBIG, errno.EDQUOT)
-# Test hook: with this set to a checkpoint name, saving that checkpoint stops for a minute after its
-# temp files are written and before they are committed, so a test can kill the process in that window.
-SAVE_PAUSE_ENV = "PPDET_RETINA_TEST_SAVE_PAUSE"
 
 
 class CheckpointSaveError(OSError, RunFailure):
@@ -264,12 +261,6 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
-def _pause_for_tests(name: str) -> None:
-    if os.environ.get(SAVE_PAUSE_ENV) == name:
-        print(f"checkpoint '{name}': temp files written, pausing before commit ({SAVE_PAUSE_ENV})", flush=True)
-        time.sleep(60)
-
-
 # --------------------------------------------------------------------------- public API
 
 def save_checkpoint(model: paddle.nn.Layer, optimizer: Optional[paddle.optimizer.Optimizer], save_dir: str,
@@ -302,7 +293,6 @@ def save_checkpoint(model: paddle.nn.Layer, optimizer: Optional[paddle.optimizer
         record = {"epoch": (extra or {}).get("epoch"), "time": time.time(), "token": token,
                   "files": {suffix: os.path.getsize(tmp) for suffix, tmp in temps.items()}}
         temps[COMMIT_SUFFIX] = _write_temp(json.dumps(record), _commit_file(prefix))
-        _pause_for_tests(name)
     except BaseException as err:
         for tmp in temps.values():
             _remove_quietly(tmp)

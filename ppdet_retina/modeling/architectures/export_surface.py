@@ -23,12 +23,12 @@ import paddle
 
 from ppdet_retina.core.workspace import ConfigError
 
-__all__ = ["EXPORT_MODES", "Exportable", "nms_settings"]
+__all__ = ["EXPORT_MODES", "Exportable", "nms_as_dict"]
 
 EXPORT_MODES = ("detect", "candidates", "raw")
 
 
-def nms_settings(nms: Any) -> Dict[str, Any]:
+def nms_as_dict(nms: Any) -> Dict[str, Any]:
     """A MultiClassNMS's settings as plain values (the NMS a runtime applies to candidates)."""
     return {"score_threshold": float(nms.score_threshold), "nms_top_k": int(nms.nms_top_k),
             "keep_top_k": int(nms.keep_top_k), "nms_threshold": float(nms.nms_threshold),
