@@ -94,7 +94,7 @@ def make_coco(root: str, spec=_TINY_IMAGES, categories=TINY_CATEGORIES, image_di
 
 @pytest.fixture(scope="session", autouse=True)
 def _export_cache_in_tmp(tmp_path_factory):
-    """eval / infer trace their Paddle Inference export into a cache (engine/fast_engine.py); tests and
+    """eval / infer trace their Paddle Inference export into a cache (inference/engines.py); tests and
     the tools they start keep it out of the user's ~/.cache."""
     previous = os.environ.get("PPDET_RETINA_EXPORT_CACHE")
     os.environ["PPDET_RETINA_EXPORT_CACHE"] = str(tmp_path_factory.mktemp("export_cache"))

@@ -180,7 +180,7 @@ def scored_model(tmp_path_factory):
     model.eval()
     weights = str(root / "scored.pdparams")
     paddle.save(model.state_dict(), weights)
-    from ppdet_retina.engine import export
+    from ppdet_retina.export import paddle_inference as export
     model_dir = export.export_model(cfg, str(root / "inference"), model=model)
 
     folder = root / "pictures"
@@ -250,7 +250,7 @@ def test_deploy_reads_one_batch_at_a_time(scored_model, monkeypatch):
 
 
 def test_infer_refuses_a_picture_it_cannot_write(tmp_path):
-    from ppdet_retina.engine.trainer import write_picture
+    from ppdet_retina.inference.predict import write_picture
 
     (tmp_path / "taken.png").mkdir()  # a folder where the picture should go
     with pytest.raises(ValueError, match="cannot write .*taken.png"):

@@ -9,9 +9,9 @@ import paddle
 import pytest
 
 from ppdet_retina.core.workspace import load_config, create
-from ppdet_retina.engine import checkpoint as ckpt
-from ppdet_retina.engine.checkpoint import load_pretrain_weights, load_weights, resume_checkpoint, save_checkpoint
-from ppdet_retina.engine.ppdet_names import convert_ppdet_state_dict, detect_key_style
+from ppdet_retina.io import checkpoint as ckpt
+from ppdet_retina.io.checkpoint import load_pretrain_weights, load_weights, resume_checkpoint, save_checkpoint
+from ppdet_retina.io.ppdet_names import convert_ppdet_state_dict, detect_key_style
 from ppdet_retina.modeling.backbones.resnet import ResNet
 
 from conftest import REPO, read_param_table
@@ -215,7 +215,7 @@ def test_missing_file_and_url_give_clear_errors(tmp_path, monkeypatch):
         load_weights(model, str(tmp_path / "nowhere"))
     monkeypatch.setenv("PPDET_WEIGHTS_HOME", str(tmp_path / "cache"))
     url = "https://127.0.0.1:9/models/ResNet50_cos_pretrained.pdparams"  # the discard port: refused
-    monkeypatch.setattr(ckpt.weights.time, "sleep", lambda s: None)
+    monkeypatch.setattr(ckpt.download_cache.time, "sleep", lambda s: None)
     with pytest.raises(FileNotFoundError, match=r"cannot download.*ResNet50_cos_pretrained.*pretrain_weights="):
         load_pretrain_weights(model, url)
     with pytest.raises(FileNotFoundError, match=r"resuming needs a local checkpoint"):
@@ -341,7 +341,7 @@ def test_full_paddledetection_faster_rcnn_names_convert():
 # --------------------------------------------------------------------------- load reports in the log
 
 @contextlib.contextmanager
-def _log_lines(name="ppdet_retina.engine.checkpoint"):
+def _log_lines(name="ppdet_retina.io.checkpoint"):
     """Messages of one logger (the package's root logger does not propagate to pytest's caplog)."""
     records = []
     handler = logging.Handler(level=logging.INFO)

@@ -18,9 +18,11 @@ import pytest
 
 from conftest import derive_ground_truth, make_coco, tiny_faster_rcnn_config, write_tiny_config
 from ppdet_retina.core.workspace import ConfigError, create, load_config
-from ppdet_retina.engine import fast_engine
-from ppdet_retina.engine.fast_engine import EngineChooser, PredictorModel, choose_engine
-from ppdet_retina.engine.trainer import Trainer
+from ppdet_retina.inference import engines as fast_engine
+from ppdet_retina.inference.engines import EngineChooser, PredictorModel, choose_engine
+from ppdet_retina.inference.evaluate import Evaluator
+from ppdet_retina.inference.predict import Predictor
+from ppdet_retina.training.trainer import Trainer
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -58,12 +60,11 @@ def retina(tmp_path_factory):
     return SimpleNamespace(root=root, coco=coco, cfg_path=cfg_path, weights=weights)
 
 
-def _evaluate(cfg_path: str, weights: str, engine: str, out: str, mode: str = "eval"):
+def _evaluate(cfg_path: str, weights: str, engine: str, out: str):
     cfg = load_config(cfg_path, [f"weights={weights}", f"output_eval={out}"])
-    trainer = Trainer(cfg, mode=mode)
-    trainer.set_engine(engine)
-    trainer.load_weights(weights)
-    return trainer, trainer.evaluate()
+    evaluator = Evaluator(cfg, engine)
+    evaluator.load_weights(weights)
+    return evaluator, evaluator.evaluate()
 
 
 def test_retinanet_eval_default_engine_equals_dygraph_and_traces_once(retina, tmp_path, export_cache):
@@ -88,12 +89,11 @@ def test_infer_default_engine_equals_dygraph(retina, tmp_path):
     results = {}
     for engine in ("dygraph", "auto"):
         cfg = load_config(retina.cfg_path, [f"weights={retina.weights}"])
-        trainer = Trainer(cfg, mode="test")
-        trainer.set_engine(engine)
-        trainer.load_weights(retina.weights)
+        predictor = Predictor(cfg, engine)
+        predictor.load_weights(retina.weights)
         out = tmp_path / engine
-        results[engine] = trainer.predict(retina.coco.image_root, draw_threshold=0.3, output_dir=str(out),
-                                          save_results=True)
+        results[engine] = predictor.predict(retina.coco.image_root, draw_threshold=0.3, output_dir=str(out),
+                                            save_results=True)
         assert sorted(os.listdir(out)) == ["bbox.json", "img_1.png", "img_2.png", "img_3.png", "img_5.png"]
     assert [r["im_file"] for r in results["auto"]] == [r["im_file"] for r in results["dygraph"]]
     for mine, ref in zip(results["auto"], results["dygraph"]):

@@ -150,7 +150,7 @@ class _Detect(paddle.nn.Layer):
 def test_traced_early_stop_equals_dygraph_in_the_predictor(tmp_path, fixed):
     # The traced graph cuts k at run time (a topk with a graph k, no If): its detections equal
     # dygraph's with and without the stop, at a fixed and at a dynamic input size.
-    from ppdet_retina.engine.predictor import create_predictor, run
+    from ppdet_retina.runtime import create_predictor, run
 
     head = _retina(num_classes=5, nms_pre=200)
     head.eval()

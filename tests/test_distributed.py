@@ -4,15 +4,18 @@ import json
 import os
 
 from conftest import REPO, launch_two_ranks, write_tiny_config
+from instrumented_tool import WEIGHTS_HASH_ENV
+
+INSTRUMENTED = os.path.join(REPO, "tests", "instrumented_tool.py")
 
 
 def test_two_process_launch_keeps_ranks_identical(tmp_path, tiny_coco):
     cfg = write_tiny_config(tmp_path, tiny_coco, epoch=1)
     hash_dir = str(tmp_path / "hash")
     proc, logs = launch_two_ranks(str(tmp_path / "log"), [
-        os.path.join(REPO, "tools", "train.py"), "-c", cfg, "--eval",
+        INSTRUMENTED, os.path.join(REPO, "tools", "train.py"), "-c", cfg, "--eval",
         "--seed", "5",  # seeds differ per rank, so equal weights also need DataParallel's initial sync
-        "-o", "log_iter=1"], extra_env={"PPDET_RETINA_WEIGHTS_HASH_DIR": hash_dir})
+        "-o", "log_iter=1"], extra_env={WEIGHTS_HASH_ENV: hash_dir})
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:] + str(logs)
 
     hashes = {r: open(os.path.join(hash_dir, f"rank{r}.sha256")).read() for r in (0, 1)}
@@ -33,7 +36,7 @@ def test_two_process_launch_keeps_ranks_identical(tmp_path, tiny_coco):
 _FAILING_RANK0 = """
 import sys
 sys.path.insert(0, {repo!r})
-from ppdet_retina.engine import env
+from ppdet_retina.core import env
 
 env.init_distributed()
 def work():

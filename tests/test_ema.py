@@ -8,8 +8,8 @@ import paddle
 import pytest
 
 from ppdet_retina.core.workspace import ConfigError, load_config
-from ppdet_retina.engine.ema import ModelEMA, build_ema
-from ppdet_retina.engine.trainer import Trainer
+from ppdet_retina.training.ema import ModelEMA, build_ema
+from ppdet_retina.training.trainer import Trainer
 
 from conftest import write_tiny_config
 

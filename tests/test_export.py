@@ -24,8 +24,10 @@ import yaml
 from conftest import (TINY_CATEGORIES, load_script, make_coco, model_detections, module_imports,
                       write_derived_ground_truth)
 from ppdet_retina.core.workspace import create, load_config
-from ppdet_retina.engine import export as E
-from ppdet_retina.engine.exported_eval import cpu_supports_bf16, evaluate_exported
+from ppdet_retina.export import paddle_inference as E
+from ppdet_retina.inference.exported_eval import evaluate_exported
+from ppdet_retina import runtime as rt
+from ppdet_retina.runtime import cpu_supports_bf16
 from ppdet_retina.metrics.coco import COCOMetric
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -88,8 +90,7 @@ def setup(tmp_path_factory):
 
 
 def _predictor(model_dir: str, **kwargs):
-    return E.load_exported(os.path.join(model_dir, "model.json"), os.path.join(model_dir, "model.pdiparams"),
-                           **kwargs)
+    return rt.create_predictor(*rt.model_files(model_dir), **kwargs)
 
 
 def _batches(cfg, reader: str = "TestReader"):
@@ -156,7 +157,7 @@ def test_predictor_equals_dygraph_on_different_sizes(setup):
     total = 0
     for feeds in batches:
         expected = _dygraph(setup["model"], feeds)
-        got = E.run_predictor(predictor, feeds)
+        got = rt.run(predictor, feeds)
         _assert_same_detections(expected, (got[0], got[1]))
         total += int(expected[1].sum())
     assert total > 10  # the test compares real detections, not empty outputs
@@ -166,14 +167,14 @@ def test_predictor_equals_dygraph_on_a_padded_batch(setup):
     predictor = _predictor(setup["model_dir"], cpu_threads=1)
     feeds = _batches(setup["cfg"], "EvalReader")[0]
     assert feeds["image"].shape[0] == 2
-    got = E.run_predictor(predictor, feeds)
+    got = rt.run(predictor, feeds)
     _assert_same_detections(_dygraph(setup["model"], feeds), (got[0], got[1]))
 
 
 def test_plain_cpu_kernels_also_match(setup):
-    predictor = _predictor(setup["model_dir"], use_mkldnn=False)
+    predictor = _predictor(setup["model_dir"], mkldnn=False)
     feeds = _batches(setup["cfg"])[0]
-    got = E.run_predictor(predictor, feeds)
+    got = rt.run(predictor, feeds)
     _assert_same_detections(_dygraph(setup["model"], feeds), (got[0], got[1]))
 
 
@@ -186,7 +187,7 @@ def test_fixed_size_export_equals_dygraph(setup):
         info = yaml.safe_load(f)
     assert info["use_dynamic_shape"] is False and info["input_size"] == [96, 128]
     feeds = next(b for b in _batches(cfg) if b["image"].shape[2:] == (96, 128))
-    got = E.run_predictor(_predictor(model_dir, cpu_threads=1), feeds)
+    got = rt.run(_predictor(model_dir, cpu_threads=1), feeds)
     _assert_same_detections(_dygraph(model, feeds), (got[0], got[1]))
 
 
@@ -222,8 +223,8 @@ def test_bf16_close_to_fp32(setup):
     fp32 = _predictor(setup["model_dir"], cpu_threads=1)
     bf16 = _predictor(setup["model_dir"], cpu_threads=1, bf16=True)
     feeds = _batches(setup["cfg"])[0]
-    ref, _ = E.run_predictor(fp32, feeds)[:2]
-    low, _ = E.run_predictor(bf16, feeds)[:2]
+    ref, _ = rt.run(fp32, feeds)[:2]
+    low, _ = rt.run(bf16, feeds)[:2]
     top = ref[np.argsort(-ref[:, 1])[:10]]
     assert len(top) >= 5
     for row in top:
@@ -246,7 +247,7 @@ def test_raw_outputs_export_equals_head_outputs(setup):
     assert info["outputs"] == [f"cls_logits_{i}" for i in range(5)] + [f"bbox_deltas_{i}" for i in range(5)]
     assert info["anchors"]["num_anchors"] == 9 and info["anchors"]["strides"] == [8.0, 16.0, 32.0, 64.0, 128.0]
     feeds = _batches(cfg)[0]
-    got = E.run_predictor(_predictor(model_dir, cpu_threads=1), feeds)
+    got = rt.run(_predictor(model_dir, cpu_threads=1), feeds)
     with paddle.no_grad():
         image = paddle.to_tensor(feeds["image"])
         logits, deltas = model.head(model.neck(model.backbone({"image": image})))
@@ -286,7 +287,7 @@ def test_onnx_equals_predictor_at_the_exported_size(setup):
     assert info["onnx"]["outputs"] == ["boxes", "scores"] and info["onnx"]["nms_inside"] is False
     assert info["onnx"]["check"].startswith("ok")
     feeds = next(b for b in _batches(cfg) if b["image"].shape[2:] == (96, 128))
-    expected = E.run_predictor(_predictor(model_dir, cpu_threads=1), feeds)
+    expected = rt.run(_predictor(model_dir, cpu_threads=1), feeds)
     options = ort.SessionOptions()
     options.log_severity_level = 3
     session = ort.InferenceSession(os.path.join(model_dir, "model.onnx"), options,
@@ -316,7 +317,7 @@ def test_deploy_imports_no_package_code():
     # deploy.py reads the package's predictor runtime by file path; that file imports no package code.
     stdlib = {"argparse", "ast", "colorsys", "importlib", "json", "os", "sys", "time", "typing", "__future__"}
     assert _imported_modules(DEPLOY_PY) - stdlib == {"cv2", "numpy"}
-    runtime = os.path.join(REPO, "ppdet_retina", "engine", "predictor.py")
+    runtime = os.path.join(REPO, "ppdet_retina", "runtime.py")
     assert _imported_modules(runtime) - stdlib == {"cv2", "numpy", "yaml", "paddle"}
     deploy = _load_deploy()
     assert os.path.samefile(deploy.rt.__file__, runtime)
@@ -350,11 +351,11 @@ def test_deploy_end_to_end(setup, tmp_path):
 
 
 def test_deploy_runs_from_a_copy_without_the_package(setup, tmp_path):
-    # deploy.py and predictor.py copied beside each other run with ppdet_retina made unimportable.
+    # deploy.py and runtime.py copied beside each other run with ppdet_retina made unimportable.
     app = tmp_path / "app"
     app.mkdir()
     shutil.copy(DEPLOY_PY, app / "deploy.py")
-    shutil.copy(os.path.join(REPO, "ppdet_retina", "engine", "predictor.py"), app / "predictor.py")
+    shutil.copy(os.path.join(REPO, "ppdet_retina", "runtime.py"), app / "runtime.py")
     script = ("import runpy, sys; sys.modules['ppdet_retina'] = None; "
               "sys.argv = ['deploy.py'] + sys.argv[1:]; runpy.run_path('deploy.py', run_name='__main__')")
     image = os.path.join(setup["data"].image_root, "img_1.png")

@@ -11,7 +11,7 @@ import paddle
 import pytest
 
 from ppdet_retina.core.workspace import ConfigError, create, load_config
-from ppdet_retina.engine import export as E
+from ppdet_retina.export import paddle_inference as E
 from ppdet_retina.modeling.architectures.export_surface import EXPORT_MODES, Exportable
 from ppdet_retina.modeling.architectures.faster_rcnn import FasterRCNN
 

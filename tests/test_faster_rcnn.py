@@ -9,7 +9,7 @@ import paddle
 import pytest
 
 from ppdet_retina.core.workspace import create, load_config
-from ppdet_retina.engine.ppdet_names import convert_ppdet_state_dict
+from ppdet_retina.io.ppdet_names import convert_ppdet_state_dict
 from ppdet_retina.modeling.architectures.faster_rcnn import FasterRCNN
 
 from conftest import REPO, ppdet_config, read_param_table, tiny_faster_rcnn_config

@@ -14,12 +14,16 @@ import paddle
 import pytest
 
 from ppdet_retina.core.workspace import load_config
-from ppdet_retina.engine import checkpoint, env
-from ppdet_retina.engine.trainer import Trainer, weights_digest
+from ppdet_retina.io import checkpoint
+from ppdet_retina.core import env
+from ppdet_retina.training.trainer import Trainer
 
 from conftest import REPO, make_coco, tool_env, write_tiny_config
+from instrumented_tool import SAVE_PAUSE_ENV, WEIGHTS_HASH_ENV, weights_digest
 
 TRAIN = os.path.join(REPO, "tools", "train.py")
+# Runs TRAIN with the test-only hooks its environment asks for (weights hash, a pause inside a save).
+INSTRUMENTED = os.path.join(REPO, "tests", "instrumented_tool.py")
 _ENV = tool_env({"PYTHONUNBUFFERED": "1"})
 EPOCHS = 4  # of 3 steps each (3 training images, batch 1)
 SEED = 1
@@ -37,7 +41,7 @@ def run_setup(tmp_path_factory):
 
 
 def _train_cmd(cfg, save_dir, *args):
-    return [sys.executable, TRAIN, "-c", cfg, "--seed", str(SEED), "-r", "auto", "-o", f"save_dir={save_dir}",
+    return [sys.executable, INSTRUMENTED, TRAIN, "-c", cfg, "--seed", str(SEED), "-r", "auto", "-o", f"save_dir={save_dir}",
             *args]
 
 
@@ -45,7 +49,7 @@ def _finish(cfg, save_dir, tmp_path):
     """Run ``-r auto`` to the end; returns (its output, the digest of its final weights)."""
     hash_dir = str(tmp_path / "hash")
     proc = subprocess.run(_train_cmd(cfg, save_dir), capture_output=True, text=True, timeout=60, cwd=REPO,
-                          env=dict(_ENV, PPDET_RETINA_WEIGHTS_HASH_DIR=hash_dir))
+                          env=dict(_ENV, **{WEIGHTS_HASH_ENV: hash_dir}))
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     with open(os.path.join(hash_dir, "rank0.sha256")) as f:
         return proc.stdout + proc.stderr, f.read()
@@ -140,7 +144,7 @@ def test_kill_9_inside_a_save_resumes_from_the_previous_checkpoint(run_setup, tm
     save_dir = str(tmp_path / "out")
     out = os.path.join(save_dir, "tiny_retina")
     _start_and_kill_when(cfg, save_dir, "checkpoint '1': temp files written",
-                         extra_env={checkpoint.SAVE_PAUSE_ENV: "1"})
+                         extra_env={SAVE_PAUSE_ENV: "1"})
     names = sorted(os.listdir(out))
     # Epoch 1's files were written in full under temp names but never committed.
     assert "1.pdparams" not in names and any(n.startswith(".1.pdopt.tmp") for n in names), names
@@ -184,7 +188,7 @@ def test_full_disk_while_saving_is_a_clear_error_and_keeps_the_checkpoint(run_se
 
 def _launch(cfg, log_dir, *launch_args, extra_env=None):
     cmd = [sys.executable, "-m", "paddle.distributed.launch", "--log_level", "WARNING", "--log_dir", log_dir,
-           *launch_args, TRAIN, "-c", cfg, "--seed", "3", "-r", "auto",  # every rank must agree on a fresh start
+           *launch_args, INSTRUMENTED, TRAIN, "-c", cfg, "--seed", "3", "-r", "auto",  # every rank must agree on a fresh start
            "-o", "epoch=1", "TrainReader.batch_size=2"]
     return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=REPO,
                             env=dict(_ENV, **(extra_env or {})))
@@ -217,7 +221,7 @@ def test_two_launchers_as_two_nodes_train_identical_weights(tmp_path, tiny_coco)
     master = f"127.0.0.1:{_free_port()}"
     hash_dir = str(tmp_path / "hash")
     nodes = [_launch(cfg, str(tmp_path / f"log{n}"), "--master", master, "--nnodes", "2", "--nproc_per_node", "1",
-                     extra_env={"PPDET_RETINA_WEIGHTS_HASH_DIR": hash_dir}) for n in range(2)]
+                     extra_env={WEIGHTS_HASH_ENV: hash_dir}) for n in range(2)]
     outputs = [p.communicate(timeout=120)[0] for p in nodes]
     assert [p.returncode for p in nodes] == [0, 0], "\n".join(o[-2000:] for o in outputs)
     digests = []

@@ -8,7 +8,7 @@ import pytest
 
 from ppdet_retina.core.workspace import create
 from ppdet_retina.data.labels import default_label_set
-from ppdet_retina.engine.export import label_info
+from ppdet_retina.export.paddle_inference import label_info
 
 # The ids COCO 2017 leaves out of 1..90 (categories of the 2014 paper that were never annotated).
 COCO_MISSING_IDS = {12, 26, 29, 30, 45, 66, 68, 69, 71, 83}

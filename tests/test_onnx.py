@@ -17,10 +17,11 @@ import paddle
 import pytest
 import yaml
 
+from ppdet_retina import runtime as rt
 from ppdet_retina.core.workspace import create, load_config
 from ppdet_retina.data.shapes import ensure_demo_dataset
-from ppdet_retina.engine import export as E
-from ppdet_retina.engine import onnx as O
+from ppdet_retina.export import paddle_inference as E
+from ppdet_retina.export import onnx as O
 from ppdet_retina.modeling.nms import MultiClassNMS
 
 from conftest import load_script
@@ -104,8 +105,8 @@ def test_export_tool_writes_a_checked_onnx_that_gives_paddles_detections(demo, c
     assert boxes.shape == (1, 1720, 4) and scores.shape == (1, 3, 1720)  # 1000 of P3's 2304 + 576 + 144
     assert np.isfinite(boxes).all()
     bbox, bbox_num = O.multiclass_nms(boxes, scores, **entry["nms"])
-    predictor = E.load_exported(str(model_dir / "model.json"), str(model_dir / "model.pdiparams"))
-    expected = E.run_predictor(predictor, feeds)
+    predictor = rt.create_predictor(str(model_dir / "model.json"), str(model_dir / "model.pdiparams"))
+    expected = rt.run(predictor, feeds)
     assert 20 <= int(expected[1][0]) <= 100 and expected[0][:, 1].max() > 0.9  # confident detections
     result = O.compare_detections(expected[:2], (bbox, bbox_num))
     assert result["count"] == int(expected[1][0]) and result["box"] < 1e-2 and result["score_rel"] < 1e-3

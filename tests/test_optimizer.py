@@ -8,7 +8,7 @@ import paddle
 import pytest
 
 from ppdet_retina.core.workspace import ConfigError, create, load_config
-from ppdet_retina.engine.optimizer import (CosineDecay, LearningRate, LinearWarmup, OptimizerBuilder,
+from ppdet_retina.training.optimizer import (CosineDecay, LearningRate, LinearWarmup, OptimizerBuilder,
                                            PiecewiseDecay)
 
 from conftest import REPO, ppdet_config

@@ -20,7 +20,7 @@ import paddle
 import pytest
 
 from ppdet_retina.core.workspace import create, load_config
-from ppdet_retina.engine.checkpoint import load_weights
+from ppdet_retina.io.checkpoint import load_weights
 
 from conftest import load_script
 

@@ -1,4 +1,4 @@
-"""ppdet_retina/engine/predictor.py on its own: the export folder checks, preprocessing replay, output names.
+"""ppdet_retina/runtime.py on its own: the export folder checks, preprocessing replay, output names.
 (Running a predictor is tested against dygraph in test_export.py and test_default_engine.py.)"""
 
 import os
@@ -6,7 +6,7 @@ import os
 import numpy as np
 import pytest
 
-from ppdet_retina.engine import predictor as rt
+from ppdet_retina import runtime as rt
 
 
 def test_missing_export_files_name_the_file(tmp_path):

@@ -5,7 +5,7 @@ parsed by that tool's own argument parser and its config resolved and loaded wit
 overrides; `make` lines must name Makefile targets; launcher lines must use the launcher's flags.
 Outside the command blocks, every `--flag` quoted in the text must be a flag of a tool or of the
 launcher, every quoted repository path (`configs/...`, `tools/...`) and package name
-(`ppdet_retina.engine.onnx.multiclass_nms`) must exist, and every relative link must lead to a file. The tools themselves run end to end in test_tools.py, test_export.py and `make demo`.
+(`ppdet_retina.export.onnx.multiclass_nms`) must exist, and every relative link must lead to a file. The tools themselves run end to end in test_tools.py, test_export.py and `make demo`.
 """
 
 import argparse
@@ -238,7 +238,7 @@ def test_the_checks_see_the_pages():
                                                                "docs/configs.md", "docs/benchmarks.md"}
     assert "--engine dygraph" in _inline_code("docs/evaluation_and_deployment.md")
     assert "configs/retinanet/retinanet_r50_fpn_finetune_mydata.yml" in _inline_code("docs/training.md")
-    assert _resolves("ppdet_retina.engine.onnx.multiclass_nms") and not _resolves("ppdet_retina.engine.onnx.nms3")
+    assert _resolves("ppdet_retina.export.onnx.multiclass_nms") and not _resolves("ppdet_retina.export.onnx.nms3")
 
 
 # ----------------------------------------------------------------------------- the custom component example

@@ -9,8 +9,8 @@ import paddle
 import pytest
 
 from ppdet_retina.core.workspace import load_config
-from ppdet_retina.engine import checkpoint
-from ppdet_retina.engine.trainer import Trainer
+from ppdet_retina.io import checkpoint
+from ppdet_retina.training.trainer import Trainer
 
 from conftest import write_tiny_config
 

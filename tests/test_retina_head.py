@@ -350,7 +350,7 @@ def test_traced_post_process_equals_dygraph_in_the_predictor(tmp_path, fixed):
     # top-k path, level 1 (3x4x9 = 108) too, at fixed size from Python, at dynamic size with a
     # run-time k. The oneDNN predictor once dropped a scale fused into the integer index
     # arithmetic at fixed size (wrong logits gathered for classes > 0).
-    from ppdet_retina.engine.export import load_exported, run_predictor
+    from ppdet_retina.runtime import create_predictor, run
 
     num_classes, sizes = 20, [(6, 8), (3, 4)]
     head = _head(num_classes=num_classes, strides=(8.0, 16.0), one_anchor=False, nms_pre=50)
@@ -368,7 +368,7 @@ def test_traced_post_process_equals_dygraph_in_the_predictor(tmp_path, fixed):
     spec.append(paddle.static.InputSpec([1, 2], "float32", "scale_factor"))
     prefix = str(tmp_path / "post")
     paddle.jit.save(paddle.jit.to_static(layer, input_spec=spec, full_graph=True), prefix)
-    got_bbox, got_num = run_predictor(load_exported(prefix + ".json", prefix + ".pdiparams"), feeds)[:2]
+    got_bbox, got_num = run(create_predictor(prefix + ".json", prefix + ".pdiparams"), feeds)[:2]
     assert int(bbox_num.numpy()[0]) > 20 and len(set(bbox.numpy()[:, 0])) > 5
     np.testing.assert_array_equal(got_num, bbox_num.numpy())
     order = lambda r: r[np.lexsort((-r[:, 1], r[:, 0]))]  # noqa: E731

@@ -295,7 +295,8 @@ def test_faster_rcnn_dynamic_size_export_equals_dygraph(tmp_path):
     # Traced with unknown H and W, the proposal top-k sizes min(pre_nms_top_n, anchors) are
     # run-time values: P2 at 64x96 has 1152 anchors (> 100, capped), P6 only 18 (all kept).
     from ppdet_retina.core.workspace import create
-    from ppdet_retina.engine import export as E
+    from ppdet_retina import runtime as rt
+    from ppdet_retina.export import trace as E
 
     cfg = tiny_faster_rcnn_config(tmp_path)
     paddle.seed(0)
@@ -304,7 +305,7 @@ def test_faster_rcnn_dynamic_size_export_equals_dygraph(tmp_path):
     static = paddle.jit.to_static(E.DeployModel(model), input_spec=E.input_spec(), full_graph=True)
     prefix = str(tmp_path / "model")
     paddle.jit.save(static, prefix)
-    predictor = E.load_exported(prefix + ".json", prefix + ".pdiparams", cpu_threads=1)
+    predictor = rt.create_predictor(prefix + ".json", prefix + ".pdiparams", cpu_threads=1)
     rng = np.random.default_rng(0)
     for h, w in ((64, 96), (96, 64)):
         image = rng.random((1, 3, h, w)).astype("float32")
@@ -313,7 +314,7 @@ def test_faster_rcnn_dynamic_size_export_equals_dygraph(tmp_path):
                  "scale_factor": np.array([[1.0, 0.5]], "float32")}
         with paddle.no_grad():
             out = model({k: paddle.to_tensor(v) for k, v in feeds.items()})
-        bbox, bbox_num = E.run_predictor(predictor, feeds)[:2]
+        bbox, bbox_num = rt.run(predictor, feeds)[:2]
         np.testing.assert_array_equal(bbox_num, out["bbox_num"].numpy())
         assert bbox_num[0] > 10 and np.ptp(bbox[:, 1]) > 1e-3  # real, distinct detections
         _match_rows(out["bbox"].numpy(), bbox)

@@ -7,10 +7,11 @@ import paddle
 import pytest
 
 from ppdet_retina.core.workspace import create, load_config
-from ppdet_retina.engine import checkpoint
+from ppdet_retina.io import checkpoint
 from ppdet_retina.modeling.layers import SyncableBatchNorm, convert_sync_batchnorm, make_norm
 
 from conftest import REPO, launch_two_ranks, write_tiny_config
+from instrumented_tool import WEIGHTS_HASH_ENV
 
 # Backbone, neck and head towers.
 SYNC_BN = ["ResNet.norm_type=sync_bn", "FPN.norm_type=sync_bn", "RetinaHead.conv_feat.norm_type=sync_bn"]
@@ -79,8 +80,9 @@ def test_two_cpu_processes_with_sync_bn_and_fleet_train_and_load(tmp_path, tiny_
     cfg = write_tiny_config(tmp_path, tiny_coco, epoch=1)
     hash_dir = str(tmp_path / "hash")
     proc, logs = launch_two_ranks(str(tmp_path / "log"), [
-        os.path.join(REPO, "tools", "train.py"), "-c", cfg, "--fleet", "--seed", "5", "-o", *SYNC_BN],
-        extra_env={"PPDET_RETINA_WEIGHTS_HASH_DIR": hash_dir})
+        os.path.join(REPO, "tests", "instrumented_tool.py"), os.path.join(REPO, "tools", "train.py"),
+        "-c", cfg, "--fleet", "--seed", "5", "-o", *SYNC_BN],
+        extra_env={WEIGHTS_HASH_ENV: hash_dir})
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:] + str(logs)
     assert logs[0].count("norm_type sync_bn: 31 norm layer(s) run as plain BatchNorm") == 1
     assert "--fleet: collective data parallel over 2 processes" in logs[0]

@@ -6,7 +6,7 @@ import os
 import numpy as np
 import pytest
 
-from ppdet_retina.utils.visualize import class_color, draw_detections
+from ppdet_retina.runtime import class_color, draw_detections
 
 from conftest import detections_from_bbox_json, run_tool, write_derived_ground_truth, write_tiny_config
 

@@ -10,11 +10,12 @@ import paddle
 import pytest
 
 from ppdet_retina.core.workspace import ConfigError, load_config
-from ppdet_retina.engine import checkpoint
-from ppdet_retina.engine.amp import MixedPrecision
-from ppdet_retina.engine.profiling import ProfilerDone, parse_profiler_options
-from ppdet_retina.engine.trainer import Trainer
-from ppdet_retina.engine.vdl import VisualDLWriter
+from ppdet_retina.io import checkpoint
+from ppdet_retina.inference.evaluate import Evaluator
+from ppdet_retina.training.amp import MixedPrecision
+from ppdet_retina.training.profiling import ProfilerDone, parse_profiler_options
+from ppdet_retina.training.trainer import Trainer
+from ppdet_retina.training.vdl import VisualDLWriter
 
 from conftest import REPO, write_tiny_config
 
@@ -152,7 +153,7 @@ def test_enable_ce_runs_repeat_exactly(tmp_path, tiny_coco):
 
 
 def test_given_flags_set_their_config_keys():
-    from ppdet_retina.engine.train_options import flags_to_config
+    from ppdet_retina.training.train_options import flags_to_config
 
     parser = runpy.run_path(os.path.join(REPO, "tools", "train.py"), run_name="flags_test")["build_parser"]()
     args = parser.parse_args(["-c", "x.yml", "--amp", "--use_vdl", "false", "--enable_ce",
@@ -185,9 +186,9 @@ def test_eval_save_prediction_only_writes_bbox_json_without_map(tmp_path, untrai
     cfg_path, weights = untrained_weights
     cfg = load_config(cfg_path, [f"weights={weights}", "save_prediction_only=true",
                                  "RetinaHead.nms.score_threshold=0.0", f"output_eval={tmp_path / 'ev'}"])
-    trainer = Trainer(cfg, mode="eval")
-    trainer.load_weights(weights)
-    assert trainer.evaluate() == {}
+    evaluator = Evaluator(cfg)
+    evaluator.load_weights(weights)
+    assert evaluator.evaluate() == {}
     with open(tmp_path / "ev" / "bbox.json") as f:
         dets = json.load(f)
     assert {d["image_id"] for d in dets} == {1, 2, 3, 5}  # the four val images

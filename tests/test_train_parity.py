@@ -20,9 +20,9 @@ import paddle
 import pytest
 
 from ppdet_retina.core.workspace import load_config
-from ppdet_retina.engine.checkpoint import load_weights
-from ppdet_retina.engine.optimizer import build_optimizer
-from ppdet_retina.engine.ppdet_names import convert_ppdet_state_dict
+from ppdet_retina.io.checkpoint import load_weights
+from ppdet_retina.training.optimizer import build_optimizer
+from ppdet_retina.io.ppdet_names import convert_ppdet_state_dict
 
 from conftest import load_script
 

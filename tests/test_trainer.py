@@ -8,8 +8,11 @@ import paddle
 import pytest
 
 from ppdet_retina.core.workspace import load_config
-from ppdet_retina.engine import env
-from ppdet_retina.engine.trainer import Trainer, weights_digest
+from ppdet_retina.core import env
+from ppdet_retina.inference.evaluate import Evaluator
+from ppdet_retina.inference.predict import Predictor
+from ppdet_retina.training.trainer import Trainer
+from instrumented_tool import weights_digest
 
 from conftest import write_tiny_config
 
@@ -126,7 +129,7 @@ def test_train_with_validation_keeps_best_and_evaluates(tiny_cfg):
     assert all(len(r["bbox"]) == 12 and r["bbox_map"] == r["bbox"][0] for r in evals)
     assert trainer.best_ap == pytest.approx(max(r["bbox_map"] for r in evals))
 
-    evaluator = Trainer(tiny_cfg, mode="eval")
+    evaluator = Evaluator(tiny_cfg)
     evaluator.load_weights(os.path.join(out, "model_final"))
     stats = evaluator.evaluate()
     assert len(stats["bbox"]) == 12
@@ -138,7 +141,7 @@ def test_predict_writes_images_and_coco_json(tiny_cfg, tiny_coco, tmp_path):
     trainer.train()
     # Score threshold 0: the barely trained model keeps its keep_top_k = 100 detections in every image.
     cfg = load_config(write_tiny_config(tmp_path, tiny_coco), ["RetinaHead.nms.score_threshold=0.0"])
-    predictor = Trainer(cfg, mode="test")
+    predictor = Predictor(cfg)
     predictor.load_weights(os.path.join(trainer.output_dir, "model_final"))
     out_dir = str(tmp_path / "infer")
     results = predictor.predict(tiny_coco.image_root, draw_threshold=0.0, output_dir=out_dir, save_results=True)
@@ -161,7 +164,7 @@ def test_predict_writes_images_and_coco_json(tiny_cfg, tiny_coco, tmp_path):
 def test_device_fallback_and_threads(monkeypatch, caplog):
     monkeypatch.setattr(env, "_WARNED_NO_GPU", False)
     if not paddle.device.is_compiled_with_cuda():
-        with caplog.at_level("WARNING", logger="ppdet_retina.engine.env"):
+        with caplog.at_level("WARNING", logger="ppdet_retina.core.env"):
             assert env.select_device(True) == "cpu"
             assert env.select_device(True) == "cpu"
         assert sum("no GPU" in r.message for r in caplog.records) == 1

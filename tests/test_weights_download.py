@@ -12,8 +12,8 @@ import numpy as np
 import paddle
 import pytest
 
-from ppdet_retina.engine import weights
-from ppdet_retina.engine.weights import WeightsDownloadError, cache_path, resolve_weights
+from ppdet_retina.io import download_cache as weights
+from ppdet_retina.io.download_cache import WeightsDownloadError, cache_path, resolve_weights
 
 from conftest import REPO, run_tool, tool_env, write_tiny_config
 
@@ -92,7 +92,7 @@ class _Log:
         self.records = []
         self.handler = logging.Handler(level=logging.INFO)
         self.handler.emit = self.records.append
-        self.log = logging.getLogger("ppdet_retina.engine.weights")
+        self.log = logging.getLogger("ppdet_retina.io.download_cache")
         self.old = self.log.level
         self.log.addHandler(self.handler)
         self.log.setLevel(logging.INFO)
@@ -185,7 +185,7 @@ def test_two_processes_download_once(server, cache, tmp_path):
     url = server.url("/shared.pdparams")
     env = tool_env({"PYTHONWARNINGS": "ignore", "PYTHONPATH": REPO})
     # Progress lines to stderr, the cached path alone to stdout.
-    cmd = [sys.executable, "-c", "import logging, sys; from ppdet_retina.engine import weights; "
+    cmd = [sys.executable, "-c", "import logging, sys; from ppdet_retina.io import download_cache as weights; "
            "weights.logger.addHandler(logging.StreamHandler(sys.stderr)); weights.logger.propagate = False; "
            "weights.logger.setLevel(logging.INFO); print(weights.resolve_weights(sys.argv[1]))", url]
     first = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=REPO)
@@ -242,7 +242,7 @@ def test_train_tool_fine_tunes_from_a_url_with_another_class_count(server, cache
 def test_a_broken_file_placed_in_the_cache_is_named_with_how_to_refetch(cache):
     """A file already in the cache is trusted without the network; when it does not load, the error
     says where it is and that deleting it fetches it again."""
-    from ppdet_retina.engine.checkpoint import load_pretrain_weights
+    from ppdet_retina.io.checkpoint import load_pretrain_weights
 
     cache.mkdir()
     (cache / "R18.pdparams").write_bytes(b"half a file")

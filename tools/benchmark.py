@@ -51,7 +51,7 @@ import paddle  # noqa: E402
 from bench_common import (build_parser, gt_boxes, hw, measure, median_ms, median_of,  # noqa: E402
                           post_process_variants, timed, train_step_sample)
 from ppdet_retina.core.workspace import create, load_config  # noqa: E402
-from ppdet_retina.engine.env import set_cpu_threads  # noqa: E402
+from ppdet_retina.core.env import set_cpu_threads  # noqa: E402
 
 DEFAULT_CONFIG = "configs/retinanet/retinanet_r50_fpn_1x.yml"
 
@@ -181,7 +181,7 @@ def bench_infer_two_stage(model, inputs: Dict, warmup: int, iters: int) -> Dict[
 def engine_benchmark(cfg: Dict, args: argparse.Namespace, threads: int):
     """``bench_engines`` for :func:`bench_common.measure`: the default engine's forward, its trace cost,
     and the evaluation loop's images/s on it and on dygraph (same input, same weights)."""
-    from ppdet_retina.engine import fast_engine
+    from ppdet_retina.inference import engines as fast_engine
     from ppdet_retina.metrics.coco import detections_to_coco
 
     def eval_images_per_s(runner, inputs: Dict) -> float:
@@ -217,7 +217,7 @@ def engine_benchmark(cfg: Dict, args: argparse.Namespace, threads: int):
 def early_stop_ab(model, cfg: Dict, args: argparse.Namespace, threads: int, inputs: Dict) -> Dict[str, object]:
     """Median and range (ms) of the default engine traced with and without the head's early stop,
     alternated run by run, and whether both give the same detections."""
-    from ppdet_retina.engine import fast_engine
+    from ppdet_retina.inference import engines as fast_engine
 
     head = getattr(model, "head", None)
     if head is None or head.candidate_logit_floor() is None:

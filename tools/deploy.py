@@ -2,7 +2,7 @@
 """Run an exported detector with Paddle Inference (PaddleDetection's deploy/python/infer.py flags).
 
 Needs only paddle, opencv-python, numpy and PyYAML, and the package's predictor runtime
-``ppdet_retina/engine/predictor.py`` (read by file path: from the checkout, or copied next to this
+``ppdet_retina/runtime.py`` (read by file path: from the checkout, or copied next to this
 file). To deploy without the package, copy both files next to an export and run
 
     python deploy.py --model_dir output_inference/retinanet_r50_fpn_1x --image_dir demo/ \\
@@ -26,8 +26,6 @@ an image extension in ``--image_dir`` are not listed at all.
 from __future__ import annotations
 
 import argparse
-import ast
-import colorsys
 import importlib.util
 import json
 import os
@@ -39,11 +37,11 @@ import cv2
 import numpy as np
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
-_RUNTIME_FILE = "predictor.py"
+_RUNTIME_FILE = "runtime.py"
 
 
 def load_runtime() -> Any:
-    """The package's predictor runtime (ppdet_retina/engine/predictor.py), loaded by file path:
+    """The package's predictor runtime (ppdet_retina/runtime.py), loaded by file path:
     next to this script in a copied deployment, else from the checkout this script belongs to.
     Only that one file is read, so the rest of the package is never needed."""
     here = os.path.dirname(os.path.abspath(__file__))
@@ -51,14 +49,14 @@ def load_runtime() -> Any:
     if name in sys.modules:
         return sys.modules[name]
     for path in (os.path.join(here, _RUNTIME_FILE),
-                 os.path.join(here, os.pardir, "ppdet_retina", "engine", _RUNTIME_FILE)):
+                 os.path.join(here, os.pardir, "ppdet_retina", _RUNTIME_FILE)):
         if os.path.isfile(path):
             spec = importlib.util.spec_from_file_location(name, path)
             module = importlib.util.module_from_spec(spec)
             spec.loader.exec_module(module)
             sys.modules[name] = module
             return module
-    raise SystemExit(f"error: deploy.py needs {_RUNTIME_FILE} (ppdet_retina/engine/{_RUNTIME_FILE} of the "
+    raise SystemExit(f"error: deploy.py needs {_RUNTIME_FILE} (ppdet_retina/{_RUNTIME_FILE} of the "
                      f"package) next to it; copy that file beside deploy.py")
 
 
@@ -73,25 +71,6 @@ class UnreadableImage(DeployError):
     """One input image cannot be used (missing, truncated, corrupt); the run skips it."""
 
 
-def bytes_complete(data: bytes) -> bool:
-    """False for a truncated JPEG (no end marker after its first scan) or PNG (no IEND chunk), which
-    some OpenCV builds decode half grey. The package's ppdet_retina.data.transforms does the same
-    check; it is repeated here so that this file runs on its own."""
-    if data[:3] == b"\xff\xd8\xff":
-        pos = 2
-        while pos + 4 <= len(data) and data[pos] == 0xFF:  # header segments up to the scan
-            if data[pos + 1] == 0xFF:
-                pos += 1
-            elif data[pos + 1] == 0xDA:
-                return data.find(b"\xff\xd9", pos) != -1
-            else:
-                pos += 2 + int.from_bytes(data[pos + 2:pos + 4], "big")
-        return True
-    if data[:8] == b"\x89PNG\r\n\x1a\n":
-        return data.rfind(b"IEND") != -1
-    return True
-
-
 def read_image_bgr(path: str) -> np.ndarray:
     """uint8 BGR [H, W, 3], turned by its EXIF orientation as viewers (and the training reader's
     Decode without annotations) show it; UnreadableImage naming ``path`` otherwise."""
@@ -100,7 +79,7 @@ def read_image_bgr(path: str) -> np.ndarray:
             data = f.read()
     except OSError as err:
         raise UnreadableImage(f"cannot read image '{path}' ({err.strerror or err})") from None
-    if not bytes_complete(data):
+    if not rt.image_bytes_complete(data):
         raise UnreadableImage(f"image '{path}' is truncated (its end marker is missing)")
     image = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR)
     if image is None:
@@ -131,27 +110,6 @@ def check_flags(args: argparse.Namespace) -> None:
 
 
 # --------------------------------------------------------------------------- results
-
-def class_color(class_id: int) -> Tuple[int, int, int]:
-    """A stable BGR colour per class (golden-ratio hue steps)."""
-    r, g, b = colorsys.hsv_to_rgb((int(class_id) * 0.618033988749895) % 1.0, 0.85, 0.95)
-    return int(b * 255), int(g * 255), int(r * 255)
-
-
-def draw(image_bgr: np.ndarray, rows: np.ndarray, labels: Sequence[str], threshold: float) -> np.ndarray:
-    """A copy of the image with every row scoring >= ``threshold`` boxed and labelled."""
-    canvas = image_bgr.copy()
-    for cls, score, x1, y1, x2, y2 in rows:
-        if score < threshold:
-            continue
-        color = class_color(int(cls))
-        p1, p2 = (int(round(x1)), int(round(y1))), (int(round(x2)), int(round(y2)))
-        cv2.rectangle(canvas, p1, p2, color, 2)
-        name = labels[int(cls)] if 0 <= int(cls) < len(labels) else str(int(cls))
-        cv2.putText(canvas, f"{name} {score:.2f}", (p1[0], max(p1[1] - 4, 10)), cv2.FONT_HERSHEY_SIMPLEX,
-                    0.45, color, 1, cv2.LINE_AA)
-    return canvas
-
 
 def coco_results(rows: np.ndarray, image_id: int, file_name: str, catids: Sequence[int]) -> List[dict]:
     """COCO result dicts (xywh) for one image; classes map to ``catids`` when the export has them."""
@@ -286,7 +244,7 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
         # Written batch by batch, so an interrupted run keeps what it finished.
         for (i, f, bgr, _), dets in zip(batch, rows):
             path = rt.unique_output_path(args.output_dir, f, used)
-            if not cv2.imwrite(path, draw(bgr, dets, detector.labels, args.threshold)):
+            if not cv2.imwrite(path, rt.draw_detections(bgr, dets, detector.labels, args.threshold)):
                 raise DeployError(f"cannot write {path}; check the free space and permissions of --output_dir")
             kept = int((dets[:, 1] >= args.threshold).sum())
             summary["detections"][f] = kept
@@ -308,17 +266,11 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
 
 
 def _bool(text: str) -> bool:
-    """PaddleDetection spells booleans ``--enable_mkldnn True``; accept true/false/1/0 too."""
-    lowered = str(text).strip().lower()
-    if lowered in ("true", "1", "yes", "on"):
-        return True
-    if lowered in ("false", "0", "no", "off"):
-        return False
+    """PaddleDetection spells booleans ``--enable_mkldnn True`` (the runtime's parse_bool words)."""
     try:
-        return bool(ast.literal_eval(text))
-    except (ValueError, SyntaxError):
-        raise argparse.ArgumentTypeError(f"expected True or False, got {text!r}") from None
-
+        return rt.parse_bool(text)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)

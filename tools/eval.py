@@ -17,7 +17,7 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from ppdet_retina.core.workspace import ConfigError  # noqa: E402
-from ppdet_retina.engine import env  # noqa: E402
+from ppdet_retina.core import env  # noqa: E402
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -33,7 +33,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--save_prediction_only", action="store_true",
                         help="only write bbox.json (the detections in COCO result format), without computing "
                              "the mAP: e.g. for a test split whose annotations hold no boxes")
-    from ppdet_retina.engine.fast_engine import add_engine_args
+    from ppdet_retina.inference.engines import add_engine_args
 
     add_engine_args(parser)
     return parser
@@ -48,20 +48,19 @@ def main(argv=None) -> None:
     if args.output_eval:
         cfg["output_eval"] = args.output_eval
     if args.exported:
-        from ppdet_retina.engine.exported_eval import evaluate_exported
+        from ppdet_retina.inference.exported_eval import evaluate_exported
 
         evaluate_exported(cfg, args.exported, bf16=args.bf16, classwise=args.classwise,
                           output_eval=args.output_eval)
         return
     if not cfg.get("weights"):
         raise ConfigError("no weights to evaluate: pass -o weights=<path to .pdparams or its prefix>")
-    from ppdet_retina.engine.trainer import Trainer
+    from ppdet_retina.inference.evaluate import Evaluator
 
-    trainer = Trainer(cfg, mode="eval")
-    trainer.set_engine(args.engine, args.bf16)
-    trainer.load_weights(cfg["weights"])
+    evaluator = Evaluator(cfg, args.engine, args.bf16)
+    evaluator.load_weights(cfg["weights"])
     if env.is_main_process():
-        trainer.evaluate()
+        evaluator.evaluate()
     env.barrier()
 
 

@@ -10,7 +10,7 @@ with tools/deploy.py --model_dir <that folder>.
 
 --onnx converts one image of a fixed size, stopping before the NMS: outputs ``boxes`` [1, M, 4]
 and ``scores`` [1, C, M]; infer_cfg.yml's ``onnx.nms`` holds the NMS settings to apply
-(ppdet_retina.engine.onnx.multiclass_nms does it in NumPy). The file is checked with
+(ppdet_retina.export.onnx.multiclass_nms does it in NumPy). The file is checked with
 onnxruntime against the Paddle graphs (candidates, then detections after that NMS, on a random
 image and the first eval image); a difference fails the export.
 """
@@ -22,7 +22,7 @@ import sys
 # Run from a clean checkout without installing the package.
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from ppdet_retina.engine import env  # noqa: E402
+from ppdet_retina.core import env  # noqa: E402
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -50,8 +50,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv=None) -> None:
     args = build_parser().parse_args(argv)
     cfg = env.load_tool_config(args)
-    from ppdet_retina.engine.export import export_model
-    from ppdet_retina.engine.onnx import OnnxCheckError
+    from ppdet_retina.export.paddle_inference import export_model
+    from ppdet_retina.export.onnx import OnnxCheckError
 
     env.setup_environment(use_gpu=False)
     try:

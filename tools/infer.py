@@ -22,7 +22,7 @@ from typing import List, Optional, Union
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from ppdet_retina.core.workspace import ConfigError  # noqa: E402
-from ppdet_retina.engine import env  # noqa: E402
+from ppdet_retina.core import env  # noqa: E402
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -51,7 +51,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--visualize", type=env.str2bool, nargs="?", const=True, default=True, metavar="BOOL",
                         help="draw the detections into pictures in output_dir (default: true; "
                              "--visualize false with --save_results writes only bbox.json)")
-    from ppdet_retina.engine.fast_engine import add_engine_args
+    from ppdet_retina.inference.engines import add_engine_args
 
     add_engine_args(parser)
     return parser
@@ -99,16 +99,15 @@ def main(argv=None) -> None:
     cfg = env.load_tool_config(args)
     if not cfg.get("weights"):
         raise ConfigError("no weights to run: pass -o weights=<path to .pdparams or its prefix>")
-    from ppdet_retina.engine.trainer import Trainer
+    from ppdet_retina.inference.predict import Predictor
 
-    trainer = Trainer(cfg, mode="test")
-    trainer.set_engine(args.engine, args.bf16)
-    trainer.load_weights(cfg["weights"])
+    predictor = Predictor(cfg, args.engine, args.bf16)
+    predictor.load_weights(cfg["weights"])
     if not args.visualize and not args.save_results:
         raise ValueError("--visualize false without --save_results would write nothing; add --save_results")
-    trainer.predict(images, draw_threshold=args.draw_threshold, output_dir=args.output_dir,
-                    save_results=args.save_results, save_threshold=args.save_threshold,
-                    visualize=args.visualize)
+    predictor.predict(images, draw_threshold=args.draw_threshold, output_dir=args.output_dir,
+                      save_results=args.save_results, save_threshold=args.save_threshold,
+                      visualize=args.visualize)
 
 
 if __name__ == "__main__":

@@ -13,7 +13,7 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from ppdet_retina.core.workspace import ConfigError  # noqa: E402
-from ppdet_retina.engine import env  # noqa: E402
+from ppdet_retina.core import env  # noqa: E402
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -29,12 +29,12 @@ def build_parser() -> argparse.ArgumentParser:
                              "train_log.jsonl is always appended to")
     parser.add_argument("--eval", action="store_true",
                         help="evaluate on EvalDataset after every snapshot and keep best_model by bbox mAP")
-    from ppdet_retina.engine.fast_engine import add_engine_args
+    from ppdet_retina.inference.engines import add_engine_args
 
     add_engine_args(parser, training=True)
     parser.add_argument("--seed", type=int, default=None,
                         help="random seed for python, numpy and paddle (each rank adds its rank)")
-    from ppdet_retina.engine.train_options import add_train_flags
+    from ppdet_retina.training.train_options import add_train_flags
 
     add_train_flags(parser)
     parser.add_argument("--slim_config", default=None, metavar="FILE",
@@ -48,17 +48,17 @@ def main(argv=None) -> None:
         raise ConfigError(f"--slim_config {args.slim_config}: PaddleSlim compression (pruning, quantisation, "
                           f"distillation) is not supported by ppdet_retina; train without --slim_config")
     cfg = env.load_tool_config(args)
-    from ppdet_retina.engine import train_options
+    from ppdet_retina.training import train_options
 
     train_options.flags_to_config(cfg, args)
     if cfg.get("enable_ce"):
         train_options.make_deterministic(0 if args.seed is None else args.seed)
     elif args.seed is not None:
         env.set_random_seed(args.seed)
-    from ppdet_retina.engine.profiling import ProfilerDone
-    from ppdet_retina.engine.trainer import Trainer
+    from ppdet_retina.training.profiling import ProfilerDone
+    from ppdet_retina.training.trainer import Trainer
 
-    trainer = Trainer(cfg, mode="train")
+    trainer = Trainer(cfg)
     trainer.set_engine(args.engine, args.bf16)
     resumed = bool(args.resume) and trainer.resume_weights(args.resume)
     if not resumed:

@@ -15,7 +15,7 @@ extra semantics:
   PaddleDetection's configs carry them. They are checked like other keys but
   never reach the constructor (and so are never stored); a subclass inherits
   them, so it only re-declares the parameters whose defaults it changes.
-* ``from_config(cls, cfg, **kwargs) -> dict``: optional hook. ``create`` calls
+* ``from_config(cls, args, **kwargs) -> dict``: optional hook (PaddleDetection's name). ``create`` calls
   it with the resolved keyword arguments and any extra ``kwargs`` the caller
   passed (e.g. ``input_shape`` of the previous stage); the dict it returns
   updates the constructor arguments.
@@ -46,6 +46,8 @@ from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence
 
 import yaml
 
+from ppdet_retina.runtime import parse_bool
+
 __all__ = [
     "AttrDict",
     "ConfigError",
@@ -56,7 +58,6 @@ __all__ = [
     "load_config",
     "merge_config",
     "parse_overrides",
-    "get_config",
     "registered_names",
     "resolve_config_path",
     "check_config_keys",
@@ -68,7 +69,7 @@ __all__ = [
 BASE_KEY = "_BASE_"
 # Sub-packages whose modules register components; imported before a config is
 # read so that every `!Tag` and every `name:` is known.
-_COMPONENT_PACKAGES = ("ppdet_retina.modeling", "ppdet_retina.data", "ppdet_retina.engine")
+_COMPONENT_PACKAGES = ("ppdet_retina.modeling", "ppdet_retina.data", "ppdet_retina.training")
 
 # Top-level keys besides component sections (a registered class name, or a section a config names
 # elsewhere, e.g. ``architecture: RetinaNet``) and ``__shared__`` keys. Everything else at the top level
@@ -88,7 +89,8 @@ KNOWN_TOP_LEVEL_KEYS: Dict[str, str] = {
     "weights": "model weights for eval / infer / export (path or http(s) URL)",
     "pretrain_weights": "initial weights for training (path or http(s) URL; empty: random init)",
     "draw_threshold": "score threshold for drawn boxes (export's infer_cfg.yml)",
-    "export": "export settings (post_process, nms, benchmark, fuse_conv_bn)",
+    "export": "export settings (post_process, nms, benchmark; fuse_conv_bn and fuse_normalize are "
+              "accepted and ignored, see ppdet_retina.export.trace.EXPORT_IGNORED)",
     "custom_imports": "modules imported before building (user components)",
     "TrainDataset": "training dataset section", "EvalDataset": "evaluation dataset section",
     "TestDataset": "inference dataset section",
@@ -201,9 +203,8 @@ def _union(lists: Iterable[Sequence[str]]) -> List[str]:
 
 
 _REGISTRY: Dict[str, _Spec] = {}
-_GLOBAL_CONFIG: AttrDict = AttrDict()
 # Configs being built from, innermost last: a `create` without an explicit cfg inside a
-# `from_config` hook reads the config its parent was created from, not the global one.
+# `from_config` hook reads the config its parent was created from.
 _ACTIVE_CONFIGS: List[dict] = []
 
 
@@ -355,7 +356,7 @@ def resolve_config_path(path: str, search_root: Optional[str] = None) -> str:
 
 
 def load_config(path: str, overrides: Optional[Iterable[str] | dict] = None) -> AttrDict:
-    """Read ``path`` (with its ``_BASE_`` files), apply ``overrides`` and make it the global config.
+    """Read ``path`` (with its ``_BASE_`` files) and apply ``overrides``.
 
     ``path`` may be a bare file name found under the project's ``configs/``.
     The config's ``filename`` key is set to the file's stem (used for output
@@ -363,7 +364,6 @@ def load_config(path: str, overrides: Optional[Iterable[str] | dict] = None) -> 
     components they register can be named in the config. Unknown top-level keys and unknown keys
     of component sections are errors (:func:`check_config_keys`).
     """
-    global _GLOBAL_CONFIG
     path = resolve_config_path(path)
     cfg = _to_attrdict(_load_with_bases(path))
     cfg["filename"] = os.path.splitext(os.path.basename(path))[0]
@@ -372,7 +372,6 @@ def load_config(path: str, overrides: Optional[Iterable[str] | dict] = None) -> 
         cfg = merge_config(overrides, cfg)
     _import_custom(cfg.get("custom_imports") or [])
     check_config_keys(cfg, f"config {path} (or its _BASE_ files)", _override_roots(overrides or {}))
-    _GLOBAL_CONFIG = cfg
     return cfg
 
 
@@ -457,11 +456,6 @@ def _import_custom(modules: Sequence[str]) -> None:
                               f"Is its folder on PYTHONPATH?") from None
 
 
-def get_config() -> AttrDict:
-    """The config most recently loaded by :func:`load_config`."""
-    return _GLOBAL_CONFIG
-
-
 # --------------------------------------------------------------------------- overrides
 
 def parse_overrides(items: Iterable[str], cfg: Optional[dict] = None) -> dict:
@@ -469,7 +463,7 @@ def parse_overrides(items: Iterable[str], cfg: Optional[dict] = None) -> dict:
 
     With ``cfg``, a key whose current value (or, for a section key, the component's default) is a
     bool, int, float, list or string takes a value of that type, or a :class:`ConfigError` names the
-    key; booleans accept only true/false/yes/no/1/0.
+    key; booleans take the words of :func:`ppdet_retina.runtime.parse_bool`.
     """
     result: dict = {}
     for item in items:
@@ -495,20 +489,14 @@ def parse_overrides(items: Iterable[str], cfg: Optional[dict] = None) -> dict:
     return result
 
 
-def merge_config(overrides: Iterable[str] | dict, cfg: Optional[AttrDict] = None) -> AttrDict:
-    """Merge ``overrides`` (a dict or ``key=value`` strings) into ``cfg`` (default: the global config)."""
-    global _GLOBAL_CONFIG
-    target = _GLOBAL_CONFIG if cfg is None else cfg
+def merge_config(overrides: Iterable[str] | dict, cfg: AttrDict) -> AttrDict:
+    """``cfg`` with ``overrides`` (a dict or ``key=value`` strings) merged in (a new dict)."""
     if not isinstance(overrides, dict):
-        overrides = parse_overrides(overrides, target)
-    merged = _to_attrdict(_deep_merge(target, overrides))
-    if cfg is None or cfg is _GLOBAL_CONFIG:
-        _GLOBAL_CONFIG = merged
-    return merged
+        overrides = parse_overrides(overrides, cfg)
+    return _to_attrdict(_deep_merge(cfg, overrides))
 
 
 _MISSING = object()
-_TRUE_WORDS, _FALSE_WORDS = ("true", "yes", "1"), ("false", "no", "0")
 
 
 def _current_value(cfg: dict, parts: Sequence[str]) -> Any:
@@ -538,10 +526,10 @@ def _typed_override(key: str, raw: str, value: Any, current: Any) -> Any:
     if current is _MISSING or current is None:
         return value
     if isinstance(current, bool):
-        word = raw.strip().lower()
-        if word in _TRUE_WORDS or word in _FALSE_WORDS:
-            return word in _TRUE_WORDS
-        raise ConfigError(f"-o {key}={raw}: '{key}' takes a boolean: true/false/yes/no/1/0")
+        try:
+            return parse_bool(raw)
+        except ValueError:
+            raise ConfigError(f"-o {key}={raw}: '{key}' takes a boolean: true/false, yes/no, on/off, 1/0") from None
     if value is None:
         return None  # an explicit null unsets any other kind of key
     if isinstance(current, int):

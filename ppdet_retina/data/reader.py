@@ -258,7 +258,7 @@ class BaseReader:
         "num_classes": "the reader does not depend on the class count",
         "collate_batch": "gts are always padded to one length with pad_gt_mask (what PaddleDetection's "
                          "False leaves as per-image lists)",
-        "fuse_normalize": "an export option; export reads it from the config", "inputs_def": "an export option"}
+        "fuse_normalize": "a PaddleDetection export option, ignored (export.trace.EXPORT_IGNORED)", "inputs_def": "an export option"}
     # Training replaces a broken image with another; evaluation and inference leave it out.
     _replace_bad = False
 

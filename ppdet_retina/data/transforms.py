@@ -21,6 +21,7 @@ import cv2
 import numpy as np
 
 from ppdet_retina.core.workspace import ConfigError, create, register, serializable
+from ppdet_retina.runtime import image_bytes_complete, jpeg_segments, resize_scale
 
 __all__ = ["Decode", "BadImageError", "decode_image", "Resize", "RandomResize", "RandomFlip", "NormalizeImage",
            "Permute", "PadBatch", "Compose", "build_ops", "resize_scale"]
@@ -172,50 +173,11 @@ def decode_image(path: str, expect_hw: Optional[Tuple[int, int]] = None,
                         f"json's size for this image (and its boxes) or replace the file", path, im_id)
 
 
-def image_bytes_complete(data: bytes) -> bool:
-    """False for a JPEG without an end-of-image marker after its first scan, or a PNG without its
-    IEND chunk: a truncated file, which some OpenCV builds decode half grey with only a warning.
-
-    Other formats, and bytes too mangled to tell, count as complete (the decoder judges those).
-    """
-    if data[:3] == b"\xff\xd8\xff":
-        scan = _jpeg_scan_start(data)
-        # Inside the entropy-coded data 0xFF is always followed by 0x00 or a restart marker, so
-        # the first FF D9 after the scan starts is the real end (an EXIF thumbnail's comes before).
-        return scan is None or data.find(b"\xff\xd9", scan) != -1
-    if data[:8] == b"\x89PNG\r\n\x1a\n":
-        return data.rfind(b"IEND") != -1
-    return True
-
-
-def _jpeg_segments(data: bytes) -> Iterator[Tuple[int, int, int]]:
-    """(marker, payload start, payload end) of each JPEG header segment, up to and including the
-    first start-of-scan (0xDA, whose span is given as empty at its position)."""
-    pos = 2
-    while pos + 4 <= len(data):
-        if data[pos] != 0xFF:
-            return
-        marker = data[pos + 1]
-        if marker == 0xFF:  # fill byte
-            pos += 1
-            continue
-        if marker == 0xDA:
-            yield marker, pos, pos
-            return
-        length = int.from_bytes(data[pos + 2:pos + 4], "big")
-        yield marker, pos + 4, pos + 2 + length
-        pos += 2 + length
-
-
-def _jpeg_scan_start(data: bytes) -> Optional[int]:
-    return next((start for marker, start, _ in _jpeg_segments(data) if marker == 0xDA), None)
-
-
 def exif_orientation(data: bytes) -> int:
     """The EXIF Orientation (1..8) of JPEG bytes; 1 when absent or unreadable."""
     if data[:3] != b"\xff\xd8\xff":
         return 1
-    for marker, start, end in _jpeg_segments(data):
+    for marker, start, end in jpeg_segments(data):
         if marker == 0xE1 and data[start:start + 6] == b"Exif\x00\x00":
             return _tiff_orientation(data[start + 6:end])
     return 1
@@ -262,19 +224,6 @@ def apply_exif_orientation(image: np.ndarray, orientation: int) -> np.ndarray:
 
 
 # ----------------------------------------------------------------------------- resize
-
-def resize_scale(h: int, w: int, target_size: Sequence[int], keep_ratio: bool) -> Tuple[float, float]:
-    """(scale_y, scale_x) that PaddleDetection's Resize applies to an h x w image.
-
-    keep_ratio: one scale = min(short_target / short_side, long_target / long_side),
-    so the short side reaches the short target unless the long side would pass
-    the long target. Otherwise target_size is (h, w) and each axis is scaled to it.
-    """
-    if keep_ratio:
-        scale = min(min(target_size) / min(h, w), max(target_size) / max(h, w))
-        return scale, scale
-    return target_size[0] / h, target_size[1] / w
-
 
 def _check_target(target_size: Any, op: str) -> List[int]:
     size = [target_size, target_size] if isinstance(target_size, (int, np.integer)) else list(target_size)

@@ -1,10 +1,10 @@
 """What an architecture tells the exporter: its graph outputs per export mode, its NMS, its raw-output decoding.
 
-The exporter (:mod:`ppdet_retina.engine.export`) traces ``model.export_outputs(inputs, mode)``
+The exporter (:mod:`ppdet_retina.export.paddle_inference`) traces ``model.export_outputs(inputs, mode)``
 and writes ``infer_cfg.yml`` from ``export_output_names``, ``nms_settings`` and
 ``decode_settings``; it never looks inside a head.
 
-Export modes (``infer_cfg.yml``'s ``export_mode``; :func:`ppdet_retina.engine.export.export_mode`
+Export modes (``infer_cfg.yml``'s ``export_mode``; :func:`ppdet_retina.export.paddle_inference.export_mode`
 maps PaddleDetection's ``export.post_process/nms/benchmark`` keys onto them):
 
 * ``detect``: ``bbox`` [K, 6] (class, score, x1, y1, x2, y2 in original pixels) and ``bbox_num``
@@ -23,12 +23,12 @@ import paddle
 
 from ppdet_retina.core.workspace import ConfigError
 
-__all__ = ["EXPORT_MODES", "Exportable", "nms_settings"]
+__all__ = ["EXPORT_MODES", "Exportable", "nms_as_dict"]
 
 EXPORT_MODES = ("detect", "candidates", "raw")
 
 
-def nms_settings(nms: Any) -> Dict[str, Any]:
+def nms_as_dict(nms: Any) -> Dict[str, Any]:
     """A MultiClassNMS's settings as plain values (the NMS a runtime applies to candidates)."""
     return {"score_threshold": float(nms.score_threshold), "nms_top_k": int(nms.nms_top_k),
             "keep_top_k": int(nms.keep_top_k), "nms_threshold": float(nms.nms_threshold),

@@ -8,7 +8,7 @@ import paddle
 import paddle.nn as nn
 
 from ppdet_retina.core.workspace import create, register
-from ppdet_retina.modeling.architectures.export_surface import Exportable, nms_settings
+from ppdet_retina.modeling.architectures.export_surface import Exportable, nms_as_dict
 from ppdet_retina.modeling.architectures.stages import attach_stages, build_backbone_and_neck
 
 __all__ = ["FasterRCNN"]
@@ -75,4 +75,4 @@ class FasterRCNN(nn.Layer, Exportable):
 
     def nms_settings(self) -> Dict[str, Any]:
         """The second stage's NMS (applied inside every export)."""
-        return nms_settings(self.bbox_post_process.nms)
+        return nms_as_dict(self.bbox_post_process.nms)

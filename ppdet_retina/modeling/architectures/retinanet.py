@@ -8,7 +8,7 @@ import paddle
 import paddle.nn as nn
 
 from ppdet_retina.core.workspace import create, register
-from ppdet_retina.modeling.architectures.export_surface import Exportable, nms_settings
+from ppdet_retina.modeling.architectures.export_surface import Exportable, nms_as_dict
 from ppdet_retina.modeling.architectures.stages import attach_stages, build_backbone_and_neck
 
 __all__ = ["RetinaNet"]
@@ -35,7 +35,7 @@ class RetinaNet(nn.Layer, Exportable):
     image i owning the i-th block of ``bbox_num[i]`` rows.
 
     Exports (export_surface.py) ``detect``, ``candidates`` (the head's
-    ``decode_candidates``: boxes [B, M, 4], scores [B, C, M]) and ``raw``
+    ``candidates``: boxes [B, M, 4], scores [B, C, M]) and ``raw``
     (``cls_logits_<l>`` [B, A*C, h_l, w_l] per level, then ``bbox_deltas_<l>`` [B, A*4, h_l, w_l]).
     """
 
@@ -73,8 +73,9 @@ class RetinaNet(nn.Layer, Exportable):
 
     # ------------------------------------------------------------------ export surface
 
-    def decode_candidates(self, inputs: Dict[str, paddle.Tensor]) -> Tuple[paddle.Tensor, paddle.Tensor]:
-        """boxes [B, M, 4] in original pixels and scores [B, C, M]: what the NMS would see."""
+    def candidates(self, inputs: Dict[str, paddle.Tensor]) -> Tuple[paddle.Tensor, paddle.Tensor]:
+        """boxes [B, M, 4] in original pixels and scores [B, C, M] of a batch: what the NMS would see
+        (the head's ``decode_candidates`` of this batch's head outputs)."""
         head_outs = self._head_outputs(inputs)
         return self.head.decode_candidates(head_outs, inputs["im_shape"], inputs["scale_factor"])
 
@@ -83,7 +84,7 @@ class RetinaNet(nn.Layer, Exportable):
         if mode == "detect":
             return super().export_outputs(inputs, mode)
         if mode == "candidates":
-            return self.decode_candidates(inputs)
+            return self.candidates(inputs)
         cls_logits, deltas = self._head_outputs(inputs)
         return tuple(cls_logits) + tuple(deltas)
 
@@ -97,7 +98,7 @@ class RetinaNet(nn.Layer, Exportable):
         return [f"cls_logits_{i}" for i in range(levels)] + [f"bbox_deltas_{i}" for i in range(levels)]
 
     def nms_settings(self) -> Dict[str, Any]:
-        return nms_settings(self.head.nms)
+        return nms_as_dict(self.head.nms)
 
     def decode_settings(self) -> Optional[Dict[str, Any]]:
         return self.head.decode_settings()

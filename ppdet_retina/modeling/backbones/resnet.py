@@ -1,6 +1,6 @@
 """ResNet backbone (depths 18-200, variants a/b/c/d) with PaddleDetection's config keys.
 
-Parameter names (ours; ``ppdet_retina.engine.checkpoint`` maps PaddleDetection's onto them):
+Parameter names (ours; ``ppdet_retina.io.checkpoint`` maps PaddleDetection's onto them):
 
 * stem: ``stem.{i}.conv.weight`` and ``stem.{i}.norm.{weight,bias,_mean,_variance}``; one 7x7 conv
   (i = 0) for variants a/b, three 3x3 convs (i = 0, 1, 2) for variants c/d.

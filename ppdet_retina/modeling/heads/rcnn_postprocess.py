@@ -15,7 +15,7 @@ from ppdet_retina.modeling.box_ops import clip_boxes, delta2bbox, image_index, x
 
 __all__ = ["RCNNBox", "BBoxPostProcess", "rescale_to_original"]
 
-_EXPORT_ONNX_WHY = "PaddleDetection's ONNX export switch; engine/onnx.py converts the one exported graph"
+_EXPORT_ONNX_WHY = "PaddleDetection's ONNX export switch; export/onnx.py converts the one exported graph"
 
 
 @register

@@ -1,6 +1,6 @@
 """Feature Pyramid Network neck with PaddleDetection's config keys.
 
-Parameter names (ours; ``ppdet_retina.engine.checkpoint`` maps PaddleDetection's onto them), with
+Parameter names (ours; ``ppdet_retina.io.checkpoint`` maps PaddleDetection's onto them), with
 input level i = 0 the finest backbone map given:
 
 * ``lateral_convs.{i}.{weight,bias}``: 1x1 conv of input level i (PaddleDetection

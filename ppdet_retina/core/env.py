@@ -23,6 +23,7 @@ __all__ = [
     "barrier",
     "run_on_main_then_sync",
     "PEER_FAILED",
+    "RunFailure",
     "PeerFailure",
     "stop_all_ranks",
     "check_peers",
@@ -31,7 +32,7 @@ __all__ = [
     "str2bool",
 ]
 
-logger = logging.getLogger("ppdet_retina.engine.env")
+logger = logging.getLogger("ppdet_retina.core.env")
 
 
 def world_size() -> int:
@@ -157,7 +158,12 @@ def run_on_main_then_sync(fn: Callable[[], Any]) -> Any:
 PEER_FAILED = 2.0
 
 
-class PeerFailure(RuntimeError):
+class RunFailure(Exception):
+    """A run stopped by its surroundings, not by its inputs (another rank failed, the disk is full):
+    tools print its message and exit with 1."""
+
+
+class PeerFailure(RunFailure, RuntimeError):
     """Another rank failed; this rank stops with it. The message carries that rank's error."""
 
 
@@ -223,16 +229,16 @@ def add_config_args(parser) -> None:
 
 
 def str2bool(text: str) -> bool:
-    """argparse type for PaddleDetection's boolean flags: ``--flag``, ``--flag true``, ``--flag=False``."""
+    """argparse type for PaddleDetection's boolean flags: ``--flag``, ``--flag true``, ``--flag=False``
+    (the words of :func:`ppdet_retina.runtime.parse_bool`)."""
     import argparse
 
-    value = str(text).strip().lower()
-    if value in ("1", "true", "yes", "y", "on", "t"):
-        return True
-    if value in ("0", "false", "no", "n", "off", "f"):
-        return False
-    raise argparse.ArgumentTypeError(f"expected true or false, got '{text}'")
+    from ppdet_retina.runtime import parse_bool
 
+    try:
+        return parse_bool(text)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
 
 def load_tool_config(args) -> dict:
     """Load ``args.config`` with the ``-o`` overrides applied."""
@@ -251,14 +257,13 @@ def run_tool(main, argv=None) -> int:
     import sys
 
     from ppdet_retina.core.workspace import ConfigError
-    from ppdet_retina.engine.checkpoint import CheckpointSaveError
 
     try:
         main(argv)
     except (ConfigError, FileNotFoundError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    except (FloatingPointError, PeerFailure, CheckpointSaveError) as err:
+    except (FloatingPointError, RunFailure) as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
     return 0

@@ -14,42 +14,46 @@ from typing import Any, Dict, Tuple
 
 import paddle
 
+from ppdet_retina.core import env
+from ppdet_retina.core.options import TrainingOption, declare_training_options, train_flags
 from ppdet_retina.core.workspace import ConfigError, register_top_level_keys
-from ppdet_retina.engine import env
 
-__all__ = ["TRAIN_FLAGS", "add_train_flags", "flags_to_config", "make_deterministic", "to_static_model", "distributed_model"]
+__all__ = ["add_train_flags", "flags_to_config", "make_deterministic", "to_static_model", "distributed_model"]
 
-# key -> (how its flag is given, help). "switch": ``--key`` alone means true; "bool": ``--key [BOOL]``
-# (so ``--use_vdl false`` can turn a config's true off); otherwise the metavar of a value. A flag
-# left out leaves the config as it is. One table, so that a new flag is one line.
-TRAIN_FLAGS: Dict[str, Tuple[str, str]] = {
-    "amp": ("switch", "mixed precision: float16 autocast with dynamic loss scaling on a GPU (amp_level O1/O2 in "
-                      "the config; the scaler state is checkpointed). On a CPU it trains in float32 and says so"),
-    "to_static": ("switch", "train a paddle.jit.to_static graph; refused with the reason for architectures whose "
-                            "training graph does not convert (RetinaNet, Faster R-CNN on Paddle 3.3)"),
-    "use_vdl": ("bool", "write losses, LR and bbox mAP as VisualDL scalars (needs pip install visualdl, or the "
-                        "package's [vdl] extra)"),
-    "vdl_log_dir": ("DIR", "folder of the VisualDL scalars (default: vdl_log_dir/scalar)"),
-    "fleet": ("switch", "under paddle.distributed.launch, distribute through paddle.distributed.fleet (collective "
-                        "mode) instead of paddle.DataParallel; same data-parallel result"),
-    "enable_ce": ("bool", "deterministic run: seed 0 (or --seed) for python, numpy, paddle and the shuffling, "
-                          "deterministic cuDNN; two runs give the same weights"),
-    "profiler_options": ("OPTIONS", "profile training iterations with paddle.profiler, PaddleDetection's format: "
-                                    "\"batch_range=[10,20];profile_path=output/profile;sorted_key=total;"
-                                    "exit_on_finished=true\" (prints the op table, writes a Chrome trace)"),
-}
-# Each flag's config key, described by its help.
-register_top_level_keys({key: text for key, (_, text) in TRAIN_FLAGS.items()})
+# The switches of tools/train.py, each also a config key; a new one is one entry here.
+declare_training_options({
+    "amp": TrainingOption(
+        "mixed precision: float16 autocast with dynamic loss scaling on a GPU (amp_level O1/O2 in the config; "
+        "the scaler state is checkpointed). On a CPU it trains in float32 and says so", flag="switch"),
+    "to_static": TrainingOption(
+        "train a paddle.jit.to_static graph; refused with the reason for architectures whose training graph "
+        "does not convert (RetinaNet, Faster R-CNN on Paddle 3.3)", flag="switch"),
+    "use_vdl": TrainingOption(
+        "write losses, LR and bbox mAP as VisualDL scalars (needs pip install visualdl, or the package's [vdl] "
+        "extra)", flag="bool"),
+    "vdl_log_dir": TrainingOption("folder of the VisualDL scalars (default: vdl_log_dir/scalar)", flag="DIR"),
+    "fleet": TrainingOption(
+        "under paddle.distributed.launch, distribute through paddle.distributed.fleet (collective mode) instead "
+        "of paddle.DataParallel; same data-parallel result", flag="switch"),
+    "enable_ce": TrainingOption(
+        "deterministic run: seed 0 (or --seed) for python, numpy, paddle and the shuffling, deterministic cuDNN; "
+        "two runs give the same weights", flag="bool"),
+    "profiler_options": TrainingOption(
+        "profile training iterations with paddle.profiler, PaddleDetection's format: \"batch_range=[10,20];"
+        "profile_path=output/profile;sorted_key=total;exit_on_finished=true\" (prints the op table, writes a "
+        "Chrome trace)", flag="OPTIONS"),
+})
 register_top_level_keys({
     "save_prediction_only": "tools/eval.py --save_prediction_only: write bbox.json without the mAP",
 })
 
-logger = logging.getLogger("ppdet_retina.engine.train_options")
+logger = logging.getLogger("ppdet_retina.training.train_options")
 
 
 def add_train_flags(parser: argparse.ArgumentParser) -> None:
-    """Add :data:`TRAIN_FLAGS` to ``parser``; each defaults to None (not given)."""
-    for key, (kind, text) in TRAIN_FLAGS.items():
+    """Add the declared training options' flags to ``parser``; each defaults to None (not given)."""
+    for key, option in train_flags().items():
+        kind, text = option.flag, option.help
         if kind == "switch":
             parser.add_argument(f"--{key}", action="store_true", default=None, help=text)
         elif kind == "bool":
@@ -60,9 +64,9 @@ def add_train_flags(parser: argparse.ArgumentParser) -> None:
 
 
 def flags_to_config(cfg: dict, args: Any) -> dict:
-    """Copy the :data:`TRAIN_FLAGS` the user gave (not None: ``--use_vdl false`` does turn a config's true
+    """Copy the training flags the user gave (not None: ``--use_vdl false`` does turn a config's true
     off) into ``cfg``; returns ``cfg``."""
-    for key in TRAIN_FLAGS:
+    for key in train_flags():
         value = getattr(args, key, None)
         if value is not None:
             cfg[key] = value

@@ -21,9 +21,11 @@ from typing import Any, Dict, Optional
 
 import paddle
 
+from ppdet_retina.runtime import parse_bool
+
 __all__ = ["ProfilerDone", "parse_profiler_options", "StepProfiler"]
 
-logger = logging.getLogger("ppdet_retina.engine.profiling")
+logger = logging.getLogger("ppdet_retina.training.profiling")
 
 _DEFAULTS: Dict[str, Any] = {"batch_range": [10, 20], "state": "All", "sorted_key": "total",
                              "tracer_option": "Default", "profile_path": "/tmp/profile", "exit_on_finished": True}
@@ -58,7 +60,10 @@ def parse_profiler_options(text: str) -> Dict[str, Any]:
         if key == "batch_range":
             options[key] = _parse_range(value)
         elif key == "exit_on_finished":
-            options[key] = value.lower() in ("1", "true", "t", "yes", "y")
+            try:
+                options[key] = parse_bool(value)
+            except ValueError as err:
+                raise ValueError(f"--profiler_options exit_on_finished: {err}") from None
         elif key == "sorted_key" and value not in _SORT_KEYS:
             raise ValueError(f"--profiler_options sorted_key={value}: use one of {sorted(_SORT_KEYS)}")
         elif key == "state" and value not in ("CPU", "GPU", "All"):

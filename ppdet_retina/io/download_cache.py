@@ -32,7 +32,7 @@ from typing import Callable, Iterator, Optional
 __all__ = ["WEIGHTS_HOME_ENV", "WeightsDownloadError", "is_url", "weights_home", "cache_path",
            "resolve_weights"]
 
-logger = logging.getLogger("ppdet_retina.engine.weights")
+logger = logging.getLogger("ppdet_retina.io.download_cache")
 
 WEIGHTS_HOME_ENV = "PPDET_WEIGHTS_HOME"
 _DEFAULT_HOME = os.path.join("~", ".cache", "paddle", "weights")

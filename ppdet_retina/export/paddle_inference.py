@@ -5,7 +5,7 @@ Layout written by :func:`export_model` under ``<output_dir>/<config name>/``::
     model.json + model.pdiparams   the traced graph (PIR) and its weights
     infer_cfg.yml                  everything a runtime needs besides the graph (see below)
     model.onnx                     only with ``onnx=True``: fixed input size, boxes + scores before the
-                                   NMS (converted and checked by :mod:`ppdet_retina.engine.onnx`)
+                                   NMS (converted and checked by :mod:`ppdet_retina.export.onnx`)
 
 Graph inputs (dynamic batch, height and width)::
 
@@ -35,10 +35,7 @@ runtime needs to decode them.
 
 from __future__ import annotations
 
-import contextlib
 import os
-import sys
-import tempfile
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import paddle
@@ -46,8 +43,9 @@ import paddle.nn as nn
 import yaml
 
 from ppdet_retina.core.workspace import ConfigError, create
-from ppdet_retina.engine import predictor
-from ppdet_retina.modeling.architectures.export_surface import EXPORT_MODES, Exportable
+from ppdet_retina.export import onnx as onnx_export
+from ppdet_retina.export.trace import (EXPORT_MODES, INPUT_NAMES, MODEL_PREFIX, DeployModel, export_mode, input_spec,
+                                       mode_fields, trace)
 from ppdet_retina.utils.logger import setup_logger
 
 __all__ = [
@@ -61,133 +59,10 @@ __all__ = [
     "preprocess_entries",
     "label_info",
     "export_model",
-    "load_exported",
-    "run_predictor",
 ]
 
 logger = setup_logger("ppdet_retina")
 
-MODEL_PREFIX = predictor.MODEL_PREFIX
-INPUT_NAMES = ("image", "im_shape", "scale_factor")
-
-
-# --------------------------------------------------------------------------- the traced module
-
-class DeployModel(nn.Layer):
-    """Wrap a detector so that its graph takes three tensors and returns a flat tuple.
-
-    What the tuple holds in ``mode`` (one of EXPORT_MODES) is the model's answer
-    (``export_outputs``, ``export_output_names``); the model must be :class:`Exportable`.
-    """
-
-    def __init__(self, model: nn.Layer, mode: str = "detect"):
-        super().__init__()
-        if not isinstance(model, Exportable):
-            raise ConfigError(f"{type(model).__name__} does not say what it exports: an exportable "
-                              f"architecture derives from ppdet_retina.modeling.architectures.export_surface"
-                              f".Exportable")
-        model.check_export_mode(mode)
-        self.model = model
-        self.mode = mode
-
-    def forward(self, image: paddle.Tensor, im_shape: paddle.Tensor,
-                scale_factor: paddle.Tensor) -> Tuple[paddle.Tensor, ...]:
-        inputs = {"image": image, "im_shape": im_shape, "scale_factor": scale_factor}
-        outs = tuple(self.model.export_outputs(inputs, self.mode))
-        return outs[:-1] + (_tie_inputs(outs[-1], im_shape, scale_factor),)
-
-    def output_names(self) -> List[str]:
-        """Names of the outputs in graph order (written to infer_cfg.yml)."""
-        return self.model.export_output_names(self.mode)
-
-
-def _tie_inputs(out: paddle.Tensor, im_shape: paddle.Tensor, scale_factor: paddle.Tensor) -> paddle.Tensor:
-    """``out`` plus an exact zero computed from every input.
-
-    Paddle refuses to save a graph with an input nothing reads, and RetinaNet never reads
-    ``im_shape`` (raw outputs read neither it nor ``scale_factor``). Tying them in keeps
-    one input contract (image, im_shape, scale_factor) for every export and runtime.
-    DeployModel ties the last output.
-    """
-    # One element of each suffices; a full reduction (sum) would need ONNX opset 13.
-    zero = (im_shape[0, 0] + scale_factor[0, 0]) * 0.0
-    return out + zero.astype(out.dtype)
-
-
-def export_mode(cfg: dict, raw_outputs: Optional[bool] = None) -> str:
-    """The config's ``export`` section as one of EXPORT_MODES; the only reader of its mode keys.
-
-    PaddleDetection's keys: ``benchmark: true`` or ``post_process: false`` -> ``raw``;
-    ``nms: false`` -> ``candidates``; otherwise ``detect``. ``raw_outputs`` (a command-line
-    flag) wins over ``post_process`` when given.
-    """
-    section = dict(cfg.get("export") or {})
-    unknown = set(section) - {"post_process", "nms", "benchmark", "fuse_conv_bn", "fuse_normalize"}
-    if unknown:
-        raise ConfigError(f"export: unknown key(s) {sorted(unknown)}; valid keys: post_process, nms, "
-                          f"benchmark, fuse_conv_bn")
-    post_process = bool(section.get("post_process", True))
-    if raw_outputs is not None:
-        post_process = not raw_outputs
-    if bool(section.get("benchmark", False)) or not post_process:
-        return "raw"
-    return "detect" if bool(section.get("nms", True)) else "candidates"
-
-
-def mode_fields(mode: str) -> Dict[str, Any]:
-    """infer_cfg.yml's fields for an export mode: ``export_mode`` and those derived from it.
-
-    ``post_process`` (the graph decodes boxes) and ``nms_inside`` (the graph ends with the NMS)
-    are what runtimes reading older exports look at; they never disagree with ``export_mode``.
-    """
-    if mode not in EXPORT_MODES:
-        raise ValueError(f"export mode must be one of {list(EXPORT_MODES)}, got '{mode}'")
-    return {"export_mode": mode, "post_process": mode != "raw", "nms_inside": mode == "detect"}
-
-
-def input_spec(batch: Optional[int] = None, height: Optional[int] = None,
-               width: Optional[int] = None) -> List[paddle.static.InputSpec]:
-    """InputSpecs of INPUT_NAMES (image, im_shape, scale_factor); ``None`` dimensions stay dynamic."""
-    shapes = ([batch, 3, height, width], [batch, 2], [batch, 2])
-    return [paddle.static.InputSpec(shape, "float32", name=name) for shape, name in zip(shapes, INPUT_NAMES)]
-
-
-def _trace_and_save(deploy: DeployModel, prefix: str, spec: List[paddle.static.InputSpec]) -> None:
-    """Trace ``deploy`` and write ``prefix.json`` + ``prefix.pdiparams``."""
-    deploy.eval()
-    with _without_stderr_lines(_KNOWN_TRACE_NOISE):
-        static = paddle.jit.to_static(deploy, input_spec=spec, full_graph=True)
-        paddle.jit.save(static, prefix)
-
-
-# Paddle 3.3 logs this glog warning the first time a traced `a + b` passes its (empty) `out=`
-# argument on; it concerns Paddle's own tensor API, not the model.
-_KNOWN_TRACE_NOISE = ("Paddle static graph(PIR) not support input out tensor",)
-
-
-@contextlib.contextmanager
-def _without_stderr_lines(needles: Sequence[str]):
-    """Pass everything written to the stderr file descriptor through, except lines holding a needle.
-
-    glog writes from C++ straight to fd 2, so neither the ``warnings`` module nor logging can
-    filter it; the block's stderr goes to a temporary file and is copied back after it.
-    """
-    sys.stderr.flush()
-    saved = os.dup(2)
-    with tempfile.TemporaryFile() as captured:
-        os.dup2(captured.fileno(), 2)
-        try:
-            yield
-        finally:
-            sys.stderr.flush()
-            os.dup2(saved, 2)
-            os.close(saved)
-            captured.seek(0)
-            text = captured.read().decode("utf-8", errors="replace")
-            kept = [line for line in text.splitlines(keepends=True) if not any(n in line for n in needles)]
-            if kept:
-                sys.stderr.write("".join(kept))
-                sys.stderr.flush()
 
 
 # --------------------------------------------------------------------------- infer_cfg.yml
@@ -277,7 +152,7 @@ def _write_yaml(path: str, data: Dict[str, Any]) -> None:
 # --------------------------------------------------------------------------- export
 
 def _load_model(cfg: dict, weights: Optional[str]) -> nn.Layer:
-    from ppdet_retina.engine import checkpoint
+    from ppdet_retina.io import checkpoint
 
     if "architecture" not in cfg:
         raise ConfigError("config has no 'architecture' key (e.g. architecture: RetinaNet)")
@@ -308,7 +183,7 @@ def export_model(cfg: dict, output_dir: str = "output_inference", weights: Optio
         onnx_opset: ONNX opset to ask paddle2onnx for (>= 11, default 11); infer_cfg.yml records the
             file's own.
         check_onnx: compare the ONNX model with the Paddle graphs when onnxruntime is installed
-            (:func:`ppdet_retina.engine.onnx.check_onnx`); a difference raises OnnxCheckError.
+            (:func:`ppdet_retina.export.onnx.check_onnx`); a difference raises OnnxCheckError.
         fixed_input_size: (H, W) to trace one image of exactly that padded size instead of dynamic
             shapes (for models whose code needs static sizes; runtimes pad every image to it).
     """
@@ -323,16 +198,14 @@ def export_model(cfg: dict, output_dir: str = "output_inference", weights: Optio
     prefix = os.path.join(save_dir, MODEL_PREFIX)
     if fixed_input_size:
         height, width = (int(v) for v in fixed_input_size)
-        _trace_and_save(deploy, prefix, input_spec(1, height, width))
+        trace(deploy, prefix, input_spec(1, height, width))
         info["use_dynamic_shape"] = False
         info["input_size"] = [height, width]
     else:
-        _trace_and_save(deploy, prefix, input_spec())
+        trace(deploy, prefix, input_spec())
     infer_cfg = os.path.join(save_dir, "infer_cfg.yml")
     _write_yaml(infer_cfg, info)
     if onnx:
-        from ppdet_retina.engine import onnx as onnx_export
-
         size = list(onnx_input_size) if onnx_input_size else onnx_export.default_onnx_size(info["Preprocess"])
         feeds = onnx_export.sample_feeds(cfg, *size) if check_onnx else None
         info["onnx"] = onnx_export.export_onnx(
@@ -342,18 +215,3 @@ def export_model(cfg: dict, output_dir: str = "output_inference", weights: Optio
     logger.info(f"export: {info['arch']} ({mode} outputs: {', '.join(info['outputs'])}) "
                 f"written to {save_dir}")
     return save_dir
-
-
-# --------------------------------------------------------------------------- running an export
-# The runtime lives in ppdet_retina.engine.predictor (shared with tools/deploy.py); these names stay
-# here for callers that run what they just exported.
-
-run_predictor = predictor.run
-
-
-def load_exported(model_file: str, params_file: str, use_mkldnn: bool = True, bf16: bool = False,
-                  cpu_threads: int = 1, use_gpu: bool = False) -> Any:
-    """A ``paddle.inference`` predictor for an exported model (CPU oneDNN by default); see
-    :func:`ppdet_retina.engine.predictor.create_predictor`."""
-    return predictor.create_predictor(model_file, params_file, device="gpu" if use_gpu else "cpu",
-                                      cpu_threads=cpu_threads, mkldnn=use_mkldnn, bf16=bf16)

@@ -98,7 +98,7 @@ def export_onnx(deploy: Any, save_dir: str, input_size: Sequence[int], opset: in
     settings to apply) and check (the verdict).
     Raises OnnxCheckError when the check finds a difference.
     """
-    from ppdet_retina.engine.export import DeployModel, MODEL_PREFIX, _trace_and_save, input_spec, mode_fields
+    from ppdet_retina.export.trace import MODEL_PREFIX, DeployModel, input_spec, mode_fields, trace
 
     if int(opset) < MIN_ONNX_OPSET:
         raise ConfigError(f"--onnx_opset {opset}: the graph's TopK, Range and GatherElements convert only "
@@ -113,7 +113,7 @@ def export_onnx(deploy: Any, save_dir: str, input_size: Sequence[int], opset: in
     tmp = tempfile.mkdtemp(prefix="ppdet_retina_onnx_")
     try:
         prefix = os.path.join(tmp, MODEL_PREFIX)
-        _trace_and_save(onnx_deploy, prefix, input_spec(1, height, width))
+        trace(onnx_deploy, prefix, input_spec(1, height, width))
         written = convert(prefix, onnx_file, opset, onnx_deploy.output_names())
         entry: Dict[str, Any] = {"file": ONNX_FILE, "input_size": [height, width], "batch": 1, **written,
                                  **mode_fields(mode)}
@@ -388,7 +388,7 @@ def check_onnx(onnx_file: str, paddle_prefix: str, feeds: Sequence[Tuple[str, Di
         import onnxruntime  # noqa: F401
     except ImportError:
         return "skipped: onnxruntime is not installed (pip install onnxruntime)"
-    from ppdet_retina.engine.predictor import create_predictor, run as run_predictor
+    from ppdet_retina.runtime import create_predictor, run as run_predictor
 
     session = ort_session(onnx_file)
     names = [i.name for i in session.get_inputs()]

@@ -30,7 +30,8 @@ from typing import Dict, Iterator, List, Optional, Sequence
 import numpy as np
 import paddle
 
-from ppdet_retina.core.workspace import ConfigError, register_top_level_keys
+from ppdet_retina.core.options import TrainingOption, declare_training_options
+from ppdet_retina.core.workspace import ConfigError
 
 __all__ = ["EMA_DECAY_TYPES", "RAW_WEIGHTS_SUFFIX", "ModelEMA", "build_ema"]
 
@@ -38,13 +39,13 @@ EMA_DECAY_TYPES = ("threshold", "normal", "exponential")
 # PaddleDetection writes the trained (not averaged) weights of an EMA run next to .pdparams under this.
 RAW_WEIGHTS_SUFFIX = ".pdema"
 
-register_top_level_keys({
-    "use_ema": "keep an exponential moving average of the weights (eval and snapshots use it)",
-    "ema_decay": "EMA decay (0.9998)",
-    "ema_decay_type": "EMA decay schedule: threshold, normal or exponential",
-    "cycle_epoch": "restart the EMA after this many snapshots (-1: never)",
-    "ema_black_list": "substrings of parameter names kept out of the EMA",
-    "ema_filter_no_grad": "keep frozen parameters out of the EMA",
+declare_training_options({
+    "use_ema": TrainingOption("keep an exponential moving average of the weights (eval and snapshots use it)"),
+    "ema_decay": TrainingOption("EMA decay (0.9998)"),
+    "ema_decay_type": TrainingOption("EMA decay schedule: threshold, normal or exponential"),
+    "cycle_epoch": TrainingOption("restart the EMA after this many snapshots (-1: never)"),
+    "ema_black_list": TrainingOption("substrings of parameter names kept out of the EMA"),
+    "ema_filter_no_grad": TrainingOption("keep frozen parameters out of the EMA"),
 })
 
 

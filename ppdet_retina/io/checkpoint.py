@@ -4,7 +4,7 @@ Files: ``<prefix>.pdparams`` holds the model's state dict (our parameter names);
 holds the optimizer's state dict plus our ``extra`` dict (epoch, step, ...) under ``EXTRA_KEY``.
 
 Weight files in our names, a PaddleDetection model's or its ImageNet backbone's are accepted; the names
-are translated by :mod:`ppdet_retina.engine.ppdet_names`.
+are translated by :mod:`ppdet_retina.io.ppdet_names`.
 """
 
 from __future__ import annotations
@@ -21,8 +21,9 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 import numpy as np
 import paddle
 
-from ppdet_retina.engine import weights
-from ppdet_retina.engine.ppdet_names import convert_ppdet_state_dict, detect_key_style
+from ppdet_retina.core.env import RunFailure
+from ppdet_retina.io import download_cache
+from ppdet_retina.io.ppdet_names import convert_ppdet_state_dict, detect_key_style
 
 __all__ = [
     "EXTRA_KEY",
@@ -32,13 +33,14 @@ __all__ = [
     "resume_checkpoint",
     "log_load_report",
     "CheckpointSaveError",
+    "output_dir_of",
     "COMMIT_SUFFIX",
     "read_commit",
     "find_latest_checkpoint",
     "remove_stale_temps",
 ]
 
-logger = logging.getLogger("ppdet_retina.engine.checkpoint")
+logger = logging.getLogger("ppdet_retina.io.checkpoint")
 
 EXTRA_KEY = "__ppdet_retina_extra__"
 # PaddleDetection keeps the number of finished epochs in its .pdopt under this key (our extra 'epoch').
@@ -60,6 +62,11 @@ _CLASS_DEPENDENT = re.compile(r"^(head\.cls_logits|bbox_head\.cls_score|bbox_hea
 
 # --------------------------------------------------------------------------- files
 
+def output_dir_of(cfg: dict) -> str:
+    """``save_dir/<config name>``: where a config's checkpoints, logs and eval results go."""
+    return os.path.join(str(cfg.get("save_dir", "output")), str(cfg.get("filename", "model")))
+
+
 def _check_not_url(path: str, what: str) -> None:
     if re.match(r"^[a-z]+://", str(path)):
         raise FileNotFoundError(
@@ -70,7 +77,7 @@ def _check_not_url(path: str, what: str) -> None:
 def _weights_file(path: str, what: str) -> str:
     """``path`` (with or without ``.pdparams``, or an http(s) URL, downloaded once into the cache) ->
     the existing file, or a clear FileNotFoundError."""
-    path = weights.resolve_weights(str(path), what)
+    path = download_cache.resolve_weights(str(path), what)
     path = os.path.expanduser(str(path))
     candidates = [path] if path.endswith(".pdparams") else [path + ".pdparams", path]
     for cand in candidates:
@@ -85,7 +92,7 @@ def _load_numpy_state(file: str) -> Dict[str, np.ndarray]:
     try:
         raw = paddle.load(file, return_numpy=True)
     except Exception as err:  # pickle/paddle errors have many types; all mean "not a weight file"
-        cached = os.path.dirname(os.path.abspath(file)) == weights.weights_home()
+        cached = os.path.dirname(os.path.abspath(file)) == download_cache.weights_home()
         hint = "; it is in the download cache: delete it to download it again" if cached else ""
         raise ValueError(f"cannot read weights file '{file}' ({type(err).__name__}: {err}); "
                          f"it may be truncated or not a .pdparams file{hint}") from err
@@ -151,12 +158,9 @@ _TMP_TAG = ".tmp"
 _TMP_NAME = re.compile(r"^\.(?P<final>.+)\.tmp(?P<pid>\d+)$")
 _COMMIT_TOKEN = "commit"
 _DISK_FULL = (errno.ENOSPC, errno.EFBIG, errno.EDQUOT)
-# Test hook: with this set to a checkpoint name, saving that checkpoint stops for a minute after its
-# temp files are written and before they are committed, so a test can kill the process in that window.
-SAVE_PAUSE_ENV = "PPDET_RETINA_TEST_SAVE_PAUSE"
 
 
-class CheckpointSaveError(OSError):
+class CheckpointSaveError(OSError, RunFailure):
     """A checkpoint could not be written (full disk, quota, file-size limit); nothing was replaced."""
 
     def __str__(self) -> str:
@@ -257,12 +261,6 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
-def _pause_for_tests(name: str) -> None:
-    if os.environ.get(SAVE_PAUSE_ENV) == name:
-        print(f"checkpoint '{name}': temp files written, pausing before commit ({SAVE_PAUSE_ENV})", flush=True)
-        time.sleep(60)
-
-
 # --------------------------------------------------------------------------- public API
 
 def save_checkpoint(model: paddle.nn.Layer, optimizer: Optional[paddle.optimizer.Optimizer], save_dir: str,
@@ -295,7 +293,6 @@ def save_checkpoint(model: paddle.nn.Layer, optimizer: Optional[paddle.optimizer
         record = {"epoch": (extra or {}).get("epoch"), "time": time.time(), "token": token,
                   "files": {suffix: os.path.getsize(tmp) for suffix, tmp in temps.items()}}
         temps[COMMIT_SUFFIX] = _write_temp(json.dumps(record), _commit_file(prefix))
-        _pause_for_tests(name)
     except BaseException as err:
         for tmp in temps.values():
             _remove_quietly(tmp)

@@ -21,20 +21,21 @@ from typing import Any, ContextManager, Dict, Optional, Tuple
 
 import paddle
 
-from ppdet_retina.core.workspace import ConfigError, register_top_level_keys
+from ppdet_retina.core.options import TrainingOption, declare_training_options
+from ppdet_retina.core.workspace import ConfigError
 
 __all__ = ["AMP_LEVELS", "MixedPrecision"]
 
 AMP_LEVELS = ("O1", "O2")
 
-register_top_level_keys({
-    "amp_level": "mixed precision level: O1 (autocast) or O2 (float16 model, float32 master weights)",
-    "init_loss_scaling": "initial loss scale of --amp's dynamic loss scaling (1024)",
-    "custom_white_list": "op names --amp runs in float16",
-    "custom_black_list": "op names --amp keeps in float32",
+declare_training_options({
+    "amp_level": TrainingOption("mixed precision level: O1 (autocast) or O2 (float16 model, float32 master weights)"),
+    "init_loss_scaling": TrainingOption("initial loss scale of --amp's dynamic loss scaling (1024)"),
+    "custom_white_list": TrainingOption("op names --amp runs in float16"),
+    "custom_black_list": TrainingOption("op names --amp keeps in float32"),
 })
 
-logger = logging.getLogger("ppdet_retina.engine.amp")
+logger = logging.getLogger("ppdet_retina.training.amp")
 
 
 class MixedPrecision:

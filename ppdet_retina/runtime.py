@@ -1,9 +1,9 @@
 """Paddle Inference runtime for an exported detector: the one place that configures and runs it.
 
 Used by ``tools/deploy.py`` (loaded by file path, so that script runs without the package),
-``tools/eval.py --exported`` (:mod:`ppdet_retina.engine.exported_eval`), the default engine of
-eval / infer / training's evaluation (:mod:`ppdet_retina.engine.fast_engine`) and the export
-checks (:mod:`ppdet_retina.engine.export`, :mod:`ppdet_retina.engine.onnx`). It therefore imports
+``tools/eval.py --exported`` (:mod:`ppdet_retina.inference.exported_eval`), the default engine of
+eval / infer / training's evaluation (:mod:`ppdet_retina.inference.engines`) and the export
+checks (:mod:`ppdet_retina.export.paddle_inference`, :mod:`ppdet_retina.export.onnx`). It therefore imports
 nothing of the package: only paddle, numpy, OpenCV and PyYAML.
 
 What lives here:
@@ -12,13 +12,16 @@ What lives here:
   Permute, PadStride) exactly as the package's readers prepare images;
 * :func:`create_predictor`: ``paddle.inference.Config`` with oneDNN (optionally bf16) on CPU, GPU
   or TensorRT, plus the Paddle workarounds an export needs;
-* :func:`run`: feed by input name, run, fetch every output; :func:`split_detections` per image.
+* :func:`run`: feed by input name, run, fetch every output; :func:`split_detections` per image;
+* what the package and deploy.py both need and must agree on: :func:`resize_scale`, the truncated-file
+  check :func:`image_bytes_complete`, :func:`draw_detections` and :func:`parse_bool`.
 """
 
 from __future__ import annotations
 
+import colorsys
 import os
-from typing import Any, Dict, List, Optional, Sequence, Set, Tuple
+from typing import Any, Dict, Iterator, List, Optional, Sequence, Set, Tuple
 
 import cv2
 import numpy as np
@@ -28,7 +31,8 @@ __all__ = [
     "MODEL_PREFIX", "MODEL_FILE", "PARAMS_FILE", "INFER_CFG", "PredictorError",
     "read_infer_cfg", "model_files", "resize_scale", "Resize", "NormalizeImage", "Permute", "PadStride",
     "build_preprocess", "preprocess", "stack_batch", "cpu_has_flag", "cpu_supports_bf16", "graph_has_interp",
-    "create_predictor", "run", "split_detections", "unique_output_path",
+    "create_predictor", "run", "split_detections", "unique_output_path", "image_bytes_complete", "jpeg_segments",
+    "class_color", "draw_detections", "parse_bool",
 ]
 
 MODEL_PREFIX = "model"
@@ -71,7 +75,12 @@ def model_files(model_dir: str) -> Tuple[str, str]:
 # --------------------------------------------------------------------------- preprocessing replay
 
 def resize_scale(h: int, w: int, target_size: Sequence[int], keep_ratio: bool) -> Tuple[float, float]:
-    """(scale_y, scale_x) of the package's Resize: keep_ratio fits [short, long] targets."""
+    """(scale_y, scale_x) that PaddleDetection's Resize applies to an h x w image.
+
+    keep_ratio: one scale = min(short_target / short_side, long_target / long_side),
+    so the short side reaches the short target unless the long side would pass
+    the long target. Otherwise target_size is (h, w) and each axis is scaled to it.
+    """
     if keep_ratio:
         scale = min(min(target_size) / min(h, w), max(target_size) / max(h, w))
         return scale, scale
@@ -298,3 +307,106 @@ def unique_output_path(output_dir: str, image_file: str, used: Set[str]) -> str:
         path, n = os.path.join(output_dir, f"{stem}_{n}{ext}"), n + 1
     used.add(path)
     return path
+
+
+# --------------------------------------------------------------------------- image files
+
+def image_bytes_complete(data: bytes) -> bool:
+    """False for a JPEG without an end-of-image marker after its first scan, or a PNG without its
+    IEND chunk: a truncated file, which some OpenCV builds decode half grey with only a warning.
+
+    Other formats, and bytes too mangled to tell, count as complete (the decoder judges those).
+    """
+    if data[:3] == b"\xff\xd8\xff":
+        scan = jpeg_scan_start(data)
+        # Inside the entropy-coded data 0xFF is always followed by 0x00 or a restart marker, so
+        # the first FF D9 after the scan starts is the real end (an EXIF thumbnail's comes before).
+        return scan is None or data.find(b"\xff\xd9", scan) != -1
+    if data[:8] == b"\x89PNG\r\n\x1a\n":
+        return data.rfind(b"IEND") != -1
+    return True
+
+
+def jpeg_segments(data: bytes) -> Iterator[Tuple[int, int, int]]:
+    """(marker, payload start, payload end) of each JPEG header segment, up to and including the
+    first start-of-scan (0xDA, whose span is given as empty at its position)."""
+    pos = 2
+    while pos + 4 <= len(data):
+        if data[pos] != 0xFF:
+            return
+        marker = data[pos + 1]
+        if marker == 0xFF:  # fill byte
+            pos += 1
+            continue
+        if marker == 0xDA:
+            yield marker, pos, pos
+            return
+        length = int.from_bytes(data[pos + 2:pos + 4], "big")
+        yield marker, pos + 4, pos + 2 + length
+        pos += 2 + length
+
+
+def jpeg_scan_start(data: bytes) -> Optional[int]:
+    return next((start for marker, start, _ in jpeg_segments(data) if marker == 0xDA), None)
+
+
+# --------------------------------------------------------------------------- drawing
+
+def class_color(class_id: int) -> Tuple[int, int, int]:
+    """A stable, well separated BGR colour per class (golden-ratio hue steps)."""
+    hue = (int(class_id) * 0.618033988749895) % 1.0
+    r, g, b = colorsys.hsv_to_rgb(hue, 0.85, 0.95)
+    return int(b * 255), int(g * 255), int(r * 255)
+
+
+def _label_text(class_id: int, score: float, label_names: Optional[Sequence[str]]) -> str:
+    name = label_names[class_id] if label_names and 0 <= class_id < len(label_names) else str(class_id)
+    return f"{name} {score:.2f}"
+
+
+def draw_detections(image: np.ndarray, detections: np.ndarray, label_names: Optional[Sequence[str]] = None,
+                    threshold: float = 0.5, thickness: int = 2) -> np.ndarray:
+    """Return a copy of ``image`` (H, W, 3 uint8 BGR) with boxes and ``name score`` labels.
+
+    ``detections`` is [N, 6] (class, score, x1, y1, x2, y2) in the image's
+    pixels; rows scoring below ``threshold`` or with a negative class are skipped.
+    """
+    canvas = np.ascontiguousarray(image.copy())
+    rows = np.asarray(detections, dtype=np.float32).reshape(-1, 6)
+    font_scale = max(0.35, min(canvas.shape[:2]) / 900.0)
+    for cls, score, x1, y1, x2, y2 in rows:
+        if score < threshold or cls < 0:
+            continue
+        color = class_color(int(cls))
+        p1, p2 = (int(round(x1)), int(round(y1))), (int(round(x2)), int(round(y2)))
+        cv2.rectangle(canvas, p1, p2, color, thickness)
+        _put_label(canvas, _label_text(int(cls), float(score), label_names), p1, color, font_scale)
+    return canvas
+
+
+def _put_label(canvas: np.ndarray, text: str, corner: Tuple[int, int], color: Tuple[int, int, int],
+               font_scale: float) -> None:
+    (tw, th), base = cv2.getTextSize(text, cv2.FONT_HERSHEY_SIMPLEX, font_scale, 1)
+    x, y = corner
+    # Put the label above the box, or inside it when the box touches the top edge.
+    top = y - th - base if y - th - base >= 0 else y
+    cv2.rectangle(canvas, (x, top), (x + tw, top + th + base), color, -1)
+    cv2.putText(canvas, text, (x, top + th), cv2.FONT_HERSHEY_SIMPLEX, font_scale, (255, 255, 255), 1,
+                cv2.LINE_AA)
+
+
+# --------------------------------------------------------------------------- text
+
+_TRUE_WORDS = ("true", "t", "yes", "y", "on", "1")
+_FALSE_WORDS = ("false", "f", "no", "n", "off", "0")
+
+
+def parse_bool(text: Any) -> bool:
+    """The one reading of a boolean written as text (flags, ``-o`` overrides, profiler options):
+    true/t/yes/y/on/1 or false/f/no/n/off/0, any case; ValueError naming the text otherwise."""
+    word = str(text).strip().lower()
+    if word in _TRUE_WORDS:
+        return True
+    if word in _FALSE_WORDS:
+        return False
+    raise ValueError(f"expected a boolean (true/false, yes/no, on/off, 1/0), got {text!r}")

@@ -1,29 +1,30 @@
-"""COCO evaluation of an exported model through the Paddle Inference predictor.
+"""COCO evaluation of an exported model through the Paddle Inference predictor (the one evaluation loop).
 
-On CPU the predictor (:mod:`ppdet_retina.engine.predictor`) runs the convolutions with oneDNN (optionally in bf16), while dygraph
+On CPU the predictor (:mod:`ppdet_retina.runtime`) runs the convolutions with oneDNN (optionally in bf16), while dygraph
 convolutions use Paddle's plain CPU kernel even with the oneDNN flags on, so evaluating an
 export is the fast way to score a model on a CPU. Data and metric are the package's own: ``EvalDataset``,
 ``EvalReader`` and :class:`~ppdet_retina.metrics.coco.COCOMetric`, so the numbers are
 comparable with ``tools/eval.py`` on the dygraph model.
 
-    from ppdet_retina.engine.exported_eval import evaluate_exported
+    from ppdet_retina.inference.exported_eval import evaluate_exported
     stats = evaluate_exported(cfg, "output_inference/retinanet_r50_fpn_1x", bf16=True)
     stats["bbox"][0]   # AP@[.50:.95]
 """
 
 from __future__ import annotations
 
-import time
 from typing import Any, Dict, List, Optional
 
+from ppdet_retina.core import env
 from ppdet_retina.core.workspace import ConfigError
-from ppdet_retina.engine.export import preprocess_entries
-from ppdet_retina.engine.predictor import cpu_supports_bf16, create_predictor, model_files, read_infer_cfg, run
-from ppdet_retina.engine.trainer import build_eval_loader, output_dir_of
-from ppdet_retina.metrics.coco import COCOMetric
+from ppdet_retina.export.paddle_inference import preprocess_entries
+from ppdet_retina.inference.engines import PredictorModel, choose_engine
+from ppdet_retina.inference.evaluate import build_eval_loader, build_metric, evaluate
+from ppdet_retina.io.checkpoint import output_dir_of
+from ppdet_retina.runtime import create_predictor, model_files, read_infer_cfg
 from ppdet_retina.utils.logger import setup_logger
 
-__all__ = ["evaluate_exported", "read_infer_cfg", "cpu_supports_bf16"]
+__all__ = ["evaluate_exported"]
 
 logger = setup_logger("ppdet_retina")
 
@@ -61,30 +62,19 @@ def evaluate_exported(cfg: dict, model_dir: str, use_mkldnn: bool = True, bf16: 
         classwise: also log per-category AP.
         output_eval: folder for bbox.json; default ``cfg['output_eval']`` or save_dir/<config name>.
     """
-    from ppdet_retina.engine import env
-
     if str(cfg.get("metric", "COCO")) != "COCO":
         raise ConfigError(f"metric '{cfg.get('metric')}' is not supported; set metric: COCO")
-    if bf16 and not cpu_supports_bf16():
-        raise ConfigError("bf16 evaluation needs a CPU with avx512_bf16 (absent from /proc/cpuinfo flags); "
-                          "evaluate in fp32 instead")
+    # The engine rules of every other evaluation (bf16 only on a CPU that has it).
+    choose_engine("paddle_inference", "gpu" if use_gpu else "cpu", str(cfg.get("architecture", "")), bf16)
     infer_cfg = read_infer_cfg(model_dir)
     _check_export(infer_cfg, cfg, model_dir)
     threads = env.cpu_threads_per_process() if cpu_threads is None else int(cpu_threads)
     predictor = create_predictor(*model_files(model_dir), device="gpu" if use_gpu else "cpu", cpu_threads=threads,
                                  mkldnn=use_mkldnn, bf16=bf16)
-    loader, dataset = build_eval_loader(cfg)
-    metric = COCOMetric(dataset.get_anno(), dataset.clsid2catid, classwise=classwise,
-                        output_eval=output_eval or cfg.get("output_eval") or output_dir_of(cfg),
-                        save_prediction_only=bool(cfg.get("save_prediction_only", False)))
-    tic, images = time.time(), 0
-    for batch in loader:
-        feeds = {key: batch[key].numpy() for key in ("image", "im_shape", "scale_factor")}
-        bbox, bbox_num = run(predictor, feeds)[:2]
-        metric.update(batch, {"bbox": bbox, "bbox_num": bbox_num})
-        images += int(feeds["image"].shape[0])
-    cost = time.time() - tic
     mode = "bf16" if bf16 else "fp32"
-    logger.info(f"exported eval ({mode}, {threads} thread(s)): {images} images in {cost:.2f} s "
-                f"({images / max(cost, 1e-9):.2f} images/s)")
-    return metric.accumulate()
+    runner = PredictorModel(predictor, f"exported model on Paddle Inference ({mode}, {threads} thread(s))")
+    logger.info(f"exported eval: {runner.description}, {model_dir}")
+    loader, dataset = build_eval_loader(cfg)
+    metric = build_metric(cfg, dataset, output_eval or cfg.get("output_eval") or output_dir_of(cfg), classwise=classwise,
+                          prediction_only=bool(cfg.get("save_prediction_only", False)))
+    return evaluate(runner, loader, metric)

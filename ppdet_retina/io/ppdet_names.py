@@ -9,7 +9,7 @@ Weight files come in three key styles, told apart by their names:
 
 :func:`convert_ppdet_state_dict` renames the last two onto ours, driven by two tables: plain prefix renames
 (``_PREFIX_RENAMES``) and the renames that compute an index (``_PPDET_RULES``).
-Only names change here; loading, shape checks and file IO live in :mod:`ppdet_retina.engine.checkpoint`.
+Only names change here; loading, shape checks and file IO live in :mod:`ppdet_retina.io.checkpoint`.
 """
 
 from __future__ import annotations

@@ -31,8 +31,9 @@ from typing import Any, Dict, Optional, Tuple
 import numpy as np
 import paddle
 
+from ppdet_retina.core.options import keys_outside_graph
 from ppdet_retina.core.workspace import ConfigError
-from ppdet_retina.engine import predictor as rt
+from ppdet_retina import runtime as rt
 from ppdet_retina.utils.logger import setup_logger
 
 __all__ = ["ENGINES", "SHIPPED_ARCHITECTURES", "PredictorModel", "EngineChooser", "add_engine_args", "choose_engine",
@@ -48,13 +49,13 @@ CACHE_SIZE_ENV = "PPDET_RETINA_EXPORT_CACHE_SIZE"
 _META = "engine_meta.json"
 # Bump when the traced graph changes for the same weights and config (a new export format).
 _FORMAT = 1
-# Config keys that do not change the traced graph: data, schedule, logging, output locations.
+# Config keys that do not change the traced graph: data, schedule, logging, output locations; the
+# training options say so in their declaration (core/options.py), so they are added when read.
 _NOT_IN_GRAPH = {
     "weights", "pretrain_weights", "save_dir", "filename", "config_path", "output_eval", "classwise",
     "save_prediction_only", "use_gpu", "log_iter", "snapshot_epoch", "epoch", "worker_num", "LearningRate",
-    "OptimizerBuilder", "metric", "draw_threshold", "use_ema", "ema_decay", "ema_decay_type", "cycle_epoch",
-    "use_vdl", "vdl_log_dir", "enable_ce", "profiler_options", "fleet", "to_static", "amp", "amp_level",
-    "print_flops", "find_unused_parameters", "max_bad_image_ratio", "_BASE_",
+    "OptimizerBuilder", "metric", "draw_threshold", "print_flops", "find_unused_parameters",
+    "max_bad_image_ratio", "_BASE_",
 }
 
 
@@ -142,7 +143,8 @@ def _stable(value: Any) -> Any:
 
 
 def _graph_config(cfg: Dict[str, Any]) -> Dict[str, Any]:
-    return {k: v for k, v in cfg.items() if k not in _NOT_IN_GRAPH and not k.endswith(("Dataset", "Reader"))}
+    outside = _NOT_IN_GRAPH | keys_outside_graph()
+    return {k: v for k, v in cfg.items() if k not in outside and not k.endswith(("Dataset", "Reader"))}
 
 
 def weights_key(model: paddle.nn.Layer, cfg: Dict[str, Any]) -> str:
@@ -164,12 +166,12 @@ def cache_root() -> str:
 
 def _trace(model: paddle.nn.Layer, folder: str) -> float:
     """Trace ``model`` (detections with NMS, dynamic shapes) into ``folder``; returns the seconds it took."""
-    from ppdet_retina.engine.export import DeployModel, _trace_and_save, input_spec
+    from ppdet_retina.export.trace import DeployModel, input_spec, trace
 
     tic = time.perf_counter()
     was_training = model.training
     try:
-        _trace_and_save(DeployModel(model, "detect"), os.path.join(folder, rt.MODEL_PREFIX), input_spec())
+        trace(DeployModel(model, "detect"), os.path.join(folder, rt.MODEL_PREFIX), input_spec())
     finally:
         if was_training:
             model.train()
@@ -240,7 +242,7 @@ def inference_runner(model: paddle.nn.Layer, cfg: Dict[str, Any], engine: str = 
     Under ``auto`` a failed export falls back to dygraph with a warning; under
     ``paddle_inference`` it raises.
     """
-    from ppdet_retina.engine import env
+    from ppdet_retina.core import env
 
     architecture = str(cfg.get("architecture", type(model).__name__))
     chosen, why = choose_engine(engine, device, architecture, bf16)

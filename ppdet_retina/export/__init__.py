@@ -1,0 +1,1 @@
+"""Export for deployment: tracing, Paddle Inference files with infer_cfg.yml, ONNX."""
