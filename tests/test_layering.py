@@ -1,7 +1,8 @@
 """The package's layers import only downwards (docs/DESIGN.md, "Layers"), checked on the source with ast.
 
-core -> {data, modeling} -> metrics -> engine -> tools; utils is usable from every layer above core.
-Two files stand alone: engine/predictor.py (deploy.py loads it by path) and tools/deploy.py.
+core -> {data, modeling} -> metrics -> engine -> cli (the tools' code) -> tools; utils is usable from every
+layer above core. Two files stand alone: engine/predictor.py (deploy.py loads it by path) and tools/deploy.py
+(shipped in the package as cli/deploy.py, a link to it).
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ ALLOWED: Dict[str, Set[str]] = {
     "modeling": {"core", "utils"},
     "metrics": {"core", "utils", "data"},
     "engine": {"core", "utils", "data", "modeling", "metrics"},
+    "cli": {"core", "utils", "data", "modeling", "metrics", "engine"},
 }
 # Inside modeling, the shared pieces (geometry, matching, targets, losses, NMS, the dense-head base)
 # serve the heads and architectures and never import them.

@@ -2,7 +2,8 @@
 
 Commands that need COCO or a GPU cannot run on a CI machine, so each `python tools/X.py ...` line is
 parsed by that tool's own argument parser and its config resolved and loaded with its `-o`
-overrides; `make` lines must name Makefile targets; launcher lines must use the launcher's flags.
+overrides (`ppdet-retina <command> ...` lines, the installed package's spelling, by the same tool's
+parser); `make` lines must name Makefile targets; launcher lines must use the launcher's flags.
 The tools themselves run end to end in test_tools.py, test_export.py and `make demo`.
 """
 
@@ -13,7 +14,7 @@ import shlex
 
 import pytest
 
-from ppdet_retina.core.workspace import load_config, resolve_config_path
+from ppdet_retina.core.workspace import ConfigError, load_config, resolve_config_path
 
 from conftest import ppdet_config
 
@@ -77,6 +78,13 @@ def test_readme_command(command):
         return
     if argv[:2] == ["pip", "install"]:
         return
+    if argv[0] == "ppdet-retina":  # the installed command: the same tool as tools/<script>
+        from ppdet_retina.cli import COMMANDS
+
+        assert len(argv) > 1 and (argv[1] in COMMANDS or argv[1] == "configs"), command
+        if argv[1] != "configs":
+            _check_tool_command([os.path.join("tools", COMMANDS[argv[1]].script)] + argv[2:])
+        return
     assert argv[0] == "python", f"unexpected README command: {command}"
     if argv[1:3] == ["-m", "paddle.distributed.launch"]:
         tool_at = next(i for i, a in enumerate(argv) if a.startswith("tools/"))
@@ -86,6 +94,20 @@ def test_readme_command(command):
         argv = ["python"] + argv[tool_at:]
     assert argv[1].startswith("tools/") and os.path.isfile(os.path.join(REPO, argv[1])), command
     _check_tool_command(argv[1:])
+
+
+def test_installed_command_lines_are_checked_like_the_tools():
+    """The README's `ppdet-retina` lines go through the tool's parser and config loading, so a wrong
+    subcommand, flag or config name in one fails."""
+    test_readme_command("ppdet-retina train -c retinanet_r50_fpn_1x.yml --eval -o use_gpu=false")
+    test_readme_command("ppdet-retina export -c retinanet_demo.yml -o weights=output/retinanet_demo/model_final")
+    test_readme_command("ppdet-retina configs")
+    with pytest.raises(AssertionError, match="ppdet-retina evaluate"):
+        test_readme_command("ppdet-retina evaluate -c retinanet_r50_fpn_1x.yml")
+    with pytest.raises(SystemExit):  # argparse: unrecognized arguments
+        test_readme_command("ppdet-retina infer -c retinanet_r50_fpn_1x.yml --no_such_flag")
+    with pytest.raises(ConfigError, match="no_such_config"):
+        test_readme_command("ppdet-retina train -c no_such_config.yml")
 
 
 # ----------------------------------------------------------------------------- the custom component example

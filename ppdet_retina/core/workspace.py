@@ -59,6 +59,7 @@ __all__ = [
     "get_config",
     "registered_names",
     "resolve_config_path",
+    "shipped_configs_dir",
     "check_config_keys",
     "register_top_level_keys",
     "KNOWN_TOP_LEVEL_KEYS",
@@ -334,12 +335,20 @@ def _to_attrdict(value: Any) -> Any:
     return value
 
 
+def shipped_configs_dir() -> str:
+    """The project's ``configs/`` folder: ``ppdet_retina/configs``, which in a checkout is a link to the
+    repository's ``configs/`` and in an installed wheel holds a copy of it (package data)."""
+    package_dir = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    # Resolved so that paths found in a checkout read configs/..., as the README and logs show them.
+    return os.path.realpath(os.path.join(package_dir, "configs"))
+
+
 def resolve_config_path(path: str, search_root: Optional[str] = None) -> str:
-    """Return ``path`` if it exists, else the unique file of that name under ``configs/``."""
+    """Return ``path`` if it exists, else the unique file of that name under ``configs/``
+    (:func:`shipped_configs_dir`, or ``search_root``)."""
     if os.path.isfile(path):
         return path
-    root = search_root or os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(
-        os.path.abspath(__file__)))), "configs")
+    root = search_root or shipped_configs_dir()
     wanted = os.path.basename(path)
     candidates = [wanted] if wanted.endswith((".yml", ".yaml")) else [wanted + ".yml", wanted + ".yaml"]
     found = []
