@@ -14,6 +14,7 @@ import shlex
 
 import pytest
 
+from ppdet_retina.cli import COMMANDS as CLI_COMMANDS
 from ppdet_retina.core.workspace import ConfigError, load_config, resolve_config_path
 
 from conftest import ppdet_config
@@ -78,20 +79,18 @@ def test_readme_command(command):
         return
     if argv[:2] == ["pip", "install"]:
         return
-    if argv[0] == "ppdet-retina":  # the installed command: the same tool as tools/<script>
-        from ppdet_retina.cli import COMMANDS
-
-        assert len(argv) > 1 and (argv[1] in COMMANDS or argv[1] == "configs"), command
-        if argv[1] != "configs":
-            _check_tool_command([os.path.join("tools", COMMANDS[argv[1]].script)] + argv[2:])
-        return
-    assert argv[0] == "python", f"unexpected README command: {command}"
-    if argv[1:3] == ["-m", "paddle.distributed.launch"]:
-        tool_at = next(i for i, a in enumerate(argv) if a.startswith("tools/"))
+    if argv[0] == "python" and argv[1:3] == ["-m", "paddle.distributed.launch"]:
+        tool_at = next(i for i, a in enumerate(argv) if a.startswith("tools/") or a == "ppdet-retina")
         for flag in argv[3:tool_at]:
             if flag.startswith("--"):
                 assert flag.split("=")[0] in LAUNCH_FLAGS, (flag, command)
-        argv = ["python"] + argv[tool_at:]
+        argv = argv[tool_at:] if argv[tool_at] == "ppdet-retina" else ["python"] + argv[tool_at:]
+    if argv[0] == "ppdet-retina":  # the installed command: the same tool as tools/<script>
+        assert len(argv) > 1 and (argv[1] in CLI_COMMANDS or argv[1] == "configs"), command
+        if argv[1] != "configs":
+            _check_tool_command([os.path.join("tools", CLI_COMMANDS[argv[1]].script)] + argv[2:])
+        return
+    assert argv[0] == "python", f"unexpected README command: {command}"
     assert argv[1].startswith("tools/") and os.path.isfile(os.path.join(REPO, argv[1])), command
     _check_tool_command(argv[1:])
 
@@ -102,6 +101,10 @@ def test_installed_command_lines_are_checked_like_the_tools():
     test_readme_command("ppdet-retina train -c retinanet_r50_fpn_1x.yml --eval -o use_gpu=false")
     test_readme_command("ppdet-retina export -c retinanet_demo.yml -o weights=output/retinanet_demo/model_final")
     test_readme_command("ppdet-retina configs")
+    test_readme_command("python -m paddle.distributed.launch --nproc_per_node 2 ppdet-retina train "
+                        "-c retinanet_r50_fpn_1x.yml --eval")
+    with pytest.raises(AssertionError, match="--nproc"):
+        test_readme_command("python -m paddle.distributed.launch --nproc 2 ppdet-retina train -c retinanet_demo.yml")
     with pytest.raises(AssertionError, match="ppdet-retina evaluate"):
         test_readme_command("ppdet-retina evaluate -c retinanet_r50_fpn_1x.yml")
     with pytest.raises(SystemExit):  # argparse: unrecognized arguments

@@ -166,6 +166,17 @@ def test_installed_commands_train_evaluate_infer_export_and_deploy(installed):
     weights = "out/retinanet_demo/model_final"
     assert os.path.isfile(os.path.join(work, weights + ".pdparams"))
 
+    # Multi-card as the README gives it: the launcher starts the console script (found on PATH) per rank.
+    launch = [installed.python, "-m", "paddle.distributed.launch", "--log_dir", "launch_log", "--nproc_per_node",
+              "2", "ppdet-retina", "train", "-c", "retinanet_demo.yml", "-o", "epoch=1", "save_dir=out2"]
+    env = {k: v for k, v in tool_env({"PATH": installed.bin + os.pathsep + os.environ.get("PATH", "")}).items()
+           if k != "PYTHONPATH"}
+    proc = subprocess.run(launch, cwd=work, env=env, capture_output=True, text=True, timeout=300)
+    with open(os.path.join(work, "launch_log", "workerlog.0")) as f:
+        rank0 = f.read()
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:] + rank0
+    assert "2 process(es)" in rank0 and "saved checkpoint out2/retinanet_demo/model_final" in rank0
+
     # A model two steps old scores every box about 0.01: keep them all so each command has rows to show.
     keep_all = "RetinaHead.nms.score_threshold=0.0"
     out = ok("eval", "-c", "retinanet_demo", "-o", f"weights={weights}", "save_dir=out", keep_all,
