@@ -123,11 +123,13 @@ def test_installed_package_imports_from_the_venv_and_lists_its_configs(installed
     proc = _run([installed.python, "-c", "import ppdet_retina.cli, ppdet_retina.modeling; "
                  "print(ppdet_retina.__file__)"], installed.work)
     assert proc.returncode == 0, proc.stderr
-    assert proc.stdout.strip().startswith(os.path.dirname(installed.bin) + os.sep), proc.stdout
+    proc_file = proc.stdout.strip()
+    assert proc_file.startswith(os.path.dirname(installed.bin) + os.sep), proc.stdout
 
     proc = _run([installed.cli, "configs"], installed.work)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.split() == _repo_configs()
+    assert proc.stderr.strip() == f"(in {os.path.realpath(os.path.join(os.path.dirname(proc_file), 'configs'))})"
     assert "retinanet/retinanet_r50_fpn_1x.yml" in proc.stdout.split()
 
     proc = _run([installed.cli, "train", "-h"], installed.work)
@@ -166,16 +168,19 @@ def test_installed_commands_train_evaluate_infer_export_and_deploy(installed):
     weights = "out/retinanet_demo/model_final"
     assert os.path.isfile(os.path.join(work, weights + ".pdparams"))
 
-    # Multi-card as the README gives it: the launcher starts the console script (found on PATH) per rank.
+    # Multi-card as the README gives it: the launcher starts the console script (found on PATH) per rank. The
+    # config is the user's own, on top of a shipped one named by its file name alone.
+    with open(os.path.join(work, "mine.yml"), "w") as f:
+        f.write("_BASE_: ['retinanet_demo.yml']\nepoch: 1\nsave_dir: out2\n")
     launch = [installed.python, "-m", "paddle.distributed.launch", "--log_dir", "launch_log", "--nproc_per_node",
-              "2", "ppdet-retina", "train", "-c", "retinanet_demo.yml", "-o", "epoch=1", "save_dir=out2"]
+              "2", "ppdet-retina", "train", "-c", "mine.yml"]
     env = {k: v for k, v in tool_env({"PATH": installed.bin + os.pathsep + os.environ.get("PATH", "")}).items()
            if k != "PYTHONPATH"}
     proc = subprocess.run(launch, cwd=work, env=env, capture_output=True, text=True, timeout=300)
     with open(os.path.join(work, "launch_log", "workerlog.0")) as f:
         rank0 = f.read()
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:] + rank0
-    assert "2 process(es)" in rank0 and "saved checkpoint out2/retinanet_demo/model_final" in rank0
+    assert "2 process(es)" in rank0 and "saved checkpoint out2/mine/model_final" in rank0
 
     # A model two steps old scores every box about 0.01: keep them all so each command has rows to show.
     keep_all = "RetinaHead.nms.score_threshold=0.0"

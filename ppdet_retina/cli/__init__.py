@@ -10,8 +10,9 @@
 
 Each subcommand is the checkout's ``tools/<script>`` with the same flags, output and exit status:
 ``tools/train.py`` etc. are thin wrappers over the modules here, and ``deploy`` runs the standalone
-``deploy.py`` shipped beside them. ``-c`` takes a path or the bare name of a config shipped with
-the package (``ppdet-retina configs`` lists them).
+``deploy.py`` shipped beside them. ``-c`` takes a path or the file name of a config shipped with
+the package (``ppdet-retina configs`` lists them and says where they are); so does a ``_BASE_`` entry
+that is not found beside the config naming it, so a copy of a shipped config runs from anywhere.
 """
 
 from __future__ import annotations
@@ -43,7 +44,7 @@ COMMANDS: Dict[str, Command] = {
 def _usage() -> str:
     lines = [f"usage: {PROG} <command> [flags]   ({PROG} <command> -h for its flags)", "", "commands:"]
     lines += [f"  {name:<10} {cmd.summary} (tools/{cmd.script})" for name, cmd in COMMANDS.items()]
-    lines.append(f"  {'configs':<10} list the configs shipped with the package (bare names for -c)")
+    lines.append(f"  {'configs':<10} list the configs shipped with the package (names for -c and _BASE_)")
     return "\n".join(lines)
 
 
@@ -82,7 +83,10 @@ def main(argv: Optional[List[str]] = None) -> int:
         return 0 if argv else 2
     name, args = argv[0], argv[1:]
     if name == "configs":
+        from ppdet_retina.core.workspace import shipped_configs_dir
+
         print("\n".join(shipped_configs()))
+        print(f"(in {shipped_configs_dir()})", file=sys.stderr)  # where to copy one from to edit it
         return 0
     if name not in COMMANDS:
         print(f"error: unknown command '{name}'; choose from {', '.join(list(COMMANDS) + ['configs'])}",
