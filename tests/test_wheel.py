@@ -61,9 +61,9 @@ def _build_wheel(tmp: str) -> str:
     return os.path.join(dist, wheel)
 
 
-def _make_venv(tmp: str, wheel: str) -> str:
+def _make_venv(tmp: str, wheel: str, name: str = "venv", with_dependencies: bool = True) -> str:
     """A venv holding only the wheel; the dependencies come from this interpreter's site-packages."""
-    env_dir = os.path.join(tmp, "venv")
+    env_dir = os.path.join(tmp, name)
     proc = _run([sys.executable, "-m", "venv", "--without-pip", env_dir], tmp)
     if proc.returncode:
         pytest.skip(f"cannot create a venv here ({proc.stderr.strip()[-200:]})")
@@ -71,6 +71,8 @@ def _make_venv(tmp: str, wheel: str) -> str:
     proc = _run([sys.executable, "-m", "pip", "--python", python, "install", "-q", "--no-deps", "--no-index",
                  wheel], tmp)
     assert proc.returncode == 0, proc.stdout + proc.stderr
+    if not with_dependencies:
+        return env_dir
     site = _run([python, "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"], tmp).stdout.strip()
     with open(os.path.join(site, "outer_dependencies.pth"), "w") as f:
         f.write(sysconfig.get_paths()["purelib"] + "\n")
@@ -86,7 +88,7 @@ def installed(tmp_path_factory) -> SimpleNamespace:
     os.makedirs(work)
     bin_dir = os.path.join(env_dir, "bin")
     return SimpleNamespace(wheel=wheel, python=os.path.join(bin_dir, "python"), bin=bin_dir,
-                           cli=os.path.join(bin_dir, "ppdet-retina"), work=work)
+                           cli=os.path.join(bin_dir, "ppdet-retina"), work=work, tmp=tmp)
 
 
 def _repo_configs() -> List[str]:
@@ -103,6 +105,10 @@ def test_the_wheel_holds_the_package_configs_and_both_commands(installed):
     with zipfile.ZipFile(installed.wheel) as z:
         names = set(z.namelist())
         entry_points = next(z.read(n).decode() for n in names if n.endswith(".dist-info/entry_points.txt"))
+        metadata = next(z.read(n).decode() for n in names if n.endswith(".dist-info/METADATA"))
+    # paddlepaddle only with the `cpu` extra: a plain install must not put the CPU build over paddlepaddle-gpu.
+    assert [line for line in metadata.splitlines() if "paddlepaddle" in line and line.startswith("Requires-Dist")] == [
+        'Requires-Dist: paddlepaddle<3.4,>=3.0; extra == "cpu"']
     configs = sorted(n[len("ppdet_retina/configs/"):] for n in names if n.startswith("ppdet_retina/configs/"))
     with_bases = sorted(os.path.relpath(os.path.join(d, f), os.path.join(REPO, "configs")).replace(os.sep, "/")
                         for d, _, files in os.walk(os.path.join(REPO, "configs")) for f in files)
@@ -140,6 +146,15 @@ def test_installed_package_imports_from_the_venv_and_lists_its_configs(installed
                                    "deploy, demo-data, configs")
     proc = _run([installed.cli, "train", "-c", "no_such_config.yml"], installed.work)
     assert proc.returncode == 2 and proc.stderr.strip().startswith("error: config file 'no_such_config.yml' not found")
+
+
+def test_without_paddle_the_command_says_how_to_install_it(installed):
+    from ppdet_retina.cli import PADDLE_MISSING
+
+    bare = _make_venv(installed.tmp, installed.wheel, name="bare_venv", with_dependencies=False)
+    proc = _run([os.path.join(bare, "bin", "ppdet-retina"), "train", "-c", "retinanet_demo.yml"], installed.work)
+    assert proc.returncode == 2 and proc.stderr.strip() == PADDLE_MISSING
+    assert "pip install 'paddlepaddle>=3.0,<3.4'" in PADDLE_MISSING and "paddlepaddle-gpu" in PADDLE_MISSING
 
 
 def _detections(path: str) -> List[dict]:

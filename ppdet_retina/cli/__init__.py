@@ -17,12 +17,17 @@ that is not found beside the config naming it, so a copy of a shipped config run
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import runpy
 import sys
 from typing import Dict, List, NamedTuple, Optional
 
 PROG = "ppdet-retina"
+# The wheel does not require paddlepaddle (pip would put the CPU build over paddlepaddle-gpu), so say how to get it.
+PADDLE_MISSING = ("error: PaddlePaddle is not installed in this environment. CPU: pip install 'paddlepaddle>=3.0,<3.4' "
+                  "(or pip install 'ppdet_retina[cpu]'); NVIDIA GPU: paddlepaddle-gpu of the same versions from "
+                  "Paddle's package index for your CUDA version (https://www.paddlepaddle.org.cn/install)")
 
 
 class Command(NamedTuple):
@@ -63,8 +68,6 @@ def shipped_configs() -> List[str]:
 def _run_deploy() -> None:
     """deploy.py reads the predictor runtime by file path; hand it the package's own copy first so the
     standalone script runs unchanged from inside the package."""
-    import importlib.util
-
     here = os.path.dirname(os.path.abspath(__file__))
     name = "ppdet_retina_predictor_runtime"  # the module name deploy.py's load_runtime() looks up
     if name not in sys.modules:
@@ -91,6 +94,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     if name not in COMMANDS:
         print(f"error: unknown command '{name}'; choose from {', '.join(list(COMMANDS) + ['configs'])}",
               file=sys.stderr)
+        return 2
+    if name != "demo-data" and importlib.util.find_spec("paddle") is None:
+        print(PADDLE_MISSING, file=sys.stderr)
         return 2
     # The tool parses sys.argv and names itself after argv[0] in its usage lines.
     sys.argv = [f"{PROG} {name}", *args]
