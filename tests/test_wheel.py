@@ -17,7 +17,7 @@ import sys
 import sysconfig
 import zipfile
 from types import SimpleNamespace
-from typing import List
+from typing import List, Optional
 
 import pytest
 
@@ -61,34 +61,38 @@ def _build_wheel(tmp: str) -> str:
     return os.path.join(dist, wheel)
 
 
-def _make_venv(tmp: str, wheel: str, name: str = "venv", with_dependencies: bool = True) -> str:
-    """A venv holding only the wheel; the dependencies come from this interpreter's site-packages."""
+def _purelib(python: str, cwd: str) -> str:
+    return _run([python, "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"], cwd).stdout.strip()
+
+
+def _make_venv(tmp: str, wheel: str, name: str = "venv", dependencies: Optional[str] = None,
+               resolve: bool = False) -> SimpleNamespace:
+    """A venv holding only the wheel; the dependencies, when given, are the site-packages folder
+    ``dependencies`` (seen through a .pth file). ``resolve``: pip checks the wheel's requirements against
+    them (nothing may need installing: no index is used); else the wheel is installed alone."""
     env_dir = os.path.join(tmp, name)
     proc = _run([sys.executable, "-m", "venv", "--without-pip", env_dir], tmp)
     if proc.returncode:
         pytest.skip(f"cannot create a venv here ({proc.stderr.strip()[-200:]})")
     python = os.path.join(env_dir, "bin", "python")
-    proc = _run([sys.executable, "-m", "pip", "--python", python, "install", "-q", "--no-deps", "--no-index",
-                 wheel], tmp)
+    if dependencies:
+        with open(os.path.join(_purelib(python, tmp), "dependencies.pth"), "w") as f:
+            f.write(dependencies + "\n")
+    proc = _run([sys.executable, "-m", "pip", "--python", python, "install", "--no-index", wheel]
+                + ([] if resolve else ["--no-deps"]), tmp)
     assert proc.returncode == 0, proc.stdout + proc.stderr
-    if not with_dependencies:
-        return env_dir
-    site = _run([python, "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"], tmp).stdout.strip()
-    with open(os.path.join(site, "outer_dependencies.pth"), "w") as f:
-        f.write(sysconfig.get_paths()["purelib"] + "\n")
-    return env_dir
+    return SimpleNamespace(python=python, bin=os.path.dirname(python), pip_output=proc.stdout)
 
 
 @pytest.fixture(scope="module")
 def installed(tmp_path_factory) -> SimpleNamespace:
     tmp = str(tmp_path_factory.mktemp("wheel"))
     wheel = _build_wheel(tmp)
-    env_dir = _make_venv(tmp, wheel)
+    venv = _make_venv(tmp, wheel, dependencies=sysconfig.get_paths()["purelib"])
     work = os.path.join(tmp, "work")  # the user's folder: no checkout, no configs/ beside it
     os.makedirs(work)
-    bin_dir = os.path.join(env_dir, "bin")
-    return SimpleNamespace(wheel=wheel, python=os.path.join(bin_dir, "python"), bin=bin_dir,
-                           cli=os.path.join(bin_dir, "ppdet-retina"), work=work, tmp=tmp)
+    return SimpleNamespace(wheel=wheel, python=venv.python, bin=venv.bin, cli=os.path.join(venv.bin, "ppdet-retina"),
+                           work=work, tmp=tmp)
 
 
 def _repo_configs() -> List[str]:
@@ -151,10 +155,30 @@ def test_installed_package_imports_from_the_venv_and_lists_its_configs(installed
 def test_without_paddle_the_command_says_how_to_install_it(installed):
     from ppdet_retina.cli import PADDLE_MISSING
 
-    bare = _make_venv(installed.tmp, installed.wheel, name="bare_venv", with_dependencies=False)
-    proc = _run([os.path.join(bare, "bin", "ppdet-retina"), "train", "-c", "retinanet_demo.yml"], installed.work)
+    bare = _make_venv(installed.tmp, installed.wheel, name="bare_venv")
+    proc = _run([os.path.join(bare.bin, "ppdet-retina"), "train", "-c", "retinanet_demo.yml"], installed.work)
     assert proc.returncode == 2 and proc.stderr.strip() == PADDLE_MISSING
     assert "pip install 'paddlepaddle>=3.0,<3.4'" in PADDLE_MISSING and "paddlepaddle-gpu" in PADDLE_MISSING
+
+
+PPDET_VENV = os.path.join(REPO, ".venv-ppdet")
+
+
+@pytest.mark.skipif(not os.path.isfile(os.path.join(PPDET_VENV, "bin", "python")),
+                    reason=f"no {PPDET_VENV}: the environment with PaddleDetection's dependencies (numpy < 2, "
+                           f"imgaug, ...) that the PaddleDetection plugin's tests run in")
+def test_the_wheel_installs_into_the_paddledetection_environment(installed):
+    """pip resolves the wheel's requirements against PaddleDetection's environment without installing
+    anything else, and the package's components import there (numpy 1.x)."""
+    ppdet_site = _purelib(os.path.join(PPDET_VENV, "bin", "python"), installed.tmp)
+    venv = _make_venv(installed.tmp, installed.wheel, name="ppdet_venv", dependencies=ppdet_site, resolve=True)
+    assert "Installing collected packages: ppdet-retina\n" in venv.pip_output
+    proc = _run([venv.python, "-c", "import numpy, ppdet_retina.modeling, ppdet_retina.engine.trainer; "
+                 "from ppdet_retina.core.workspace import load_config; "
+                 "print(numpy.__version__.split('.')[0], load_config('retinanet_demo.yml')['architecture'])"],
+                installed.work)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.split() == ["1", "RetinaNet"]
 
 
 def _detections(path: str) -> List[dict]:
