@@ -21,6 +21,7 @@ import importlib.util
 import os
 import runpy
 import sys
+import warnings
 from typing import Dict, List, NamedTuple, Optional
 
 PROG = "ppdet-retina"
@@ -104,7 +105,11 @@ def main(argv: Optional[List[str]] = None) -> int:
         if name == "deploy":
             _run_deploy()
         else:
-            runpy.run_module(f"{__name__}.{COMMANDS[name].module}", run_name="__main__", alter_sys=False)
+            with warnings.catch_warnings():
+                # Called in-process after the module was imported (tests, tools/ wrappers): running it again
+                # as __main__ is the point, not a mistake.
+                warnings.filterwarnings("ignore", message=r".*found in sys\.modules", category=RuntimeWarning)
+                runpy.run_module(f"{__name__}.{COMMANDS[name].module}", run_name="__main__", alter_sys=False)
     except SystemExit as done:
         code = done.code
         if code is None or isinstance(code, int):
