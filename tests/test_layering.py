@@ -1,8 +1,9 @@
 """The package's layers import only downwards (docs/DESIGN.md, "Layers"), checked on the source with ast.
 
-core -> utils -> {data, modeling} -> metrics; io (files) -> export -> inference -> training -> tools.
-Two files stand alone: runtime.py (deploy.py loads it by path, every layer may import it) and
-tools/deploy.py. No module imports itself back through others (no cycles), lazy imports included.
+core -> utils -> {data, modeling} -> metrics; io (files) -> export -> inference -> training -> cli (the
+tools' code) -> tools. Two files stand alone: runtime.py (deploy.py loads it by path, every layer may
+import it) and tools/deploy.py (shipped in the package as cli/deploy.py, a link to it). No module
+imports itself back through others (no cycles), lazy imports included.
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ ALLOWED: Dict[str, Set[str]] = {
     # The PaddleDetection plugin: adapters of our modeling components, and the module that registers them.
     "ppdet_adapters": {"core", "modeling"},
     "ppdet_plugin": {"ppdet_adapters"},
+    "cli": {"core", "utils", "data", "modeling", "metrics", "io", "export", "inference", "training"},
 }
 # runtime.py imports nothing of the package (deploy.py loads it by path), so every layer may use it.
 SHARED_BY_ALL = "runtime"

@@ -2,7 +2,8 @@
 
 Commands that need COCO or a GPU cannot run on a CI machine, so each `python tools/X.py ...` line is
 parsed by that tool's own argument parser and its config resolved and loaded with its `-o`
-overrides; `make` lines must name Makefile targets; launcher lines must use the launcher's flags.
+overrides; `ppdet-retina <command> ...` lines (the installed package's spelling) by the same tool's
+parser; `make` lines must name Makefile targets; launcher lines must use the launcher's flags.
 Outside the command blocks, every `--flag` quoted in the text must be a flag of a tool or of the
 launcher, every quoted repository path (`configs/...`, `tools/...`) and package name
 (`ppdet_retina.export.onnx.multiclass_nms`) must exist, and every relative link must lead to a file. The tools themselves run end to end in test_tools.py, test_export.py and `make demo`.
@@ -19,7 +20,8 @@ import shlex
 
 import pytest
 
-from ppdet_retina.core.workspace import load_config, resolve_config_path
+from ppdet_retina.cli import COMMANDS as CLI_COMMANDS
+from ppdet_retina.core.workspace import ConfigError, load_config, resolve_config_path
 
 from conftest import ppdet_config
 
@@ -27,9 +29,6 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # Flags of `python -m paddle.distributed.launch` that the pages use.
 LAUNCH_FLAGS = {"--gpus", "--devices", "--nproc_per_node", "--ips", "--master", "--nnodes", "--log_level",
                 "--log_dir"}
-# `ppdet-retina <command>` (the console script) runs the tool of the same job.
-CONSOLE_TOOLS = {"train": "train.py", "eval": "eval.py", "infer": "infer.py", "export": "export_model.py",
-                 "export_model": "export_model.py", "deploy": "deploy.py"}
 # Tools whose flags the pages may quote in their text.
 TOOLS_WITH_FLAGS = ("train.py", "eval.py", "infer.py", "export_model.py", "deploy.py", "benchmark.py",
                     "benchmark_data.py", "make_demo_data.py", "demo.py")
@@ -145,6 +144,10 @@ def _check_package_module(argv, command):
 
 @pytest.mark.parametrize("page, command", COMMANDS, ids=[f"{p}: {c}" for p, c in COMMANDS])
 def test_documented_command(page, command):
+    _check_command(page, command)
+
+
+def _check_command(page, command):
     argv = shlex.split(command)
     while argv and re.match(r"^[A-Z_]+=", argv[0]):  # VAR=value prefixes
         argv = argv[1:]
@@ -155,21 +158,25 @@ def test_documented_command(page, command):
         return
     if argv[:2] in (["pip", "install"], ["git", "clone"]):
         return
-    if argv[0] == "ppdet-retina":
+    if argv[0] == "ppdet-retina":  # the installed command: the same tool as tools/<script>
         with open(os.path.join(REPO, "pyproject.toml"), encoding="utf-8") as f:
             assert re.search(r'^"?ppdet-retina"?\s*=', f.read(), flags=re.M), "no ppdet-retina console script"
-        assert argv[1] in CONSOLE_TOOLS, command
-        _check_tool_command(["tools/" + CONSOLE_TOOLS[argv[1]]] + argv[2:])
+        assert len(argv) > 1 and (argv[1] in CLI_COMMANDS or argv[1] == "configs"), command
+        if argv[1] != "configs":
+            _check_tool_command([os.path.join("tools", CLI_COMMANDS[argv[1]].script)] + argv[2:])
         return
     assert argv[0] == "python", f"unexpected command in {page}: {command}"
     if argv[1] == "-m" and argv[2].startswith("ppdet_retina."):
         _check_package_module(argv, command)
         return
     if argv[1:3] == ["-m", "paddle.distributed.launch"]:
-        tool_at = next(i for i, a in enumerate(argv) if a.startswith("tools/"))
+        tool_at = next(i for i, a in enumerate(argv) if a.startswith("tools/") or a == "ppdet-retina")
         for flag in argv[3:tool_at]:
             if flag.startswith("--"):
                 assert flag.split("=")[0] in LAUNCH_FLAGS, (flag, command)
+        if argv[tool_at] == "ppdet-retina":
+            _check_command(page, shlex.join(argv[tool_at:]))
+            return
         argv = ["python"] + argv[tool_at:]
     assert argv[1].startswith("tools/") and os.path.isfile(os.path.join(REPO, argv[1])), command
     _check_tool_command(argv[1:])
@@ -239,6 +246,24 @@ def test_the_checks_see_the_pages():
     assert "--engine dygraph" in _inline_code("docs/evaluation_and_deployment.md")
     assert "configs/retinanet/retinanet_r50_fpn_finetune_mydata.yml" in _inline_code("docs/training.md")
     assert _resolves("ppdet_retina.export.onnx.multiclass_nms") and not _resolves("ppdet_retina.export.onnx.nms3")
+
+
+def test_installed_command_lines_are_checked_like_the_tools():
+    """The README's `ppdet-retina` lines go through the tool's parser and config loading, so a wrong
+    subcommand, flag or config name in one fails."""
+    _check_command("README.md", "ppdet-retina train -c retinanet_r50_fpn_1x.yml --eval -o use_gpu=false")
+    _check_command("README.md", "ppdet-retina export -c retinanet_demo.yml -o weights=output/retinanet_demo/model_final")
+    _check_command("README.md", "ppdet-retina configs")
+    _check_command("README.md", "python -m paddle.distributed.launch --nproc_per_node 2 ppdet-retina train "
+                        "-c retinanet_r50_fpn_1x.yml --eval")
+    with pytest.raises(AssertionError, match="--nproc"):
+        _check_command("README.md", "python -m paddle.distributed.launch --nproc 2 ppdet-retina train -c retinanet_demo.yml")
+    with pytest.raises(AssertionError, match="ppdet-retina evaluate"):
+        _check_command("README.md", "ppdet-retina evaluate -c retinanet_r50_fpn_1x.yml")
+    with pytest.raises(SystemExit):  # argparse: unrecognized arguments
+        _check_command("README.md", "ppdet-retina infer -c retinanet_r50_fpn_1x.yml --no_such_flag")
+    with pytest.raises(ConfigError, match="no_such_config"):
+        _check_command("README.md", "ppdet-retina train -c no_such_config.yml")
 
 
 # ----------------------------------------------------------------------------- the custom component example

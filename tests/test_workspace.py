@@ -159,7 +159,39 @@ def test_missing_base_names_the_including_file(tmp_path):
     path = _write(tmp_path, "top.yml", "_BASE_: ['nope/missing.yml']\n")
     with pytest.raises(ConfigError) as err:
         load_config(path)
-    assert "top.yml" in str(err.value) and "nope/missing.yml" in str(err.value)
+    assert str(err.value) == (f"{path}: _BASE_ file 'nope/missing.yml' not found (looked for "
+                              f"{tmp_path}/nope/missing.yml and for 'missing.yml' under {ws.shipped_configs_dir()})")
+
+
+def test_copied_shipped_config_finds_its_base_among_the_shipped_configs(tmp_path):
+    """A copy of the fine-tuning template (`_BASE_: ['retinanet_r50_fpn_1x.yml']`) made outside configs/, as a
+    user of the installed package makes it, reads the shipped base; a base beside it still wins."""
+    shipped = os.path.join(ws.shipped_configs_dir(), "retinanet", "retinanet_r50_fpn_finetune_mydata.yml")
+    with open(shipped) as f:
+        text = f.read()
+    assert "_BASE_: ['retinanet_r50_fpn_1x.yml']" in text
+    original, copy = dict(load_config(shipped)), dict(load_config(_write(tmp_path, "mine.yml", text)))
+    assert copy.pop("config_path") != original.pop("config_path") and copy.pop("filename") == "mine"
+    original.pop("filename")
+    # The schedulers are objects (!Tags) without equality: compared by class and settings.
+    tags = [[(type(t).__name__, vars(t)) for t in c.pop("LearningRate").pop("schedulers")] for c in (copy, original)]
+    assert tags[0] == tags[1] and tags[0][0][0] == "PiecewiseDecay"
+    assert copy == original and copy["RetinaHead"]["conv_feat"]["feat_in"] == 256
+
+    _write(tmp_path, "retinanet_r50_fpn_1x.yml", "log_iter: 7\n")
+    beside = load_config(str(tmp_path / "mine.yml"))
+    assert beside["log_iter"] == 7 and "architecture" not in beside
+
+
+def test_base_name_found_twice_among_the_shipped_configs_is_an_error(tmp_path):
+    path = _write(tmp_path, "top.yml", "_BASE_: ['_base_/optimizer_1x.yml']\n")
+    with pytest.raises(ConfigError) as err:
+        load_config(path)
+    root = ws.shipped_configs_dir()
+    assert str(err.value) == (
+        f"{path}: _BASE_ file '_base_/optimizer_1x.yml' is not at {tmp_path}/_base_/optimizer_1x.yml, and "
+        f"'optimizer_1x.yml' is ambiguous under {root}: {root}/faster_rcnn/_base_/optimizer_1x.yml, "
+        f"{root}/retinanet/_base_/optimizer_1x.yml; give its path relative to {path}")
 
 
 def test_two_configs_in_a_row_do_not_leak(tmp_path):

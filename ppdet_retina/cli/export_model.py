@@ -16,13 +16,9 @@ image and the first eval image); a difference fails the export.
 """
 
 import argparse
-import os
 import sys
 
-# Run from a clean checkout without installing the package.
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from ppdet_retina.core import env  # noqa: E402
+from ppdet_retina.core import env
 
 
 def build_parser() -> argparse.ArgumentParser:

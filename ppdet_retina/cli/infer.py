@@ -18,11 +18,8 @@ import os
 import sys
 from typing import List, Optional, Union
 
-# Run from a clean checkout without installing the package.
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from ppdet_retina.core.workspace import ConfigError  # noqa: E402
-from ppdet_retina.core import env  # noqa: E402
+from ppdet_retina.core.workspace import ConfigError
+from ppdet_retina.core import env
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -8,14 +8,11 @@ Does nothing when the output is already complete for the same parameters.
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import time
 from typing import List, Optional
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from ppdet_retina.data.shapes import ensure_demo_dataset, is_complete  # noqa: E402
+from ppdet_retina.data.shapes import ensure_demo_dataset, is_complete
 
 
 def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:

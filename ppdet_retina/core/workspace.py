@@ -60,6 +60,7 @@ __all__ = [
     "parse_overrides",
     "registered_names",
     "resolve_config_path",
+    "shipped_configs_dir",
     "check_config_keys",
     "register_top_level_keys",
     "KNOWN_TOP_LEVEL_KEYS",
@@ -309,6 +310,24 @@ def _deep_merge(base: dict, override: dict) -> dict:
     return out
 
 
+def _base_file(path: str, base: str) -> str:
+    """The file a ``_BASE_`` entry of ``path`` names: relative to ``path``'s folder, else (as ``-c`` does) the
+    shipped config of that file name, so that a copy of a shipped config runs from anywhere."""
+    base_path = os.path.join(os.path.dirname(path), os.path.expanduser(base))
+    if os.path.isfile(base_path):
+        return base_path
+    root = shipped_configs_dir()
+    found = _find_by_name(base, root)
+    if len(found) == 1:
+        return found[0]
+    name = os.path.basename(base)
+    if found:
+        raise ConfigError(f"{path}: _BASE_ file '{base}' is not at {os.path.normpath(base_path)}, and '{name}' is "
+                          f"ambiguous under {root}: {', '.join(found)}; give its path relative to {path}")
+    raise ConfigError(f"{path}: _BASE_ file '{base}' not found (looked for {os.path.normpath(base_path)} and for "
+                      f"'{name}' under {root})")
+
+
 def _load_with_bases(path: str, chain: Sequence[str] = ()) -> dict:
     path = os.path.abspath(path)
     if path in chain:
@@ -319,9 +338,7 @@ def _load_with_bases(path: str, chain: Sequence[str] = ()) -> dict:
         bases = [bases]
     merged: dict = {}
     for base in bases:
-        base_path = os.path.join(os.path.dirname(path), os.path.expanduser(base))
-        if not os.path.isfile(base_path):
-            raise ConfigError(f"{path}: _BASE_ file '{base}' not found (looked for {os.path.normpath(base_path)})")
+        base_path = _base_file(path, base)
         merged = _deep_merge(merged, _load_with_bases(base_path, list(chain) + [path]))
     return _deep_merge(merged, data)
 
@@ -335,19 +352,33 @@ def _to_attrdict(value: Any) -> Any:
     return value
 
 
-def resolve_config_path(path: str, search_root: Optional[str] = None) -> str:
-    """Return ``path`` if it exists, else the unique file of that name under ``configs/``."""
-    if os.path.isfile(path):
-        return path
-    root = search_root or os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(
-        os.path.abspath(__file__)))), "configs")
+def shipped_configs_dir() -> str:
+    """The project's ``configs/`` folder: ``ppdet_retina/configs``, which in a checkout is a link to the
+    repository's ``configs/`` and in an installed wheel holds a copy of it (package data)."""
+    package_dir = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    # Resolved so that paths found in a checkout read configs/..., as the README and logs show them.
+    return os.path.realpath(os.path.join(package_dir, "configs"))
+
+
+def _find_by_name(path: str, root: str) -> List[str]:
+    """Every file under ``root`` named like ``path``'s last part (``.yml`` / ``.yaml`` added when it has
+    neither), sorted."""
     wanted = os.path.basename(path)
     candidates = [wanted] if wanted.endswith((".yml", ".yaml")) else [wanted + ".yml", wanted + ".yaml"]
     found = []
     for dirpath, _, files in os.walk(root):
-        for fname in files:
-            if fname in candidates:
-                found.append(os.path.join(dirpath, fname))
+        found += [os.path.join(dirpath, fname) for fname in files if fname in candidates]
+    return sorted(found)
+
+
+def resolve_config_path(path: str, search_root: Optional[str] = None) -> str:
+    """Return ``path`` if it exists, else the unique file of that name under ``configs/``
+    (:func:`shipped_configs_dir`, or ``search_root``)."""
+    if os.path.isfile(path):
+        return path
+    root = search_root or shipped_configs_dir()
+    wanted = os.path.basename(path)
+    found = _find_by_name(path, root)
     if len(found) == 1:
         return found[0]
     if len(found) > 1:
