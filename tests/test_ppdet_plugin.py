@@ -144,20 +144,25 @@ def _compare_rows(ours: List[dict], theirs: List[dict]) -> Dict[str, float]:
     return {"rows": len(ours), "score": score, "box": box}
 
 
-@pytest.fixture(scope="module")
-def infer_rows(work):
-    """tools/infer.py on the photo through the plugin and without it: its bbox.json rows (every score)."""
-    outs = {}
-    jobs = {}
+def _infer_both(work, config, overrides, weights, tag):
+    """PaddleDetection's tools/infer.py on the photo without the plugin ("ppdet") and through it
+    ("plugin"), run side by side: each one's bbox.json rows (every score) and its log."""
+    jobs, outs = {}, {}
     for name, prefix in (("ppdet", [_tool("infer.py")]), ("plugin", _plugin("infer.py"))):
-        out = work["root"] / f"infer_{name}"
-        jobs[name] = _start([*prefix, "-c", CONFIG, "--infer_img", PHOTO, "--output_dir", str(out),
+        out = work["root"] / f"{tag}_{name}"
+        jobs[name] = _start([*prefix, "-c", config, "--infer_img", PHOTO, "--output_dir", str(out),
                              "--save_results", "True", "--save_threshold", "0", "--visualize", "False",
-                             "-o", *NARROW, *work["data"], f"weights={work['weights']}"])
+                             "-o", *overrides, *work["data"], f"weights={weights}"])
         outs[name] = str(out / "bbox.json")
     logs = {name: _ok(_finish(job)) for name, job in jobs.items()}
+    return {name: _rows(path) for name, path in outs.items()}, logs
+
+
+@pytest.fixture(scope="module")
+def infer_rows(work):
+    rows, logs = _infer_both(work, CONFIG, NARROW, work["weights"], "infer")
     assert PLUGIN_LINE in logs["plugin"] and PLUGIN_LINE not in logs["ppdet"]
-    return {name: _rows(path) for name, path in outs.items()}
+    return rows
 
 
 def test_infer_through_plugin_gives_paddledetections_detections(infer_rows):
@@ -174,16 +179,9 @@ def test_faster_rcnn_keeps_its_detections_with_our_nms_in_the_registry(work):
     weights = str(work["root"] / "faster_rcnn.pdparams")
     _ok(_run([DRIVER, "weights", weights, config, "--arch", "faster_rcnn", "-o", *narrow],
              pythonpath=(PPDET_ROOT, REPO)))
-    jobs, outs = {}, {}
-    for name, prefix in (("ppdet", [_tool("infer.py")]), ("plugin", _plugin("infer.py"))):
-        out = work["root"] / f"faster_rcnn_{name}"
-        jobs[name] = _start([*prefix, "-c", config, "--infer_img", PHOTO, "--output_dir", str(out),
-                             "--save_results", "True", "--save_threshold", "0", "--visualize", "False",
-                             "-o", *narrow, *work["data"], f"weights={weights}"])
-        outs[name] = str(out / "bbox.json")
-    logs = {name: _ok(_finish(job)) for name, job in jobs.items()}
+    rows, logs = _infer_both(work, config, narrow, weights, "faster_rcnn")
     assert PLUGIN_LINE in logs["plugin"]
-    figures = _compare_rows(_rows(outs["plugin"]), _rows(outs["ppdet"]))
+    figures = _compare_rows(rows["plugin"], rows["ppdet"])
     assert figures["rows"] == 75
     print(f"faster r-cnn beside the plugin: {figures}")
 

@@ -238,15 +238,6 @@ class Trainer:
             f"{self.output_dir} is intact. Lower LearningRate.base_lr, lengthen LinearWarmup, or "
             f"check the data (degenerate boxes).")
 
-    def _stop_on_non_finite(self, values: Dict[str, float], epoch: int, it: int) -> None:
-        terms = ", ".join(f"{k}={v:.6g}" for k, v in values.items())
-        where = f" on some rank (rank {self.rank} had {terms})" if self.world_size > 1 else f": {terms}"
-        raise FloatingPointError(
-            f"non-finite loss at epoch {epoch}, iteration {it} (global step {self.lr.last_epoch}){where}. "
-            f"Training stopped before the update, so the last saved checkpoint in "
-            f"{self.output_dir} is intact. Lower LearningRate.base_lr, lengthen LinearWarmup, or "
-            f"check the data (degenerate boxes).")
-
     def _log_bad_images(self, epoch: int, end_epoch: int) -> None:
         """The epoch's count of broken images the reader replaced (each was named in a warning)."""
         bad = getattr(self.loader, "bad_images", [])
