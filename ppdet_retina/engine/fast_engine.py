@@ -7,6 +7,8 @@ faster than dygraph, more so in bf16 (CPUs with avx512_bf16), with the same dete
 * ``auto`` (default): Paddle Inference on CPU for the shipped architectures (RetinaNet,
   FasterRCNN); dygraph on GPU and for other architectures, with one log line saying why.
 * ``paddle_inference``: always (on GPU too); an export failure is an error.
+* ``openvino``: the ONNX candidates graph on OpenVINO + NumPy NMS (RetinaNet; needs
+  ``pip install openvino``; :mod:`ppdet_retina.engine.openvino_engine`).
 * ``dygraph``: the model itself.
 
 The export is traced once per weights: its folder in the cache is named by a sha256 of the
@@ -41,7 +43,7 @@ __all__ = ["ENGINES", "SHIPPED_ARCHITECTURES", "PredictorModel", "EngineChooser"
 
 logger = setup_logger("ppdet_retina")
 
-ENGINES = ("auto", "paddle_inference", "dygraph")
+ENGINES = ("auto", "paddle_inference", "openvino", "dygraph")
 SHIPPED_ARCHITECTURES = ("RetinaNet", "FasterRCNN")
 CACHE_ENV = "PPDET_RETINA_EXPORT_CACHE"
 CACHE_SIZE_ENV = "PPDET_RETINA_EXPORT_CACHE_SIZE"
@@ -94,14 +96,16 @@ def add_engine_args(parser: Any, training: bool = False) -> None:
     parser.add_argument("--engine", choices=ENGINES, default="auto",
                         help=f"what runs {what}: auto (default) = Paddle Inference with oneDNN on CPU for "
                              f"RetinaNet and FasterRCNN (~2x faster than dygraph, same detections; {traced}), "
-                             f"dygraph elsewhere; paddle_inference; dygraph (the model itself)")
+                             f"dygraph elsewhere; paddle_inference; openvino (RetinaNet's ONNX graph on OpenVINO + NMS "
+                             f"in NumPy, pip install openvino); dygraph (the model itself)")
     parser.add_argument("--bf16", action="store_true",
-                        help="Paddle Inference with oneDNN bfloat16 kernels (CPUs with avx512_bf16; ~2x faster "
-                             "again, scores differ from fp32 by ~1e-2)")
+                        help="bfloat16 arithmetic: Paddle Inference's oneDNN bf16 kernels, or OpenVINO's bf16 "
+                             "(AMX where the CPU has it); CPUs with avx512_bf16 only; scores differ from fp32 "
+                             "by ~1e-2")
 
 
 def choose_engine(requested: str, device: str, architecture: str, bf16: bool = False) -> Tuple[str, str]:
-    """(``paddle_inference`` or ``dygraph``, why) for ``requested`` engine on ``device``.
+    """(``paddle_inference``, ``openvino`` or ``dygraph``, why) for ``requested`` engine on ``device``.
 
     ConfigError for an unknown engine, for ``bf16`` without Paddle Inference on a CPU, and for
     ``bf16`` on a CPU without avx512_bf16 (emulated bf16 is slower than fp32).
@@ -111,8 +115,8 @@ def choose_engine(requested: str, device: str, architecture: str, bf16: bool = F
     on_gpu = str(device).startswith("gpu")
     if bf16:
         if requested == "dygraph" or on_gpu:
-            raise ConfigError("--bf16 runs oneDNN bfloat16 kernels of Paddle Inference on a CPU; use it with "
-                              "--engine paddle_inference (or auto) on a CPU")
+            raise ConfigError("--bf16 runs bfloat16 kernels of Paddle Inference or OpenVINO on a CPU; use it "
+                              "with --engine paddle_inference, openvino (or auto) on a CPU")
         if not rt.cpu_supports_bf16():
             raise ConfigError("--bf16 needs a CPU with avx512_bf16 (absent from /proc/cpuinfo flags): bf16 "
                               "would be emulated and slower than fp32; run without --bf16")
@@ -120,6 +124,13 @@ def choose_engine(requested: str, device: str, architecture: str, bf16: bool = F
         return "dygraph", "--engine dygraph"
     if requested == "paddle_inference":
         return "paddle_inference", "--engine paddle_inference"
+    if requested == "openvino":
+        if on_gpu:
+            raise ConfigError("--engine openvino runs on the CPU; use it with use_gpu=false")
+        from ppdet_retina.engine import openvino_engine
+
+        openvino_engine.check_available(architecture)
+        return "openvino", "--engine openvino"
     if on_gpu:
         return "dygraph", "on GPU the default engine is dygraph (Paddle Inference is not measured faster there)"
     if architecture not in SHIPPED_ARCHITECTURES:
@@ -249,6 +260,10 @@ def inference_runner(model: paddle.nn.Layer, cfg: Dict[str, Any], engine: str = 
         logger.info(f"engine: dygraph ({why})")
         return model
     threads = env.cpu_threads_per_process() if threads is None else int(threads)
+    if chosen == "openvino":
+        from ppdet_retina.engine.openvino_engine import openvino_runner
+
+        return openvino_runner(model, cfg, bf16=bf16, threads=threads, cache=cache, why=why)
     tmp = None if cache else tempfile.mkdtemp(prefix="ppdet_retina_eval_export_")
     try:
         if cache:
@@ -311,7 +326,8 @@ class EngineChooser:
             return model
         # "auto" keeps its rules here (dygraph on GPU and for other architectures, fallback on failure).
         runner = inference_runner(model, cfg, self.engine, self.bf16, self.device, cache=not self.training)
-        self._current = "dygraph" if runner is model else "paddle_inference"
+        self._current = "dygraph" if runner is model else \
+            "openvino" if type(runner).__name__ == "OpenVinoModel" else "paddle_inference"
         self._trace_s = float(getattr(runner, "trace_s", 0.0))
         return runner
 

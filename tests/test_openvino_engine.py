@@ -1,0 +1,143 @@
+"""The openvino engine: RetinaNet's ONNX candidates graph on OpenVINO + the NumPy NMS, in eval, infer,
+training's evaluation and tools/deploy.py.
+
+The model is test_default_engine's tiny RetinaNet with seeded, sharpened weights and a ground truth
+made from its own detections (moved by a few pixels), so the mAP moves with any change of boxes or
+scores. fp32 must give Paddle Inference's detections (scores within 1e-4, boxes within 0.01 px) and
+its mAP; bf16's mAP must stay within 0.002 of fp32's.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+
+import numpy as np
+import paddle
+import pytest
+import yaml
+
+from conftest import load_script
+from ppdet_retina.core.workspace import ConfigError, create, load_config
+from ppdet_retina.engine import fast_engine
+from ppdet_retina.engine.fast_engine import choose_engine
+from ppdet_retina.engine.predictor import cpu_supports_bf16
+from ppdet_retina.engine.trainer import Trainer
+from test_default_engine import retina  # noqa: F401 - the shared seeded model fixture
+from test_onnx import _confident
+
+pytestmark = pytest.mark.skipif(
+    any(importlib.util.find_spec(m) is None for m in ("openvino", "paddle2onnx", "onnx")),
+    reason="openvino, paddle2onnx and onnx are test extras (pip install -e .[test,openvino])")
+
+
+@pytest.fixture(scope="module", autouse=True)
+def export_cache(tmp_path_factory):
+    cache = tmp_path_factory.mktemp("ov_export_cache")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv(fast_engine.CACHE_ENV, str(cache))
+        yield cache
+
+
+def _evaluate(cfg_path: str, weights: str, engine: str, out: str, bf16: bool = False):
+    cfg = load_config(cfg_path, [f"weights={weights}", f"output_eval={out}"])
+    trainer = Trainer(cfg, mode="eval")
+    trainer.set_engine(engine, bf16)
+    trainer.load_weights(weights)
+    return trainer, trainer.evaluate()
+
+
+def _rows(path) -> np.ndarray:
+    """bbox.json as [image id, category id, score, x, y, w, h] rows in a fixed order."""
+    with open(path) as f:
+        rows = np.array([[r["image_id"], r["category_id"], r["score"], *r["bbox"]] for r in json.load(f)])
+    return rows[np.lexsort((-rows[:, 2], rows[:, 1], rows[:, 0]))]
+
+
+def test_eval_on_openvino_equals_paddle_inference_and_is_cached(retina, tmp_path, export_cache):  # noqa: F811
+    _, reference = _evaluate(retina.cfg_path, retina.weights, "paddle_inference", str(tmp_path / "pi"))
+    trainer, fp32 = _evaluate(retina.cfg_path, retina.weights, "openvino", str(tmp_path / "ov"))
+    assert trainer.engine._current == "openvino"
+    assert 0.2 < reference["bbox"][0] < 0.95, reference["bbox"]
+    np.testing.assert_allclose(fp32["bbox"], reference["bbox"], atol=1e-4)
+    a, b = _rows(tmp_path / "ov" / "bbox.json"), _rows(tmp_path / "pi" / "bbox.json")
+    assert len(a) == len(b) > 50
+    np.testing.assert_array_equal(a[:, :2], b[:, :2])
+    np.testing.assert_allclose(a[:, 2], b[:, 2], atol=1e-4)
+    np.testing.assert_allclose(a[:, 3:], b[:, 3:], atol=1e-2)
+    onnx_folders = [n for n in os.listdir(export_cache) if n.endswith("-onnx")]
+    assert len(onnx_folders) == 1
+    assert sorted(os.listdir(export_cache / onnx_folders[0])) == ["engine_meta.json", "model.onnx", "nms.json"]
+    again, stats = _evaluate(retina.cfg_path, retina.weights, "openvino", str(tmp_path / "ov2"))
+    assert again.engine._trace_s < 30 and [n for n in os.listdir(export_cache) if n.endswith("-onnx")] == onnx_folders
+    assert stats["bbox"] == fp32["bbox"]
+    retina.openvino_fp32_map = fp32["bbox"][0]
+
+
+@pytest.mark.skipif(not cpu_supports_bf16(), reason="bf16 needs a CPU with avx512_bf16")
+def test_eval_on_openvino_bf16_keeps_the_map(retina, tmp_path):  # noqa: F811
+    _, fp32 = _evaluate(retina.cfg_path, retina.weights, "openvino", str(tmp_path / "fp32"))
+    _, bf16 = _evaluate(retina.cfg_path, retina.weights, "openvino", str(tmp_path / "bf16"), bf16=True)
+    print(f"openvino mAP fp32 {fp32['bbox'][0]:.4f} bf16 {bf16['bbox'][0]:.4f}")
+    assert abs(bf16["bbox"][0] - fp32["bbox"][0]) <= 0.002
+    assert abs(bf16["bbox"][1] - fp32["bbox"][1]) <= 0.002
+
+
+def test_training_evaluation_runs_on_openvino_and_keeps_training(retina, export_cache):  # noqa: F811
+    cfg = load_config(retina.cfg_path)
+    trainer = Trainer(cfg, mode="train")
+    trainer.set_engine("openvino")
+    trainer.load_weights(retina.weights)
+    cached = sorted(os.listdir(export_cache))
+    stats = trainer.evaluate()
+    assert trainer.engine._current == "openvino" and trainer.model.training
+    assert sorted(os.listdir(export_cache)) == cached  # training's exports are temporary
+    assert stats["bbox"][0] > 0.2
+
+
+def test_openvino_refuses_what_it_cannot_run():
+    with pytest.raises(ConfigError, match="--engine openvino runs on the CPU"):
+        choose_engine("openvino", "gpu:0", "RetinaNet")
+    engine, why = choose_engine("openvino", "cpu", "RetinaNet")
+    assert (engine, why) == ("openvino", "--engine openvino")
+    from ppdet_retina.engine.openvino_engine import check_available
+
+    class TwoStage:
+        export_modes = ("detect",)
+
+    with pytest.raises(ConfigError, match="FasterRCNN applies its NMS between stages"):
+        check_available("FasterRCNN", TwoStage())
+
+
+def test_deploy_on_openvino_gives_paddle_inferences_detections(tmp_path):
+    from ppdet_retina.data.shapes import ensure_demo_dataset
+
+    demo = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs", "demo",
+                        "retinanet_demo.yml")
+    data = ensure_demo_dataset(str(tmp_path / "shapes"), num_train=1, num_val=2)
+    overrides = [f"{k}.dataset_dir={data}" for k in ("TrainDataset", "EvalDataset", "TestDataset")]
+    paddle.seed(0)
+    model = create("RetinaNet", load_config(demo, overrides))
+    _confident(model)
+    weights = str(tmp_path / "confident.pdparams")
+    paddle.save(model.state_dict(), weights)
+    export = load_script("tools/export_model.py", "export_model_tool_ov")
+    export.main(["-c", demo, "-o", f"weights={weights}", *overrides, "--onnx", "--output_dir",
+                 str(tmp_path / "inference")])
+    model_dir = tmp_path / "inference" / "retinanet_demo"
+    images = os.path.join(data, "images", "train")
+    deploy = load_script("tools/deploy.py", "deploy_tool_ov")
+    outputs = {}
+    for engine in ("paddle", "openvino"):
+        out = tmp_path / f"deploy_{engine}"
+        deploy.main(["--model_dir", str(model_dir), "--image_dir", images, "--output_dir", str(out),
+                     "--save_results", "--engine", engine])
+        outputs[engine] = _rows(out / "bbox.json")
+    a, b = outputs["openvino"], outputs["paddle"]
+    assert len(a) == len(b) > 0
+    np.testing.assert_array_equal(a[:, :2], b[:, :2])
+    np.testing.assert_allclose(a[:, 2], b[:, 2], atol=1e-4)
+    np.testing.assert_allclose(a[:, 3:], b[:, 3:], atol=1e-2)
+    with open(model_dir / "infer_cfg.yml") as f:
+        assert yaml.safe_load(f)["onnx"]["input_size"] == [128, 128]  # the demo's fixed Resize: no extra padding
