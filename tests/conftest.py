@@ -326,3 +326,8 @@ TwoFCHead: {{out_channel: 64}}
 {extra}
 """)
     return load_config(str(path))
+
+
+# The suite pins ``auto`` to Paddle Inference: measuring OpenVINO against it in every fresh export
+# cache would add a trace and timed runs to many tests; tests/test_openvino_engine.py tests the choice.
+os.environ.setdefault("PPDET_RETINA_AUTO_ENGINES", "paddle_inference")

@@ -141,3 +141,46 @@ def test_deploy_on_openvino_gives_paddle_inferences_detections(tmp_path):
     np.testing.assert_allclose(a[:, 3:], b[:, 3:], atol=1e-2)
     with open(model_dir / "infer_cfg.yml") as f:
         assert yaml.safe_load(f)["onnx"]["input_size"] == [128, 128]  # the demo's fixed Resize: no extra padding
+
+
+def test_auto_measures_once_and_runs_the_faster_exact_engine(retina, tmp_path, export_cache,  # noqa: F811
+                                                             monkeypatch, messages):
+    from ppdet_retina.engine import openvino_engine
+
+    monkeypatch.setenv(openvino_engine.AUTO_ENGINES_ENV, "paddle_inference,openvino")
+    trainer, stats = _evaluate(retina.cfg_path, retina.weights, "auto", str(tmp_path / "auto"))
+    with open(export_cache / openvino_engine.CHOICE_FILE) as f:
+        choices = json.load(f)
+    assert len(choices) == 1
+    (key, entry), = choices.items()
+    assert key.startswith("RetinaNet ") and "threads=" in key and " fp32 " in key
+    assert entry["exact"] is True and entry["input"] == [1, 3, 64, 64] and min(entry["ms"].values()) > 0
+    faster = min(entry["ms"], key=entry["ms"].get)
+    assert entry["engine"] == faster == trainer.engine._current
+    err = messages.text
+    messages.clear()
+    assert "auto measures Paddle Inference and OpenVINO once" in err and "engine: auto runs" in err
+    # Measured once: the next evaluation reads the choice.
+    again, again_stats = _evaluate(retina.cfg_path, retina.weights, "auto", str(tmp_path / "auto2"))
+    assert again.engine._current == faster and "auto measures" not in messages.text
+    assert "engine: auto runs" in messages.text
+    np.testing.assert_allclose(again_stats["bbox"], stats["bbox"], atol=1e-4)
+
+
+def test_auto_keeps_paddle_inference_when_openvino_differs():
+    import paddle as pd
+
+    from ppdet_retina.engine.openvino_engine import measure_engines
+
+    def runner(rows):
+        def run(feeds):
+            return {"bbox": pd.to_tensor(np.array(rows, np.float32).reshape(-1, 6)),
+                    "bbox_num": pd.to_tensor(np.array([len(rows)], np.int32))}
+        return run
+
+    feeds = {"image": np.zeros((1, 3, 8, 8), np.float32)}
+    same = measure_engines(runner([[0, 0.9, 1, 1, 5, 5]]), runner([[0, 0.9, 1, 1, 5, 5]]), feeds, bf16=False, runs=1)
+    assert same["exact"] is True and set(same["ms"]) == {"paddle_inference", "openvino"}
+    moved = measure_engines(runner([[0, 0.9, 1, 1, 5, 5]]), runner([[0, 0.9, 1, 1, 6, 5]]), feeds, bf16=False, runs=1)
+    assert moved["engine"] == "paddle_inference" and moved["exact"] is False
+    assert "class 0 score 0.90000 box [1.0, 1.0, 5.0, 5.0]" in moved["note"]

@@ -5,7 +5,10 @@ faster than dygraph, more so in bf16 (CPUs with avx512_bf16), with the same dete
 (measurements: docs/DESIGN.md, "Performance notes"; ``tools/benchmark.py`` measures a machine). So ``tools/eval.py``, ``tools/infer.py`` and training's ``--eval`` use it by default:
 
 * ``auto`` (default): Paddle Inference on CPU for the shipped architectures (RetinaNet,
-  FasterRCNN); dygraph on GPU and for other architectures, with one log line saying why.
+  FasterRCNN), or OpenVINO when it is installed, the model exports candidates (RetinaNet) and it
+  was measured faster with the same detections on this machine (measured once per machine and
+  model config, :func:`ppdet_retina.engine.openvino_engine.auto_choice`); dygraph on GPU and for
+  other architectures, with one log line saying why.
 * ``paddle_inference``: always (on GPU too); an export failure is an error.
 * ``openvino``: the ONNX candidates graph on OpenVINO + NumPy NMS (RetinaNet; needs
   ``pip install openvino``; :mod:`ppdet_retina.engine.openvino_engine`).
@@ -293,6 +296,10 @@ def inference_runner(model: paddle.nn.Layer, cfg: Dict[str, Any], engine: str = 
         logger.info(f"engine: {description} ({why}); export of these weights reused from {folder} (no trace)")
     runner = PredictorModel(predictor, description)
     runner.trace_s = seconds
+    if engine == "auto" and not str(device).startswith("gpu"):
+        from ppdet_retina.engine.openvino_engine import auto_choice
+
+        return auto_choice(runner, model, cfg, bf16, threads, cache)
     return runner
 
 

@@ -169,3 +169,151 @@ def openvino_runner(model: paddle.nn.Layer, cfg: Dict[str, Any], bf16: bool = Fa
     runner = OpenVinoModel(detector, description)
     runner.trace_s = seconds + compile_s
     return runner
+
+
+# --------------------------------------------------------------------------- auto: the measured choice
+
+CHOICE_FILE = "engine_choice.json"
+# The engines ``auto`` may pick from on CPU (comma-separated); ``paddle_inference`` alone skips the
+# measurement (the test suite does, except where it tests the choice).
+AUTO_ENGINES_ENV = "PPDET_RETINA_AUTO_ENGINES"
+# CPU features that decide which engine is faster (AMX makes OpenVINO's bf16 several times faster).
+_SPEED_FLAGS = ("avx512f", "avx512_bf16", "amx_bf16", "amx_tile")
+
+
+def machine_key(threads: int, bf16: bool) -> str:
+    """What the measured choice depends on besides the model: CPU model and features, threads,
+    precision, and both runtimes' versions."""
+    from ppdet_retina.engine import predictor as rt
+
+    name = "unknown CPU"
+    try:
+        with open("/proc/cpuinfo", "r", encoding="utf-8", errors="ignore") as f:
+            name = next((ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")), name)
+    except OSError:
+        pass
+    flags = "+".join(flag for flag in _SPEED_FLAGS if rt.cpu_has_flag(flag))
+    try:
+        import openvino
+
+        ov_version = openvino.__version__.split("-")[0]
+    except ImportError:
+        ov_version = "none"
+    return f"{name} [{flags}] threads={threads} {'bf16' if bf16 else 'fp32'} paddle={paddle.__version__} " \
+           f"openvino={ov_version}"
+
+
+def model_key(cfg: Dict[str, Any]) -> str:
+    """sha256 (16 hex) of the config keys that build the model: speed does not depend on the weights."""
+    import hashlib
+
+    from ppdet_retina.engine import fast_engine as fe
+
+    text = json.dumps(fe._stable(fe._graph_config(cfg)), sort_keys=True)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def _measure_input(cfg: Dict[str, Any]) -> Dict[str, np.ndarray]:
+    """One seeded random image (normalised-looking noise) of the evaluation's padded size. Not a
+    constant image: that scores every interior anchor the same, and the NMS's choice among exact
+    ties is arbitrary."""
+    from ppdet_retina.engine.export import preprocess_entries
+    from ppdet_retina.engine.onnx import default_onnx_size, random_feeds
+
+    try:
+        height, width = default_onnx_size(preprocess_entries(cfg, "EvalReader"))
+    except Exception:  # noqa: BLE001 - an unusual reader: any representative size will do
+        height, width = 512, 512
+    return random_feeds(height, width)
+
+
+def _median_ms(runner: Any, feeds: Dict[str, np.ndarray], runs: int) -> Tuple[float, list]:
+    times = []
+    for _ in range(runs):
+        tic = time.perf_counter()
+        runner(feeds)
+        times.append((time.perf_counter() - tic) * 1000.0)
+    return float(np.median(times)), times
+
+
+def measure_engines(paddle_runner: Any, ov_runner: OpenVinoModel, feeds: Dict[str, np.ndarray],
+                    bf16: bool, runs: int = 3) -> Dict[str, Any]:
+    """Both engines on ``feeds``, alternated after one warm-up run each: median ms, and whether
+    OpenVINO's detections equal Paddle Inference's (fp32: the ONNX check's tolerances; bf16: both
+    are compared with fp32 by the tests, so only the run is checked)."""
+    from ppdet_retina.engine.onnx import OnnxCheckError, compare_detections
+
+    expected, got = paddle_runner(feeds), ov_runner(feeds)
+    exact, note = True, "same detections"
+    if not bf16:
+        try:
+            compare_detections((expected["bbox"].numpy(), expected["bbox_num"].numpy()),
+                               (got["bbox"].numpy(), got["bbox_num"].numpy()), where="auto engine check")
+        except OnnxCheckError as err:
+            exact, note = False, str(err)
+    times: Dict[str, list] = {"paddle_inference": [], "openvino": []}
+    for _ in range(runs):
+        for name, runner in (("paddle_inference", paddle_runner), ("openvino", ov_runner)):
+            times[name].append(_median_ms(runner, feeds, 1)[0])
+    medians = {name: round(float(np.median(t)), 1) for name, t in times.items()}
+    engine = "openvino" if exact and medians["openvino"] < medians["paddle_inference"] else "paddle_inference"
+    return {"engine": engine, "ms": medians, "exact": exact, "note": note[:300],
+            "input": list(feeds["image"].shape)}
+
+
+def auto_choice(paddle_runner: Any, model: paddle.nn.Layer, cfg: Dict[str, Any], bf16: bool, threads: int,
+                cache: bool) -> Any:
+    """``auto`` on CPU: Paddle Inference's runner, or OpenVINO's when it was measured faster on this
+    machine for this model and gives the same detections. Measured once per machine and model
+    config (``engine_choice.json`` in the export cache); the log says which engine runs and why."""
+    from ppdet_retina.engine import fast_engine as fe
+
+    allowed = os.environ.get(AUTO_ENGINES_ENV, "paddle_inference,openvino").replace(" ", "").split(",")
+    if "openvino" not in allowed or not supports(model) or not ovrt.openvino_installed():
+        return paddle_runner
+    try:
+        import onnx  # noqa: F401
+        import paddle2onnx  # noqa: F401
+    except ImportError:
+        return paddle_runner
+    path = os.path.join(fe.cache_root(), CHOICE_FILE)
+    key = f"{cfg.get('architecture')} {model_key(cfg)} | {machine_key(threads, bf16)}"
+    choices: Dict[str, Any] = {}
+    if os.path.isfile(path):
+        try:
+            with open(path, "r", encoding="utf-8") as f:
+                choices = json.load(f)
+        except (OSError, ValueError):
+            choices = {}
+    entry = choices.get(key)
+    ov_runner = None
+    if entry is None:
+        logger.info("engine: auto measures Paddle Inference and OpenVINO once for this model on this machine")
+        try:
+            ov_runner = openvino_runner(model, cfg, bf16=bf16, threads=threads, cache=cache,
+                                        why="auto: measuring")
+            entry = measure_engines(paddle_runner, ov_runner, _measure_input(cfg), bf16)
+        except Exception as err:  # noqa: BLE001 - OpenVINO is an option; Paddle Inference stays
+            logger.warning(f"engine: auto keeps Paddle Inference (the OpenVINO engine failed: "
+                           f"{type(err).__name__}: {str(err).splitlines()[-1] if str(err) else ''})")
+            entry = {"engine": "paddle_inference", "ms": {}, "exact": False, "note": f"failed: {err}"[:300]}
+        choices[key] = entry
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        tmp = path + f".{os.getpid()}.tmp"
+        with open(tmp, "w", encoding="utf-8") as f:
+            json.dump(choices, f, indent=1)
+        os.replace(tmp, path)
+    ms = entry.get("ms", {})
+    measured = ", ".join(f"{name} {value:.0f} ms" for name, value in ms.items()) or "not measured"
+    if entry["engine"] != "openvino":
+        why = "" if entry.get("exact", True) else f"; OpenVINO differs: {entry.get('note')}"
+        logger.info(f"engine: auto runs Paddle Inference ({measured} per image here{why}; {path})")
+        return paddle_runner
+    if ov_runner is None:
+        ov_runner = openvino_runner(model, cfg, bf16=bf16, threads=threads, cache=cache,
+                                    why="auto: measured fastest here")
+    logger.info(f"engine: auto runs {ov_runner.description}: measured fastest on this machine with the same "
+                f"detections ({measured} per image, input {entry.get('input')}; {path}); --engine "
+                f"paddle_inference to keep Paddle Inference")
+    ov_runner.trace_s += float(getattr(paddle_runner, "trace_s", 0.0))
+    return ov_runner
