@@ -102,22 +102,28 @@ def multiclass_nms(boxes: np.ndarray, scores: np.ndarray, score_threshold: float
                          f"and {list(scores.shape)}")
     rows, counts = [], []
     for image_boxes, image_scores in zip(boxes, scores):
-        kept = []  # (class, index) per kept box
+        kept_cls, kept_idx = [], []  # per class with a kept box: its class and kept indices
         # Only classes with a score above the threshold can keep a box (80 classes, few of them present).
         for cls in np.where((image_scores > score_threshold).any(axis=1))[0]:
             if cls == background_label:
                 continue
             keep = _nms_one_class(image_boxes, image_scores[cls], score_threshold, nms_top_k, nms_threshold,
                                   normalized, nms_eta)
-            kept.extend((int(cls), int(i)) for i in keep)
-        if keep_top_k > -1 and len(kept) > keep_top_k:
-            order = np.argsort([-image_scores[c, i] for c, i in kept], kind="stable")[:keep_top_k]
-            kept = sorted((kept[k] for k in order), key=lambda ci: (ci[0], -image_scores[ci[0], ci[1]]))
-        for cls, i in kept:
-            rows.append([cls, image_scores[cls, i], *image_boxes[i]])
-        counts.append(len(kept))
-    bbox = np.asarray(rows, np.float32).reshape(-1, 6)
-    return bbox, np.asarray(counts, np.int32)
+            kept_cls.append(np.full(len(keep), cls, np.int64))
+            kept_idx.append(np.asarray(keep, np.int64))
+        cls_of = np.concatenate(kept_cls) if kept_cls else np.zeros(0, np.int64)
+        idx_of = np.concatenate(kept_idx) if kept_idx else np.zeros(0, np.int64)
+        score_of = image_scores[cls_of, idx_of]
+        if keep_top_k > -1 and len(cls_of) > keep_top_k:
+            best = np.argsort(-score_of, kind="stable")[:keep_top_k]
+            # Back to class order, then decreasing score (stable: ties keep the order above).
+            best = best[np.lexsort((-score_of[best], cls_of[best]))]
+            cls_of, idx_of, score_of = cls_of[best], idx_of[best], score_of[best]
+        rows.append(np.concatenate([cls_of[:, None].astype(np.float32), score_of[:, None],
+                                    image_boxes[idx_of]], axis=1))
+        counts.append(len(cls_of))
+    bbox = np.concatenate(rows, axis=0).astype(np.float32) if rows else np.zeros((0, 6), np.float32)
+    return bbox.reshape(-1, 6), np.asarray(counts, np.int32)
 
 
 def _nms_one_class(boxes: np.ndarray, scores: np.ndarray, score_threshold: float, top_k: int,
@@ -127,20 +133,49 @@ def _nms_one_class(boxes: np.ndarray, scores: np.ndarray, score_threshold: float
     if top_k > -1:
         order = order[:top_k]
     extra = np.float32(0.0 if normalized else 1.0)
-    x1, y1, x2, y2 = (boxes[:, j] for j in range(4))
+    x1, y1, x2, y2 = (boxes[order, j] for j in range(4))
     area = np.where((x2 < x1) | (y2 < y1), np.float32(0.0), (x2 - x1 + extra) * (y2 - y1 + extra))
+    if eta < 1.0:
+        return _nms_adaptive(order, x1, y1, x2, y2, area, extra, float(iou_threshold), eta)
+    # A fixed threshold: each kept box removes the later candidates it overlaps, one vector
+    # operation per kept box (the same float32 arithmetic as checking each candidate against the
+    # kept boxes, so the same boxes survive).
+    alive = np.ones(len(order), bool)
     keep: List[int] = []
-    threshold = float(iou_threshold)
-    for i in order:
-        if keep:
-            k = np.asarray(keep)
-            apart = (x1[k] > x2[i]) | (x2[k] < x1[i]) | (y1[k] > y2[i]) | (y2[k] < y1[i])
-            inter = (np.minimum(x2[k], x2[i]) - np.maximum(x1[k], x1[i]) + extra) * \
-                    (np.minimum(y2[k], y2[i]) - np.maximum(y1[k], y1[i]) + extra)
-            iou = np.where(apart, np.float32(0.0), inter / (area[k] + area[i] - inter))
+    for pos in range(len(order)):
+        if not alive[pos]:
+            continue
+        keep.append(int(order[pos]))
+        rest = slice(pos + 1, len(order))
+        iou = _iou_one_to_many(pos, rest, x1, y1, x2, y2, area, extra)
+        alive[rest] &= ~(iou > float(iou_threshold))
+    return keep
+
+
+def _iou_one_to_many(k: int, rest: slice, x1: np.ndarray, y1: np.ndarray, x2: np.ndarray, y2: np.ndarray,
+                     area: np.ndarray, extra: np.float32) -> np.ndarray:
+    """IoU of box ``k`` with the boxes ``rest``, as Paddle's NMS computes it (0 for boxes apart)."""
+    apart = (x1[k] > x2[rest]) | (x2[k] < x1[rest]) | (y1[k] > y2[rest]) | (y2[k] < y1[rest])
+    inter = (np.minimum(x2[k], x2[rest]) - np.maximum(x1[k], x1[rest]) + extra) * \
+            (np.minimum(y2[k], y2[rest]) - np.maximum(y1[k], y1[rest]) + extra)
+    return np.where(apart, np.float32(0.0), inter / (area[k] + area[rest] - inter))
+
+
+def _nms_adaptive(order: np.ndarray, x1: np.ndarray, y1: np.ndarray, x2: np.ndarray, y2: np.ndarray,
+                  area: np.ndarray, extra: np.float32, threshold: float, eta: float) -> List[int]:
+    """``nms_eta`` < 1: the threshold a candidate meets is the one current when it is examined, so
+    each candidate is checked against every kept box in turn."""
+    kept: List[int] = []
+    for pos in range(len(order)):
+        if kept:
+            k = np.asarray(kept)
+            apart = (x1[k] > x2[pos]) | (x2[k] < x1[pos]) | (y1[k] > y2[pos]) | (y2[k] < y1[pos])
+            inter = (np.minimum(x2[k], x2[pos]) - np.maximum(x1[k], x1[pos]) + extra) * \
+                    (np.minimum(y2[k], y2[pos]) - np.maximum(y1[k], y1[pos]) + extra)
+            iou = np.where(apart, np.float32(0.0), inter / (area[k] + area[pos] - inter))
             if (iou > threshold).any():
                 continue
-        keep.append(int(i))
-        if eta < 1.0 and threshold > 0.5:
+        kept.append(pos)
+        if threshold > 0.5:
             threshold *= eta
-    return keep
+    return [int(order[p]) for p in kept]
