@@ -37,6 +37,7 @@ import numpy as np
 import paddle
 
 from ppdet_retina.core.workspace import ConfigError
+from ppdet_retina.engine import env
 from ppdet_retina.engine import predictor as rt
 from ppdet_retina.utils.logger import setup_logger
 
@@ -80,6 +81,7 @@ class PredictorModel:
         feeds = {k: np.asarray(batch[k].numpy() if hasattr(batch[k], "numpy") else batch[k], np.float32)
                  for k in ("image", "im_shape", "scale_factor")}
         bbox, bbox_num = rt.run(self.predictor, feeds)[:2]
+        env.restore_cpu_threads()  # the run leaves MKL at one thread, which would slow training after it
         return {"bbox": paddle.to_tensor(bbox), "bbox_num": paddle.to_tensor(bbox_num)}
 
     def eval(self) -> "PredictorModel":
