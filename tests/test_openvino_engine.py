@@ -184,3 +184,19 @@ def test_auto_keeps_paddle_inference_when_openvino_differs():
     moved = measure_engines(runner([[0, 0.9, 1, 1, 5, 5]]), runner([[0, 0.9, 1, 1, 6, 5]]), feeds, bf16=False, runs=1)
     assert moved["engine"] == "paddle_inference" and moved["exact"] is False
     assert "class 0 score 0.90000 box [1.0, 1.0, 5.0, 5.0]" in moved["note"]
+
+
+def test_a_difference_in_detections_is_recorded_for_those_weights_only(retina, tmp_path, monkeypatch):  # noqa: F811
+    from ppdet_retina.engine import openvino_engine
+
+    cache = tmp_path / "cache"
+    monkeypatch.setenv(fast_engine.CACHE_ENV, str(cache))
+    monkeypatch.setenv(openvino_engine.AUTO_ENGINES_ENV, "paddle_inference,openvino")
+    verdict = {"engine": "paddle_inference", "ms": {"paddle_inference": 2.0, "openvino": 1.0}, "exact": False,
+               "note": "Paddle's detection class 0 ... has no equal", "input": [1, 3, 64, 64]}
+    monkeypatch.setattr(openvino_engine, "measure_engines", lambda *args, **kwargs: dict(verdict))
+    trainer, _ = _evaluate(retina.cfg_path, retina.weights, "auto", str(tmp_path / "auto"))
+    assert trainer.engine._current == "paddle_inference"
+    with open(cache / openvino_engine.CHOICE_FILE) as f:
+        (key, entry), = json.load(f).items()
+    assert " | weights " in key and entry == verdict  # other weights of this config are measured afresh

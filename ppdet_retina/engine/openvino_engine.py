@@ -265,7 +265,8 @@ def auto_choice(paddle_runner: Any, model: paddle.nn.Layer, cfg: Dict[str, Any],
                 cache: bool) -> Any:
     """``auto`` on CPU: Paddle Inference's runner, or OpenVINO's when it was measured faster on this
     machine for this model and gives the same detections. Measured once per machine and model
-    config (``engine_choice.json`` in the export cache); the log says which engine runs and why."""
+    config (``engine_choice.json`` in the export cache; a difference in detections is recorded for
+    those weights only); the log says which engine runs and why."""
     from ppdet_retina.engine import fast_engine as fe
 
     allowed = os.environ.get(AUTO_ENGINES_ENV, "paddle_inference,openvino").replace(" ", "").split(",")
@@ -285,7 +286,10 @@ def auto_choice(paddle_runner: Any, model: paddle.nn.Layer, cfg: Dict[str, Any],
                 choices = json.load(f)
         except (OSError, ValueError):
             choices = {}
-    entry = choices.get(key)
+    # A verdict "not the same detections" belongs to these weights (saturated or tied scores of
+    # untrained weights differ in any two runtimes); speed with the same detections to the config.
+    weights_entry = f"{key} | weights {fe.weights_key(model, cfg)[:16]}"
+    entry = choices.get(weights_entry) or choices.get(key)
     ov_runner = None
     if entry is None:
         logger.info("engine: auto measures Paddle Inference and OpenVINO once for this model on this machine")
@@ -297,7 +301,7 @@ def auto_choice(paddle_runner: Any, model: paddle.nn.Layer, cfg: Dict[str, Any],
             logger.warning(f"engine: auto keeps Paddle Inference (the OpenVINO engine failed: "
                            f"{type(err).__name__}: {str(err).splitlines()[-1] if str(err) else ''})")
             entry = {"engine": "paddle_inference", "ms": {}, "exact": False, "note": f"failed: {err}"[:300]}
-        choices[key] = entry
+        choices[key if entry["exact"] else weights_entry] = entry
         os.makedirs(os.path.dirname(path), exist_ok=True)
         tmp = path + f".{os.getpid()}.tmp"
         with open(tmp, "w", encoding="utf-8") as f:
