@@ -393,3 +393,8 @@ def write_derived_ground_truth(coco, detections: Dict[int, np.ndarray], name: st
 def derive_ground_truth(model, cfg, coco, name: str = "derived.json") -> str:
     """:func:`write_derived_ground_truth` from the dygraph model's detections over the config's EvalDataset."""
     return write_derived_ground_truth(coco, model_detections(model, cfg), name)
+
+
+# The suite pins ``auto`` to Paddle Inference: measuring OpenVINO against it in every fresh export
+# cache would add a trace and timed runs to many tests; tests/test_openvino_engine.py tests the choice.
+os.environ.setdefault("PPDET_RETINA_AUTO_ENGINES", "paddle_inference")

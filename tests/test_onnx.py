@@ -123,7 +123,7 @@ def test_a_conversion_error_fails_the_export_with_the_numbers(demo, monkeypatch,
                              "--onnx_input_size", "64", "64", "--output_dir", str(out)])
     assert exit_info.value.code == 1
     err = capsys.readouterr().err
-    assert "ONNX check on random (64x64)" in err and "relative (> 0.001)" in err
+    assert "ONNX check on random (64x64)" in err and "relative (tolerance 0.001)" in err
     model_dir = out / "retinanet_demo"
     assert not (model_dir / "model.onnx").exists()  # no unchecked file is left behind
     assert (model_dir / "model.json").exists() and "onnx" not in yaml.safe_load((model_dir / "infer_cfg.yml").read_text())
@@ -198,3 +198,58 @@ def test_detections_may_differ_only_at_the_score_or_keep_top_k_cut():
     moved = rows([0, 0.9, 0.5, 0, 10.5, 10], [1, 0.3, 20, 20, 30, 30], [1, 0.2, 40, 40, 50, 50])
     with pytest.raises(O.OnnxCheckError, match=r"class 0 score 0\.90000 .*nearest \[0\.5, 0\.0, 10\.5, 10\.0\]"):
         O.compare_detections(paddle_dets, moved, score_threshold=0.05, keep_top_k=3)
+
+
+def _sorted_block_candidates():
+    """Two pyramid levels' top-k as a graph returns them: each block sorted by best score, the
+    first block's last two anchors tied at 0.3 (the cut), the second block unsorted (nothing cut)."""
+    best = [0.9, 0.7, 0.5, 0.3, 0.3, 0.8, 0.2, 0.6]
+    boxes = np.array([[10 * i, 0, 10 * i + 8, 8] for i in range(len(best))], np.float32)[None]
+    scores = np.zeros((1, 2, len(best)), np.float32)
+    scores[0, 0] = best
+    scores[0, 1] = np.array(best, np.float32) * np.float32(0.5)
+    return boxes, scores
+
+
+def test_anchors_swapped_at_a_top_k_cut_are_ties_and_detections_from_them_are_accepted():
+    boxes, scores = _sorted_block_candidates()
+    # The other runtime kept another anchor scoring the same 0.3 as the block's last one.
+    other = boxes.copy()
+    other[0, 4] = [500, 500, 520, 530]
+    result = O.compare_candidates((boxes, scores), (other, scores), 0.05)
+    assert result["at_cut"] == 1
+    np.testing.assert_array_equal(result["tied"], [[40, 0, 48, 8], [500, 500, 520, 530]])
+    nms = {"score_threshold": 0.05, "keep_top_k": 100, "nms_threshold": 0.5}
+    paddle_dets, onnx_dets = O.multiclass_nms(boxes, scores, **nms), O.multiclass_nms(other, scores, **nms)
+    assert int(paddle_dets[1][0]) == 16  # every anchor survives, in both classes
+    with pytest.raises(O.OnnxCheckError, match=r"class 0 score 0\.30000 box \[40\.0, 0\.0, 48\.0, 8\.0\]"):
+        O.compare_detections(paddle_dets, onnx_dets)
+    assert O.compare_detections(paddle_dets, onnx_dets, tied=result["tied"])["at_cut"] == 4  # 2 rows each side
+
+
+def test_a_perturbed_candidate_graph_still_fails():
+    boxes, scores = _sorted_block_candidates()
+    # A row in the middle of its block that moved: not a tie at a cut, whatever its score.
+    moved = boxes.copy()
+    moved[0, 1] += np.float32(0.5)
+    with pytest.raises(O.OnnxCheckError, match=r"1 of the 8 Paddle candidates .* row 1 box \[10\.0, 0\.0, 18\.0, 8\.0\] "
+                                               r"best score 0\.70000: nearest box differs by 0\.5 px"):
+        O.compare_candidates((boxes, scores), (moved, scores), 0.05)
+    # The block's last anchor replaced by one scoring differently: not a tie.
+    other_boxes, other_scores = boxes.copy(), scores.copy()
+    other_boxes[0, 4] = [500, 500, 520, 530]
+    other_scores[0, :, 4] *= np.float32(0.9)
+    with pytest.raises(O.OnnxCheckError, match=r"row 4 box \[40\.0, 0\.0, 48\.0, 8\.0\] best score 0\.30000"):
+        O.compare_candidates((boxes, scores), (other_boxes, other_scores), 0.05)
+    # Every score 1% off.
+    with pytest.raises(O.OnnxCheckError, match=r"8 of the 8 Paddle candidates.*differs by 0 px \(tolerance 0\.0116\), "
+                                               r"its scores by 0\.01 relative \(tolerance 0\.001\)"):
+        O.compare_candidates((boxes, scores), (boxes, scores * np.float32(0.99)), 0.05)
+
+
+def test_box_tolerance_grows_with_the_box():
+    np.testing.assert_allclose(O.box_tolerance(np.array([[0, 0, 8, 8], [0, 0, 1000, 200]])), [0.0116, 0.21])
+    boxes, scores = _sorted_block_candidates()
+    big = np.array([[[0, 0, 1000, 600]]], np.float32)
+    assert O.compare_candidates((big, scores[:, :, :1]), (big + np.float32(0.1), scores[:, :, :1]), 0.05)["box"] \
+        == pytest.approx(0.1, abs=1e-4)

@@ -7,7 +7,7 @@ import pytest
 
 from ppdet_retina.core.options import TRAINING_OPTIONS, TrainingOption, declare_training_options
 from ppdet_retina.core.workspace import ConfigError, load_config
-from ppdet_retina.inference import engines
+from ppdet_retina.inference import export_cache
 from ppdet_retina.training.train_options import add_train_flags, flags_to_config
 
 from conftest import write_tiny_config
@@ -28,9 +28,9 @@ def test_a_declared_option_is_a_flag_a_config_key_and_outside_the_graph(declared
     args = parser.parse_args(["--_opt_switch"])
     cfg = flags_to_config(load_config(write_tiny_config(tmp_path, tiny_coco), ["_opt_graph=3"]), args)
     assert cfg["_opt_switch"] is True and cfg["_opt_graph"] == 3
-    graph = engines._graph_config(cfg)
+    graph = export_cache.graph_config(cfg)
     assert "_opt_switch" not in graph and graph["_opt_graph"] == 3
-    assert "use_ema" not in engines._graph_config({**cfg, "use_ema": True})  # ema.py's declaration
+    assert "use_ema" not in export_cache.graph_config({**cfg, "use_ema": True})  # ema.py's declaration
 
 
 def test_an_undeclared_key_is_still_refused(tmp_path, tiny_coco):

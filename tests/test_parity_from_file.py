@@ -130,13 +130,24 @@ def test_reader_gives_paddledetections_input(case):
     np.testing.assert_allclose(values, expected["sample_values"], atol=1e-5, rtol=0)
 
 
+def _skip_without_openvino(arch: str) -> None:
+    import importlib.util
+
+    if arch != "retinanet":
+        pytest.skip("the openvino engine runs RetinaNet only (Faster R-CNN's NMS sits between its stages)")
+    if any(importlib.util.find_spec(m) is None for m in ("openvino", "paddle2onnx", "onnx")):
+        pytest.skip("openvino, paddle2onnx and onnx are test extras (pip install -e .[test,openvino])")
+
+
 # PaddleDetection's config runs as a user runs it (default engine: Paddle Inference on CPU); our config,
 # which runs on a bare clone too, on the dygraph model (export + deploy below covers Paddle Inference there).
-@pytest.mark.parametrize("source, engine", [("paddledetection", None), ("ours", "dygraph")])
+@pytest.mark.parametrize("source, engine", [("paddledetection", None), ("ours", "dygraph"), ("ours", "openvino")])
 def test_infer_matches_paddledetection(case, source, engine):
     arch, ref, weights, work = case
+    if engine == "openvino":
+        _skip_without_openvino(arch)
     base = ppdet_config(PPDET_CONFIGS[arch]) if source == "paddledetection" else os.path.join(REPO, OUR_CONFIGS[arch])
-    out = work / f"infer_{source}"
+    out = work / f"infer_{source}_{engine}"
     infer_tool.main(["-c", _config(work, base, ref, f"infer_{source}"), "-o", f"weights={weights}",
                      "--infer_img", gen.PHOTO, "--output_dir", str(out), "--save_results"]
                     + (["--engine", engine] if engine else []))
@@ -179,10 +190,12 @@ def _one_image_coco(work, ref: dict) -> str:
 
 # PaddleDetection's EvalReader and TestReader preprocess alike (Resize 800x1333, keep_ratio), so its
 # evaluation scores exactly the detections its inference gives: eval's bbox.json must hold the same rows.
-@pytest.mark.parametrize("engine", ["dygraph", "paddle_inference"])
+@pytest.mark.parametrize("engine", ["dygraph", "paddle_inference", "openvino"])
 def test_eval_results_match_paddledetection(case, engine):
     eval_tool = load_script("tools/eval.py", "ppdet_retina_eval_tool")
     arch, ref, weights, work = case
+    if engine == "openvino":
+        _skip_without_openvino(arch)
     dataset_dir = str(work / "evalset") if (work / "evalset").exists() else _one_image_coco(work, ref)
     cfg = _config(work, os.path.join(REPO, OUR_CONFIGS[arch]), ref, f"eval_{engine}")
     out = work / f"eval_{engine}"

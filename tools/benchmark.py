@@ -64,6 +64,12 @@ def parse_args(argv: List[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--bf16", action="store_true", help="the default engine in oneDNN bfloat16")
     parser.add_argument("--skip-engines", action="store_true",
                         help="leave out the default engine and the eval throughput per engine")
+    parser.add_argument("--engines", nargs="*", default=[], metavar="ENGINE",
+                        help="also time these engines (paddle_inference, openvino): forward, trace + compile, "
+                             "eval images/s each, under 'engines'")
+    parser.add_argument("--only-engine", default=None, metavar="ENGINE",
+                        help="instead: time this one engine alone (nothing else runs in the process); "
+                             "tools/bench_isolated.py runs every figure so")
     parser.add_argument("--early-stop-ab", action="store_true",
                         help="instead: the default engine traced with and without the dense head's early "
                              "stop, alternated on one input (see above)")
@@ -205,11 +211,18 @@ def engine_benchmark(cfg: Dict, args: argparse.Namespace, threads: int):
             runner, trace_ms = timed(lambda: fast_engine.inference_runner(
                 model, cfg, "auto", args.bf16, "cpu", cache=False, threads=threads))
             infer_ms = median_ms(lambda: runner(inputs), args.warmup, args.iters)
-            if runner is not model:
-                rates["paddle_inference"] = eval_images_per_s(runner, inputs)
+            if runner is not model:  # auto's engine: Paddle Inference, or OpenVINO where measured faster
+                name = "openvino" if type(runner).__name__ == "OpenVinoModel" else "paddle_inference"
+                rates[name] = eval_images_per_s(runner, inputs)
+            extra = {}
+            if args.engines:
+                from bench_engines import time_engine
+
+                extra = {"engines": {name: time_engine(model, cfg, name, args, threads, inputs)
+                                     for name in args.engines}}
         return {"default_engine": getattr(runner, "description", "dygraph"),
                 "default_engine_trace_s": round(trace_ms / 1000.0, 2),
-                "infer_default_engine_ms": infer_ms, "eval_images_per_s": rates}
+                "infer_default_engine_ms": infer_ms, "eval_images_per_s": rates, **extra}
 
     return run
 
@@ -273,6 +286,10 @@ def main(argv: List[str] | None = None) -> Dict:
         result.update(early_stop_ab(model, cfg, args, threads, random_batch(1, h, w, rng, num_classes)))
         print(json.dumps(result))
         return result
+    if args.only_engine:
+        from bench_engines import one_engine
+
+        return one_engine(model, cfg, args, threads, result, random_batch(1, *hw(args.infer_size), rng, num_classes))
     engines = None if args.skip_engines else engine_benchmark(cfg, args, threads)
     return measure(model, args, rng, num_classes, random_batch, bench_infer, bench_train, result, engines)
 

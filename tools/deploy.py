@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Run an exported detector with Paddle Inference (PaddleDetection's deploy/python/infer.py flags).
+"""Run an exported detector with Paddle Inference or OpenVINO (PaddleDetection's deploy/python/infer.py flags).
 
 Needs only paddle, opencv-python, numpy and PyYAML, and the package's predictor runtime
 ``ppdet_retina/runtime.py`` (read by file path: from the checkout, or copied next to this
@@ -8,6 +8,12 @@ file). To deploy without the package, copy both files next to an export and run
     python deploy.py --model_dir output_inference/retinanet_r50_fpn_1x --image_dir demo/ \\
         --output_dir out --save_results --run_benchmark
     python deploy.py --model_dir ... --image_file a.jpg --enable_mkldnn_bfloat16   # CPUs with avx512_bf16
+    python deploy.py --model_dir ... --image_file a.jpg --engine openvino [--enable_mkldnn_bfloat16]
+
+``--engine openvino`` runs the export's model.onnx (tools/export_model.py --onnx; fixed input size,
+every image padded to it) on OpenVINO, then the NMS infer_cfg.yml records, in NumPy with Paddle's
+rules; it needs ``pip install openvino`` and ``ppdet_retina/openvino_runtime.py`` next to this file
+(or the checkout). With it, --enable_mkldnn_bfloat16 asks OpenVINO for bf16 (AMX where the CPU has it).
 
 ``--model_dir`` holds model.json + model.pdiparams + infer_cfg.yml (tools/export_model.py).
 Outputs in ``--output_dir``: each image with its boxes drawn (score >= --threshold),
@@ -38,25 +44,25 @@ import numpy as np
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
 _RUNTIME_FILE = "runtime.py"
+_OPENVINO_FILE = "openvino_runtime.py"
 
 
-def load_runtime() -> Any:
-    """The package's predictor runtime (ppdet_retina/runtime.py), loaded by file path:
-    next to this script in a copied deployment, else from the checkout this script belongs to.
+def load_runtime(file_name: str = _RUNTIME_FILE, name: str = "ppdet_retina_predictor_runtime") -> Any:
+    """A runtime file of the package (ppdet_retina/runtime.py, or openvino_runtime.py), loaded by file
+    path: next to this script in a copied deployment, else from the checkout this script belongs to.
     Only that one file is read, so the rest of the package is never needed."""
     here = os.path.dirname(os.path.abspath(__file__))
-    name = "ppdet_retina_predictor_runtime"
     if name in sys.modules:
         return sys.modules[name]
-    for path in (os.path.join(here, _RUNTIME_FILE),
-                 os.path.join(here, os.pardir, "ppdet_retina", _RUNTIME_FILE)):
+    for path in (os.path.join(here, file_name),
+                 os.path.join(here, os.pardir, "ppdet_retina", file_name)):
         if os.path.isfile(path):
             spec = importlib.util.spec_from_file_location(name, path)
             module = importlib.util.module_from_spec(spec)
             spec.loader.exec_module(module)
             sys.modules[name] = module
             return module
-    raise SystemExit(f"error: deploy.py needs {_RUNTIME_FILE} (ppdet_retina/{_RUNTIME_FILE} of the "
+    raise SystemExit(f"error: deploy.py needs {file_name} (ppdet_retina/{file_name} of the "
                      f"package) next to it; copy that file beside deploy.py")
 
 
@@ -99,8 +105,10 @@ def check_flags(args: argparse.Namespace) -> None:
     if args.device == "cpu" and args.run_mode != "paddle":
         raise DeployError(f"--run_mode {args.run_mode} needs TensorRT on a GPU; use --device gpu or "
                           f"--run_mode paddle on CPU")
+    if args.engine == "openvino" and (args.device != "cpu" or args.run_mode != "paddle"):
+        raise DeployError("--engine openvino runs on the CPU: use --device cpu --run_mode paddle")
     if args.enable_mkldnn_bfloat16:
-        if args.device != "cpu" or not args.enable_mkldnn:
+        if args.device != "cpu" or not (args.enable_mkldnn or args.engine == "openvino"):
             raise DeployError("--enable_mkldnn_bfloat16 is a CPU oneDNN mode: use it with --device cpu "
                               "and --enable_mkldnn True")
         if not cpu_has_flag("avx512_bf16"):
@@ -128,7 +136,7 @@ class Detector:
     """Preprocess -> predictor -> per-image detections for one export folder."""
 
     def __init__(self, model_dir: str, device: str = "cpu", run_mode: str = "paddle", cpu_threads: int = 1,
-                 enable_mkldnn: bool = True, enable_bf16: bool = False, batch_size: int = 1):
+                 enable_mkldnn: bool = True, enable_bf16: bool = False, batch_size: int = 1, engine: str = "paddle"):
         cfg_path = os.path.join(model_dir, rt.INFER_CFG)
         self.cfg = rt.read_infer_cfg(model_dir)
         if not self.cfg.get("nms_inside", True):
@@ -142,6 +150,11 @@ class Detector:
             raise DeployError(f"{cfg_path}: the model was exported for one image of a fixed size; use --batch_size 1")
         self.labels = list(self.cfg.get("label_list") or [])
         self.catids = list(self.cfg.get("catid_list") or [])
+        self.openvino = None
+        if engine == "openvino":
+            self.openvino = self._openvino(model_dir, cfg_path, enable_bf16, cpu_threads, batch_size)
+            self.times = {"preprocess": 0.0, "inference": 0.0, "postprocess": 0.0}
+            return
         trt = {"trt_fp32": "fp32", "trt_fp16": "fp16"}.get(run_mode)
         self.predictor = rt.create_predictor(*rt.model_files(model_dir), device=device, cpu_threads=cpu_threads,
                                              mkldnn=enable_mkldnn, bf16=enable_bf16, trt_precision=trt,
@@ -149,13 +162,33 @@ class Detector:
                                              min_subgraph_size=int(self.cfg.get("min_subgraph_size", 3)))
         self.times = {"preprocess": 0.0, "inference": 0.0, "postprocess": 0.0}
 
+    def _openvino(self, model_dir: str, cfg_path: str, bf16: bool, threads: int, batch_size: int) -> Any:
+        """The export's model.onnx on OpenVINO with its NMS; the images are padded to its input size."""
+        entry = self.cfg.get("onnx")
+        if not entry or "nms" not in entry:
+            raise DeployError(f"{cfg_path} records no ONNX model with an NMS to apply: --engine openvino needs an "
+                              f"export made with tools/export_model.py --onnx (RetinaNet)")
+        onnx_file = os.path.join(model_dir, entry.get("file", "model.onnx"))
+        if not os.path.isfile(onnx_file):
+            raise DeployError(f"'{onnx_file}' not found: re-export with tools/export_model.py --onnx")
+        if batch_size != 1:
+            raise DeployError(f"{onnx_file} takes one image of a fixed size; use --batch_size 1")
+        self.fixed_size = [int(v) for v in entry["input_size"]]
+        ovrt = load_runtime(_OPENVINO_FILE, "ppdet_retina_openvino_runtime")
+        if not ovrt.openvino_installed():
+            raise DeployError(f"--engine openvino needs OpenVINO: {ovrt.INSTALL_HINT}")
+        return ovrt.OpenVinoCandidates(onnx_file, entry["nms"], bf16=bf16, threads=threads)
+
     def predict(self, images_rgb: Sequence[np.ndarray]) -> List[np.ndarray]:
         """Detections [n_i, 6] (class, score, x1, y1, x2, y2 in original pixels) per image."""
         tic = time.perf_counter()
         done = [rt.preprocess(im, self.ops) for im in images_rgb]
         feeds = rt.stack_batch([d[0] for d in done], [d[1] for d in done], self.stride, self.fixed_size)
         toc = time.perf_counter()
-        bbox, bbox_num = rt.run(self.predictor, feeds)[:2]
+        if self.openvino is not None:
+            bbox, bbox_num = self.openvino.detect(feeds)
+        else:
+            bbox, bbox_num = rt.run(self.predictor, feeds)[:2]
         toc2 = time.perf_counter()
         rows = split_detections(bbox, bbox_num)
         end = time.perf_counter()
@@ -211,7 +244,7 @@ def benchmark_report(times: Dict[str, float], num_images: int, args: argparse.Na
     """Per-image milliseconds of each stage and images per second over the timed runs."""
     per = {k: 1000.0 * v / max(num_images, 1) for k, v in times.items()}
     total = sum(per.values())
-    return {"device": args.device, "run_mode": args.run_mode, "cpu_threads": args.cpu_threads,
+    return {"device": args.device, "engine": args.engine, "run_mode": args.run_mode, "cpu_threads": args.cpu_threads,
             "enable_mkldnn": bool(args.enable_mkldnn), "enable_mkldnn_bfloat16": bool(args.enable_mkldnn_bfloat16),
             "batch_size": args.batch_size, "images": num_images, "repeats": args.repeats,
             "preprocess_ms": round(per["preprocess"], 3), "inference_ms": round(per["inference"], 3),
@@ -224,7 +257,7 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
     check_flags(args)
     files = collect_images(args.image_file, args.image_dir)
     detector = Detector(args.model_dir, args.device, args.run_mode, args.cpu_threads, args.enable_mkldnn,
-                        args.enable_mkldnn_bfloat16, args.batch_size)
+                        args.enable_mkldnn_bfloat16, args.batch_size, args.engine)
     os.makedirs(args.output_dir, exist_ok=True)
     if args.run_benchmark:
         # Untimed passes re-read the files, so only one batch is ever in memory.
@@ -279,13 +312,17 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--image_dir", default=None, help="a folder of images")
     parser.add_argument("--batch_size", type=int, default=1, help="images per predictor run")
     parser.add_argument("--device", choices=("cpu", "gpu"), default="cpu")
+    parser.add_argument("--engine", choices=("paddle", "openvino"), default="paddle",
+                        help="paddle = Paddle Inference on model.json; openvino = model.onnx (export --onnx) on "
+                             "OpenVINO + the recorded NMS in NumPy (CPU; pip install openvino)")
     parser.add_argument("--run_mode", choices=("paddle", "trt_fp32", "trt_fp16"), default="paddle",
                         help="paddle = native/oneDNN kernels; trt_* = TensorRT (GPU only)")
     parser.add_argument("--cpu_threads", type=int, default=1, help="math-library threads on CPU")
     parser.add_argument("--enable_mkldnn", type=_bool, nargs="?", const=True, default=True,
                         help="oneDNN kernels on CPU (default True; pass False to use the plain kernels)")
     parser.add_argument("--enable_mkldnn_bfloat16", type=_bool, nargs="?", const=True, default=False,
-                        help="bf16 oneDNN kernels (CPUs with avx512_bf16 only)")
+                        help="bf16 oneDNN kernels, or OpenVINO bf16 with --engine openvino (CPUs with "
+                             "avx512_bf16 only)")
     parser.add_argument("--threshold", type=float, default=0.5, help="score threshold for drawing")
     parser.add_argument("--output_dir", default="output", help="where drawn images and JSON files go")
     parser.add_argument("--save_results", action="store_true", help="write bbox.json (COCO results)")

@@ -18,6 +18,7 @@ __all__ = [
     "available_cpus",
     "cpu_threads_per_process",
     "set_cpu_threads",
+    "restore_cpu_threads",
     "select_device",
     "init_distributed",
     "barrier",
@@ -76,9 +77,27 @@ def set_cpu_threads(num_threads: Optional[int] = None) -> int:
     OMP_NUM_THREADS does not change that; ``paddle.base.core.set_num_threads``
     does (docs/DESIGN.md, "Performance notes").
     """
+    global _DYGRAPH_THREADS
     threads = cpu_threads_per_process() if num_threads is None else max(1, int(num_threads))
     paddle.base.core.set_num_threads(threads)
+    _DYGRAPH_THREADS = threads
     return threads
+
+
+# What set_cpu_threads last gave dygraph (None: never called, Paddle's default of one thread).
+_DYGRAPH_THREADS: Optional[int] = None
+
+
+def restore_cpu_threads() -> Optional[int]:
+    """Set the math-library threads back to what :func:`set_cpu_threads` chose; returns that count.
+
+    A Paddle Inference predictor's run (Paddle 3.3.1) leaves MKL and Intel OpenMP at one thread
+    when it returns, so every dygraph step after an evaluation on it ran its convolutions' GEMMs
+    on one core: training after ``--eval`` was up to 1.5x slower for the rest of the run.
+    """
+    if _DYGRAPH_THREADS is not None:
+        paddle.base.core.set_num_threads(_DYGRAPH_THREADS)
+    return _DYGRAPH_THREADS
 
 
 _WARNED_NO_GPU = False

@@ -36,6 +36,8 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 import numpy as np
 
 from ppdet_retina.core.workspace import ConfigError
+# The NMS lives with the OpenVINO runtime, a file tools/deploy.py loads without the package.
+from ppdet_retina.openvino_runtime import multiclass_nms
 from ppdet_retina.utils.logger import setup_logger
 
 __all__ = [
@@ -53,6 +55,7 @@ __all__ = [
     "check_onnx",
     "compare_candidates",
     "compare_detections",
+    "box_tolerance",
     "multiclass_nms",
     "ort_session",
 ]
@@ -68,6 +71,7 @@ MIN_ONNX_OPSET = 11
 SCORE_RTOL = 1e-3
 SCORE_ATOL = 1e-6
 BOX_ATOL = 1e-2
+BOX_RTOL = 2e-4  # of the box's larger side: a 1000 px box decoded from fp32 deltas may move by 0.1 px
 # Paddle ops converted to ONNX InstanceNormalization, whose epsilon paddle2onnx misreads.
 _NORM_OPS = ("group_norm", "instance_norm")
 
@@ -377,9 +381,9 @@ def check_onnx(onnx_file: str, paddle_prefix: str, feeds: Sequence[Tuple[str, Di
     """Run the ONNX file and the Paddle graph it was converted from on each of ``feeds``.
 
     With ``nms`` (settings of :func:`multiclass_nms`) the outputs are candidates: they must match
-    Paddle's (:func:`compare_candidates`), and the NMS applied to the ONNX candidates must give
-    Paddle's detections, those of ``detect_prefix`` (the Paddle export with its NMS inside) when
-    given. Otherwise every output must match elementwise. An input on which several candidates
+    Paddle's (:func:`compare_candidates`; near-equal anchors swapped at a top-k cut are ties), and
+    the NMS applied to the ONNX candidates must give Paddle's detections, those of ``detect_prefix``
+    (the Paddle export with its NMS inside) when given: what a user gets is what decides. Otherwise every output must match elementwise. An input on which several candidates
     score exactly 1.0 is not compared: such ties have no defined order in any runtime. Returns a
     one-line verdict with the largest differences ('ok: ...', 'not comparable: ...' when no input
     could be compared, 'skipped: ...' without onnxruntime); raises OnnxCheckError on a mismatch.
@@ -415,12 +419,14 @@ def check_onnx(onnx_file: str, paddle_prefix: str, feeds: Sequence[Tuple[str, Di
         reference = run_predictor(detector, inputs)[:2] if detector is not None else \
             multiclass_nms(expected[0], expected[1], **nms)
         dets = compare_detections(reference, multiclass_nms(got[0], got[1], **nms), where=where,
-                                  score_threshold=float(nms["score_threshold"]), keep_top_k=int(nms["keep_top_k"]))
+                                  score_threshold=float(nms["score_threshold"]), keep_top_k=int(nms["keep_top_k"]),
+                                  tied=cand["tied"])
         summaries.append(f"{label}: {cand['rows']} candidates ({cand['compared']} above the score threshold) "
-                         f"max score difference {cand['score_rel']:.2g} (relative), box {cand['box']:.2g} px; "
-                         f"{dets['count']} detections after NMS, max score difference {dets['score_rel']:.2g}, "
+                         f"max score difference {cand['score_rel']:.2g} (relative), box {cand['box']:.2g} px"
+                         + (f", {cand['at_cut']} swapped at a top-k cut" if cand["at_cut"] else "")
+                         + f"; {dets['count']} detections after NMS, max score difference {dets['score_rel']:.2g}, "
                          f"box {dets['box']:.2g} px"
-                         + (f", {dets['at_cut']} swapped at the score or keep_top_k cut" if dets["at_cut"] else ""))
+                         + (f", {dets['at_cut']} swapped at a cut" if dets["at_cut"] else ""))
     if skipped and not summaries:
         logger.warning("export: the ONNX file could not be checked: " + "; ".join(skipped))
         return "not comparable: " + "; ".join(skipped)
@@ -451,11 +457,14 @@ def compare_candidates(expected: Sequence[np.ndarray], got: Sequence[np.ndarray]
     """Candidates (boxes [1, M, 4], scores [1, C, M]) of Paddle and ONNX must be the same.
 
     Every candidate that can become a detection (a class score at or above ``score_threshold``)
-    must appear on the other side with boxes within BOX_ATOL px and scores within SCORE_RTOL
-    (relative). Rows are matched by their box, not their position: anchors whose best scores
-    differ only in the last bits may be ranked either way by the two runtimes' top-k, which
-    reorders candidates (or swaps one at the top-k cut, far below any detection's score).
-    Returns {rows, compared, box, score_rel}; raises OnnxCheckError with the numbers.
+    must appear on the other side with its box within :func:`box_tolerance` and scores within
+    SCORE_RTOL (relative). Rows are matched by their box, not their position: anchors whose best
+    scores differ only in the last bits may be ranked either way by the two runtimes' top-k.
+    At a top-k cut such near-equal anchors may also be swapped, one runtime keeping one and the
+    other the other: rows without an equal are accepted when they pair up across the two sides
+    at equal best scores and each sits at the bottom of its sorted block of candidates (the cut).
+    Returns {rows, compared, box, score_rel, at_cut, tied}, ``tied`` the boxes [n, 4] of the rows
+    swapped at a cut (both sides), for :func:`compare_detections`; raises OnnxCheckError.
     """
     (boxes_a, scores_a), (boxes_b, scores_b) = expected[:2], got[:2]
     if boxes_a.shape != boxes_b.shape or scores_a.shape != scores_b.shape:
@@ -468,42 +477,96 @@ def compare_candidates(expected: Sequence[np.ndarray], got: Sequence[np.ndarray]
         raise OnnxCheckError(f"{where}: {int(bad.sum())} of {len(rows_b)} ONNX candidates have non-finite boxes "
                              f"or scores (first at row {int(np.argmax(bad))}: {rows_b[np.argmax(bad)][:4].tolist()})")
     box_worst, score_worst, compared = 0.0, 0.0, 0
+    unmatched = {}  # side -> (row indices, nearest box diff, score diff) of rows without an equal
     for mine, other, side in ((rows_a, rows_b, "Paddle"), (rows_b, rows_a, "ONNX")):
         live = np.where(mine[:, 4:].max(axis=1) >= score_threshold)[0]
         compared = max(compared, len(live))
+        lost = ([], [], [])
         for start in range(0, len(live), 256):
             idx = live[start:start + 256]
             box_diff = np.abs(mine[idx, None, :4] - other[None, :, :4]).max(axis=2)  # [n, M]
             nearest = box_diff.argmin(axis=1)
             box = box_diff[np.arange(len(idx)), nearest]
             score = _relative(mine[idx, 4:], other[nearest, 4:]).max(axis=1)
-            fail = (box > BOX_ATOL) | (score > SCORE_RTOL)
-            if fail.any():
-                k = int(np.argmax(fail))
-                raise OnnxCheckError(
-                    f"{where}: {int(fail.sum())} of the {len(live)} {side} candidates scoring >= {score_threshold} "
-                    f"have no equal in the other graph; e.g. row {int(idx[k])} box {mine[idx[k], :4].round(3).tolist()} "
-                    f"best score {mine[idx[k], 4:].max():.5f}: nearest box differs by {box[k]:.3g} px "
-                    f"(> {BOX_ATOL}), its scores by {score[k]:.3g} relative (> {SCORE_RTOL})")
-            box_worst = max(box_worst, float(box.max()) if box.size else 0.0)
-            score_worst = max(score_worst, float(score.max()) if score.size else 0.0)
-    return {"rows": int(len(rows_a)), "compared": int(compared), "box": box_worst, "score_rel": score_worst}
+            fail = (box > box_tolerance(mine[idx, :4])) | (score > SCORE_RTOL)
+            for part, values in zip(lost, (idx, box, score)):
+                part.extend(values[fail].tolist())
+            box_worst = max(box_worst, float(box[~fail].max()) if (~fail).any() else 0.0)
+            score_worst = max(score_worst, float(score[~fail].max()) if (~fail).any() else 0.0)
+        unmatched[side] = tuple(np.asarray(v) for v in lost)
+    tied = _swapped_at_cut(rows_a, rows_b, unmatched["Paddle"][0], unmatched["ONNX"][0])
+    if tied is None:
+        side, rows = ("Paddle", rows_a) if len(unmatched["Paddle"][0]) else ("ONNX", rows_b)
+        idx, box, score = unmatched[side]
+        k = 0
+        raise OnnxCheckError(
+            f"{where}: {len(idx)} of the {compared} {side} candidates scoring >= {score_threshold} "
+            f"have no equal in the other graph (and are not near-equal anchors swapped at a top-k cut); e.g. "
+            f"row {int(idx[k])} box {rows[idx[k], :4].round(3).tolist()} best score {rows[idx[k], 4:].max():.5f}: "
+            f"nearest box differs by {box[k]:.3g} px (tolerance {float(box_tolerance(rows[idx[k], :4])[0]):.3g}), "
+            f"its scores by {score[k]:.3g} relative (tolerance {SCORE_RTOL})")
+    return {"rows": int(len(rows_a)), "compared": int(compared), "box": box_worst, "score_rel": score_worst,
+            "at_cut": int(len(unmatched["Paddle"][0])), "tied": tied}
+
+
+def box_tolerance(boxes: np.ndarray) -> np.ndarray:
+    """Per box [n, 4]: BOX_ATOL px plus BOX_RTOL of its larger side (fp32 rounding of a box decoded
+    from deltas grows with the anchor's size)."""
+    boxes = np.asarray(boxes, np.float64).reshape(-1, 4)
+    side = np.maximum(np.abs(boxes[:, 2] - boxes[:, 0]), np.abs(boxes[:, 3] - boxes[:, 1]))
+    return BOX_ATOL + BOX_RTOL * side
+
+
+def _block_floor(best: np.ndarray) -> np.ndarray:
+    """Per row, the lowest best score of its block: a run of rows in non-increasing score order (each
+    pyramid level's top-k comes sorted), a block ending where the next row scores higher."""
+    rise = np.where(best[1:] > best[:-1] * (1.0 + SCORE_RTOL) + SCORE_ATOL)[0] + 1
+    starts = np.concatenate([[0], rise])
+    ends = np.concatenate([rise, [len(best)]])
+    floor = np.empty_like(best)
+    for s, e in zip(starts, ends):
+        floor[s:e] = best[s:e].min()
+    return floor
+
+
+def _swapped_at_cut(rows_a: np.ndarray, rows_b: np.ndarray, lost_a: np.ndarray,
+                    lost_b: np.ndarray) -> Optional[np.ndarray]:
+    """Boxes [n, 4] of the unmatched rows when they are ties swapped at a top-k cut, else None.
+
+    Both sides must have as many unmatched rows, paired in score order at equal best scores
+    (within SCORE_RTOL), each within SCORE_RTOL of the lowest score of its sorted block.
+    """
+    if len(lost_a) != len(lost_b):
+        return None
+    if not len(lost_a):
+        return np.zeros((0, 4))
+    best_a, best_b = rows_a[:, 4:].max(axis=1), rows_b[:, 4:].max(axis=1)
+    pairs_a, pairs_b = np.sort(best_a[lost_a]), np.sort(best_b[lost_b])
+    if (_relative(pairs_a, pairs_b) > SCORE_RTOL).any():
+        return None
+    for best, lost in ((best_a, lost_a), (best_b, lost_b)):
+        if (_relative(best[lost], _block_floor(best)[lost]) > SCORE_RTOL).any():
+            return None
+    return np.concatenate([rows_a[lost_a, :4], rows_b[lost_b, :4]])
 
 
 def compare_detections(expected: Sequence[np.ndarray], got: Sequence[np.ndarray], where: str = "ONNX check",
-                       score_threshold: float = 0.0, keep_top_k: int = -1) -> Dict[str, Any]:
+                       score_threshold: float = 0.0, keep_top_k: int = -1,
+                       tied: Optional[np.ndarray] = None) -> Dict[str, Any]:
     """Detections (bbox [K, 6], bbox_num [B]) must be the same rows, in any order.
 
     Each row is matched to the other side's row of the same image and class with the nearest box;
-    boxes must agree within BOX_ATOL px and scores within SCORE_RTOL. A row without an equal is
-    accepted only at a cut, where two runtimes' last bits decide: a score within SCORE_RTOL of
-    ``score_threshold`` or, in an image that reached ``keep_top_k`` rows, of its lowest kept score.
-    Returns {count, box, score_rel, at_cut}; raises OnnxCheckError with the numbers.
+    boxes must agree within :func:`box_tolerance` and scores within SCORE_RTOL. A row without an
+    equal is accepted only at a cut, where two runtimes' last bits decide: a score within
+    SCORE_RTOL of ``score_threshold`` or, in an image that reached ``keep_top_k`` rows, of its
+    lowest kept score, or a box among ``tied`` (candidates swapped at a top-k cut,
+    :func:`compare_candidates`). Returns {count, box, score_rel, at_cut}; raises OnnxCheckError.
     """
     (bbox_a, num_a), (bbox_b, num_b) = (np.asarray(expected[0]).reshape(-1, 6), np.asarray(expected[1])), \
         (np.asarray(got[0]).reshape(-1, 6), np.asarray(got[1]))
     if len(num_a) != len(num_b):
         raise OnnxCheckError(f"{where}: ONNX + NMS gives detections for {len(num_b)} images, Paddle {len(num_a)}")
+    tied = np.zeros((0, 4)) if tied is None else np.asarray(tied, np.float64).reshape(-1, 4)
     box_worst, score_worst, at_cut = 0.0, 0.0, 0
     starts_a, starts_b = np.concatenate([[0], np.cumsum(num_a)]), np.concatenate([[0], np.cumsum(num_b)])
     for i in range(len(num_a)):
@@ -520,9 +583,11 @@ def compare_detections(expected: Sequence[np.ndarray], got: Sequence[np.ndarray]
                 k = same[int(np.argmin(box))] if len(same) else None
                 box_diff = float(box.min())
                 score_diff = float(_relative(row[1:2], other[k, 1:2]).max()) if k is not None else np.inf
-                if box_diff <= BOX_ATOL and score_diff <= SCORE_RTOL:
+                tolerance = float(box_tolerance(row[2:])[0])
+                if box_diff <= tolerance and score_diff <= SCORE_RTOL:
                     box_worst, score_worst = max(box_worst, box_diff), max(score_worst, score_diff)
-                elif row[1] <= cut * (1.0 + SCORE_RTOL) + SCORE_ATOL:
+                elif row[1] <= cut * (1.0 + SCORE_RTOL) + SCORE_ATOL or \
+                        (len(tied) and float(np.abs(tied - row[2:]).max(axis=1).min()) <= tolerance):
                     at_cut += 1
                 else:
                     nearest = "none of its class" if k is None else \
@@ -538,69 +603,3 @@ def compare_detections(expected: Sequence[np.ndarray], got: Sequence[np.ndarray]
 def _relative(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return np.abs(a - b) / np.maximum(np.maximum(np.abs(a), np.abs(b)), SCORE_ATOL / SCORE_RTOL)
 
-
-# --------------------------------------------------------------------------- NMS for runtimes
-
-def multiclass_nms(boxes: np.ndarray, scores: np.ndarray, score_threshold: float = 0.05, nms_top_k: int = -1,
-                   keep_top_k: int = 100, nms_threshold: float = 0.5, normalized: bool = True,
-                   nms_eta: float = 1.0, background_label: int = -1) -> Tuple[np.ndarray, np.ndarray]:
-    """Class-wise greedy NMS on candidates, with the rules of Paddle's ``multiclass_nms3``.
-
-    ``boxes`` [B, M, 4] (x1, y1, x2, y2) and ``scores`` [B, C, M], as the ONNX graph outputs them;
-    the keyword arguments are ``infer_cfg.yml``'s ``onnx.nms`` entry. Per image and class: scores
-    above ``score_threshold``, the best ``nms_top_k`` (-1: all) in decreasing score, each kept
-    unless its IoU with a kept box exceeds the threshold (``nms_eta`` < 1 lowers the threshold
-    after each kept box while it is above 0.5; ``normalized`` False adds 1 to widths and heights);
-    then the best ``keep_top_k`` (-1: all) of the image over all classes. Returns ``bbox`` [K, 6]
-    float32 rows (class, score, x1, y1, x2, y2) grouped by image, then by class, then by decreasing
-    score, and ``bbox_num`` [B] int32.
-    """
-    boxes = np.asarray(boxes, np.float32)
-    scores = np.asarray(scores, np.float32)
-    if boxes.ndim != 3 or scores.ndim != 3 or boxes.shape[2] != 4 or scores.shape[2] != boxes.shape[1] \
-            or scores.shape[0] != boxes.shape[0]:
-        raise ValueError(f"multiclass_nms expects boxes [B, M, 4] and scores [B, C, M]; got {list(boxes.shape)} "
-                         f"and {list(scores.shape)}")
-    rows, counts = [], []
-    for image_boxes, image_scores in zip(boxes, scores):
-        kept = []  # (class, index) per kept box
-        for cls in range(image_scores.shape[0]):
-            if cls == background_label:
-                continue
-            keep = _nms_one_class(image_boxes, image_scores[cls], score_threshold, nms_top_k, nms_threshold,
-                                  normalized, nms_eta)
-            kept.extend((cls, int(i)) for i in keep)
-        if keep_top_k > -1 and len(kept) > keep_top_k:
-            order = np.argsort([-image_scores[c, i] for c, i in kept], kind="stable")[:keep_top_k]
-            kept = sorted((kept[k] for k in order), key=lambda ci: (ci[0], -image_scores[ci[0], ci[1]]))
-        for cls, i in kept:
-            rows.append([cls, image_scores[cls, i], *image_boxes[i]])
-        counts.append(len(kept))
-    bbox = np.asarray(rows, np.float32).reshape(-1, 6)
-    return bbox, np.asarray(counts, np.int32)
-
-
-def _nms_one_class(boxes: np.ndarray, scores: np.ndarray, score_threshold: float, top_k: int,
-                   iou_threshold: float, normalized: bool, eta: float) -> List[int]:
-    candidates = np.where(scores > score_threshold)[0]
-    order = candidates[np.argsort(-scores[candidates], kind="stable")]
-    if top_k > -1:
-        order = order[:top_k]
-    extra = np.float32(0.0 if normalized else 1.0)
-    x1, y1, x2, y2 = (boxes[:, j] for j in range(4))
-    area = np.where((x2 < x1) | (y2 < y1), np.float32(0.0), (x2 - x1 + extra) * (y2 - y1 + extra))
-    keep: List[int] = []
-    threshold = float(iou_threshold)
-    for i in order:
-        if keep:
-            k = np.asarray(keep)
-            apart = (x1[k] > x2[i]) | (x2[k] < x1[i]) | (y1[k] > y2[i]) | (y2[k] < y1[i])
-            inter = (np.minimum(x2[k], x2[i]) - np.maximum(x1[k], x1[i]) + extra) * \
-                    (np.minimum(y2[k], y2[i]) - np.maximum(y1[k], y1[i]) + extra)
-            iou = np.where(apart, np.float32(0.0), inter / (area[k] + area[i] - inter))
-            if (iou > threshold).any():
-                continue
-        keep.append(int(i))
-        if eta < 1.0 and threshold > 0.5:
-            threshold *= eta
-    return keep

@@ -5,23 +5,24 @@ faster than dygraph, more so in bf16 (CPUs with avx512_bf16), with the same dete
 (measurements: docs/DESIGN.md, "Performance notes"; ``tools/benchmark.py`` measures a machine). So ``tools/eval.py``, ``tools/infer.py`` and training's ``--eval`` use it by default:
 
 * ``auto`` (default): Paddle Inference on CPU for the shipped architectures (RetinaNet,
-  FasterRCNN); dygraph on GPU and for other architectures, with one log line saying why.
+  FasterRCNN), or OpenVINO when it is installed, the model exports candidates (RetinaNet) and it
+  was measured faster with the same detections on this machine (measured once per machine and
+  model config, :func:`ppdet_retina.inference.openvino_engine.auto_choice`); dygraph on GPU and for
+  other architectures, with one log line saying why.
 * ``paddle_inference``: always (on GPU too); an export failure is an error.
+* ``openvino``: the ONNX candidates graph on OpenVINO + NumPy NMS (RetinaNet; needs
+  ``pip install openvino``; :mod:`ppdet_retina.inference.openvino_engine`).
 * ``dygraph``: the model itself.
 
-The export is traced once per weights: its folder in the cache is named by a sha256 of the
-model's state dict (names, dtypes, shapes, bytes), the model-related config keys and the Paddle
-version, so a second evaluation of the same weights loads it without tracing. The cache is
-``$PPDET_RETINA_EXPORT_CACHE`` or ``~/.cache/ppdet_retina/exports`` and keeps the
-``PPDET_RETINA_EXPORT_CACHE_SIZE`` (default 8) most recently used exports. Training's evaluations
+The export is traced once per weights and kept in the export cache
+(:mod:`ppdet_retina.inference.export_cache`), so a second evaluation of the same weights loads it
+without tracing. Training's evaluations
 see new weights every time; they trace into a temporary folder that is removed once the predictor
 holds the weights (:class:`EngineChooser` measures whether that pays).
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
 import os
 import shutil
 import tempfile
@@ -31,33 +32,19 @@ from typing import Any, Dict, Optional, Tuple
 import numpy as np
 import paddle
 
-from ppdet_retina.core.options import keys_outside_graph
 from ppdet_retina.core.workspace import ConfigError
+from ppdet_retina.core import env
 from ppdet_retina import runtime as rt
+from ppdet_retina.inference.export_cache import CACHE_ENV, cache_root, cached_folder, weights_key  # noqa: F401
 from ppdet_retina.utils.logger import setup_logger
 
 __all__ = ["ENGINES", "SHIPPED_ARCHITECTURES", "PredictorModel", "EngineChooser", "add_engine_args", "choose_engine",
-           "weights_key",
-           "cache_root", "cached_export", "inference_runner"]
+           "cached_export", "inference_runner"]
 
 logger = setup_logger("ppdet_retina")
 
-ENGINES = ("auto", "paddle_inference", "dygraph")
+ENGINES = ("auto", "paddle_inference", "openvino", "dygraph")
 SHIPPED_ARCHITECTURES = ("RetinaNet", "FasterRCNN")
-CACHE_ENV = "PPDET_RETINA_EXPORT_CACHE"
-CACHE_SIZE_ENV = "PPDET_RETINA_EXPORT_CACHE_SIZE"
-_META = "engine_meta.json"
-# Bump when the traced graph changes for the same weights and config (a new export format).
-_FORMAT = 1
-# Config keys that do not change the traced graph: data, schedule, logging, output locations; the
-# training options say so in their declaration (core/options.py), so they are added when read.
-_NOT_IN_GRAPH = {
-    "weights", "pretrain_weights", "save_dir", "filename", "config_path", "output_eval", "classwise",
-    "save_prediction_only", "use_gpu", "log_iter", "snapshot_epoch", "epoch", "worker_num", "LearningRate",
-    "OptimizerBuilder", "metric", "draw_threshold", "print_flops", "find_unused_parameters",
-    "max_bad_image_ratio", "_BASE_",
-}
-
 
 class PredictorModel:
     """An exported detector on Paddle Inference with the dygraph model's call contract.
@@ -76,6 +63,7 @@ class PredictorModel:
         feeds = {k: np.asarray(batch[k].numpy() if hasattr(batch[k], "numpy") else batch[k], np.float32)
                  for k in ("image", "im_shape", "scale_factor")}
         bbox, bbox_num = rt.run(self.predictor, feeds)[:2]
+        env.restore_cpu_threads()  # the run leaves MKL at one thread, which would slow training after it
         return {"bbox": paddle.to_tensor(bbox), "bbox_num": paddle.to_tensor(bbox_num)}
 
     def eval(self) -> "PredictorModel":
@@ -95,14 +83,16 @@ def add_engine_args(parser: Any, training: bool = False) -> None:
     parser.add_argument("--engine", choices=ENGINES, default="auto",
                         help=f"what runs {what}: auto (default) = Paddle Inference with oneDNN on CPU for "
                              f"RetinaNet and FasterRCNN (~2x faster than dygraph, same detections; {traced}), "
-                             f"dygraph elsewhere; paddle_inference; dygraph (the model itself)")
+                             f"dygraph elsewhere; paddle_inference; openvino (RetinaNet's ONNX graph on OpenVINO + NMS "
+                             f"in NumPy, pip install openvino); dygraph (the model itself)")
     parser.add_argument("--bf16", action="store_true",
-                        help="Paddle Inference with oneDNN bfloat16 kernels (CPUs with avx512_bf16; ~2x faster "
-                             "again, scores differ from fp32 by ~1e-2)")
+                        help="bfloat16 arithmetic: Paddle Inference's oneDNN bf16 kernels, or OpenVINO's bf16 "
+                             "(AMX where the CPU has it); CPUs with avx512_bf16 only; scores differ from fp32 "
+                             "by ~1e-2")
 
 
 def choose_engine(requested: str, device: str, architecture: str, bf16: bool = False) -> Tuple[str, str]:
-    """(``paddle_inference`` or ``dygraph``, why) for ``requested`` engine on ``device``.
+    """(``paddle_inference``, ``openvino`` or ``dygraph``, why) for ``requested`` engine on ``device``.
 
     ConfigError for an unknown engine, for ``bf16`` without Paddle Inference on a CPU, and for
     ``bf16`` on a CPU without avx512_bf16 (emulated bf16 is slower than fp32).
@@ -112,8 +102,8 @@ def choose_engine(requested: str, device: str, architecture: str, bf16: bool = F
     on_gpu = str(device).startswith("gpu")
     if bf16:
         if requested == "dygraph" or on_gpu:
-            raise ConfigError("--bf16 runs oneDNN bfloat16 kernels of Paddle Inference on a CPU; use it with "
-                              "--engine paddle_inference (or auto) on a CPU")
+            raise ConfigError("--bf16 runs bfloat16 kernels of Paddle Inference or OpenVINO on a CPU; use it "
+                              "with --engine paddle_inference, openvino (or auto) on a CPU")
         if not rt.cpu_supports_bf16():
             raise ConfigError("--bf16 needs a CPU with avx512_bf16 (absent from /proc/cpuinfo flags): bf16 "
                               "would be emulated and slower than fp32; run without --bf16")
@@ -121,47 +111,19 @@ def choose_engine(requested: str, device: str, architecture: str, bf16: bool = F
         return "dygraph", "--engine dygraph"
     if requested == "paddle_inference":
         return "paddle_inference", "--engine paddle_inference"
+    if requested == "openvino":
+        if on_gpu:
+            raise ConfigError("--engine openvino runs on the CPU; use it with use_gpu=false")
+        from ppdet_retina.inference import openvino_engine
+
+        openvino_engine.check_available(architecture)
+        return "openvino", "--engine openvino"
     if on_gpu:
         return "dygraph", "on GPU the default engine is dygraph (Paddle Inference is not measured faster there)"
     if architecture not in SHIPPED_ARCHITECTURES:
         return "dygraph", f"{architecture} is not one of {', '.join(SHIPPED_ARCHITECTURES)}, whose exports " \
                           f"are tested equal to dygraph; --engine paddle_inference to try"
     return "paddle_inference", "default on CPU"
-
-
-def _stable(value: Any) -> Any:
-    """A JSON-able form of a config value that is the same in every process (no object addresses)."""
-    if isinstance(value, dict):
-        return {str(k): _stable(v) for k, v in sorted(value.items(), key=lambda kv: str(kv[0]))}
-    if isinstance(value, (list, tuple)):
-        return [_stable(v) for v in value]
-    if value is None or isinstance(value, (bool, int, float, str)):
-        return value
-    if hasattr(value, "__dict__"):
-        return {"__type__": type(value).__name__, **_stable(vars(value))}
-    return f"{type(value).__name__}:{value}"
-
-
-def _graph_config(cfg: Dict[str, Any]) -> Dict[str, Any]:
-    outside = _NOT_IN_GRAPH | keys_outside_graph()
-    return {k: v for k, v in cfg.items() if k not in outside and not k.endswith(("Dataset", "Reader"))}
-
-
-def weights_key(model: paddle.nn.Layer, cfg: Dict[str, Any]) -> str:
-    """sha256 (hex) of what the export of ``model`` depends on: every state-dict tensor (name,
-    dtype, shape, bytes), the config keys that build the model, the Paddle version."""
-    digest = hashlib.sha256(f"ppdet_retina export {_FORMAT} paddle {paddle.__version__}\n".encode())
-    digest.update(json.dumps(_stable(_graph_config(cfg)), sort_keys=True).encode())
-    for name, tensor in sorted(model.state_dict().items()):
-        array = np.ascontiguousarray(tensor.numpy())
-        digest.update(f"\n{name} {array.dtype} {list(array.shape)}\n".encode())
-        digest.update(array.tobytes())
-    return digest.hexdigest()
-
-
-def cache_root() -> str:
-    """Folder of the cached exports: ``$PPDET_RETINA_EXPORT_CACHE`` or ``~/.cache/ppdet_retina/exports``."""
-    return os.environ.get(CACHE_ENV) or os.path.join(os.path.expanduser("~"), ".cache", "ppdet_retina", "exports")
 
 
 def _trace(model: paddle.nn.Layer, folder: str) -> float:
@@ -179,44 +141,9 @@ def _trace(model: paddle.nn.Layer, folder: str) -> float:
 
 
 def cached_export(model: paddle.nn.Layer, cfg: Dict[str, Any], root: Optional[str] = None) -> Tuple[str, float]:
-    """(export folder, trace seconds: 0.0 when it came from the cache) for ``model``'s weights.
-
-    The export is written to a temporary folder beside its final place and renamed into it, so
-    an interrupted trace or two processes tracing the same weights never leave a half export.
-    """
-    root = root or cache_root()
-    key = weights_key(model, cfg)
-    folder = os.path.join(root, key[:32])
-    if os.path.isfile(os.path.join(folder, _META)):
-        os.utime(folder)  # most recently used: kept longest by _prune
-        return folder, 0.0
-    os.makedirs(root, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=".tracing-", dir=root)
-    try:
-        seconds = _trace(model, tmp)
-        with open(os.path.join(tmp, _META), "w", encoding="utf-8") as f:
-            json.dump({"key": key, "architecture": cfg.get("architecture"), "trace_s": round(seconds, 3),
-                       "paddle": paddle.__version__, "weights": str(cfg.get("weights") or "")}, f)
-        try:
-            os.rename(tmp, folder)
-        except OSError:  # another process stored the same export first
-            shutil.rmtree(tmp, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    _prune(root, keep=folder)
-    return folder, seconds
-
-
-def _prune(root: str, keep: str) -> None:
-    """Remove the least recently used exports beyond the cache size (each R50 export is ~150 MB)."""
-    limit = max(1, int(os.environ.get(CACHE_SIZE_ENV, "8")))
-    entries = [os.path.join(root, n) for n in os.listdir(root) if not n.startswith(".")]
-    entries = [e for e in entries if os.path.isfile(os.path.join(e, _META))]
-    entries.sort(key=lambda e: os.path.getmtime(e), reverse=True)
-    for old in entries[limit:]:
-        if os.path.abspath(old) != os.path.abspath(keep):
-            shutil.rmtree(old, ignore_errors=True)
+    """(export folder, trace seconds: 0.0 when it came from the cache) for ``model``'s weights
+    (:func:`ppdet_retina.inference.export_cache.cached_folder`)."""
+    return cached_folder(model, cfg, lambda folder: _trace(model, folder), root=root)
 
 
 def _describe(device: str, bf16: bool, threads: int) -> str:
@@ -242,8 +169,6 @@ def inference_runner(model: paddle.nn.Layer, cfg: Dict[str, Any], engine: str = 
     Under ``auto`` a failed export falls back to dygraph with a warning; under
     ``paddle_inference`` it raises.
     """
-    from ppdet_retina.core import env
-
     architecture = str(cfg.get("architecture", type(model).__name__))
     chosen, why = choose_engine(engine, device, architecture, bf16)
     model.eval()
@@ -251,6 +176,10 @@ def inference_runner(model: paddle.nn.Layer, cfg: Dict[str, Any], engine: str = 
         logger.info(f"engine: dygraph ({why})")
         return model
     threads = env.cpu_threads_per_process() if threads is None else int(threads)
+    if chosen == "openvino":
+        from ppdet_retina.inference.openvino_engine import openvino_runner
+
+        return openvino_runner(model, cfg, bf16=bf16, threads=threads, cache=cache, why=why)
     tmp = None if cache else tempfile.mkdtemp(prefix="ppdet_retina_eval_export_")
     try:
         if cache:
@@ -280,6 +209,10 @@ def inference_runner(model: paddle.nn.Layer, cfg: Dict[str, Any], engine: str = 
         logger.info(f"engine: {description} ({why}); export of these weights reused from {folder} (no trace)")
     runner = PredictorModel(predictor, description)
     runner.trace_s = seconds
+    if engine == "auto" and not str(device).startswith("gpu"):
+        from ppdet_retina.inference.openvino_engine import auto_choice
+
+        return auto_choice(runner, model, cfg, bf16, threads, cache)
     return runner
 
 
@@ -313,7 +246,8 @@ class EngineChooser:
             return model
         # "auto" keeps its rules here (dygraph on GPU and for other architectures, fallback on failure).
         runner = inference_runner(model, cfg, self.engine, self.bf16, self.device, cache=not self.training)
-        self._current = "dygraph" if runner is model else "paddle_inference"
+        self._current = "dygraph" if runner is model else \
+            "openvino" if type(runner).__name__ == "OpenVinoModel" else "paddle_inference"
         self._trace_s = float(getattr(runner, "trace_s", 0.0))
         return runner
 
