@@ -6,7 +6,7 @@ overrides; `ppdet-retina <command> ...` lines (the installed package's spelling)
 parser; `make` lines must name Makefile targets; launcher lines must use the launcher's flags.
 Outside the command blocks, every `--flag` quoted in the text must be a flag of a tool or of the
 launcher, every quoted repository path (`configs/...`, `tools/...`) and package name
-(`ppdet_retina.export.onnx.multiclass_nms`) must exist, and every relative link must lead to a file. The tools themselves run end to end in test_tools.py, test_export.py and `make demo`.
+(`ppdet_retina.openvino_runtime.multiclass_nms`) must exist, and every relative link must lead to a file. The tools themselves run end to end in test_tools.py, test_export.py and `make demo`.
 """
 
 import argparse
@@ -31,7 +31,7 @@ LAUNCH_FLAGS = {"--gpus", "--devices", "--nproc_per_node", "--ips", "--master", 
                 "--log_dir"}
 # Tools whose flags the pages may quote in their text.
 TOOLS_WITH_FLAGS = ("train.py", "eval.py", "infer.py", "export_model.py", "deploy.py", "benchmark.py",
-                    "benchmark_data.py", "make_demo_data.py", "demo.py")
+                    "benchmark_data.py", "bench_isolated.py", "make_demo_data.py", "demo.py")
 README_MAX_LINES = 150
 
 
@@ -245,7 +245,7 @@ def test_the_checks_see_the_pages():
                                                                "docs/configs.md", "docs/benchmarks.md"}
     assert "--engine dygraph" in _inline_code("docs/evaluation_and_deployment.md")
     assert "configs/retinanet/retinanet_r50_fpn_finetune_mydata.yml" in _inline_code("docs/training.md")
-    assert _resolves("ppdet_retina.export.onnx.multiclass_nms") and not _resolves("ppdet_retina.export.onnx.nms3")
+    assert _resolves("ppdet_retina.openvino_runtime.multiclass_nms") and not _resolves("ppdet_retina.openvino_runtime.nms3")
 
 
 def test_installed_command_lines_are_checked_like_the_tools():
