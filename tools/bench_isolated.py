@@ -103,7 +103,7 @@ def figures(args: argparse.Namespace, prev_dir: Optional[str]) -> List[Tuple[str
     return out
 
 
-def main(argv: Optional[List[str]] = None) -> Dict[str, List[float]]:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rounds", type=int, default=2, help="times the whole list runs, alternated")
     parser.add_argument("--iters", type=int, default=2)
@@ -117,7 +117,11 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, List[float]]:
     parser.add_argument("--ppdet", default=None, metavar="DIR", help="a PaddleDetection checkout")
     parser.add_argument("--ppdet-python", default="python", help="python of an environment with its deps")
     parser.add_argument("--timeout", type=int, default=1800, help="seconds per process")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: Optional[List[str]] = None) -> Dict[str, List[float]]:
+    args = build_parser().parse_args(argv)
     prev_dir = None
     if args.prev:
         prev_dir = tempfile.mkdtemp(prefix="ppdet_retina_prev_")
