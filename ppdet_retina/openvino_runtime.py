@@ -17,7 +17,7 @@ CPU has amx_bf16, else avx512_bf16 dot products).
 from __future__ import annotations
 
 import importlib.util
-from typing import Any, Dict, List, Mapping, Optional, Tuple
+from typing import Any, List, Mapping, Tuple
 
 import numpy as np
 

@@ -38,7 +38,6 @@ from __future__ import annotations
 import os
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
-import paddle
 import paddle.nn as nn
 import yaml
 

@@ -24,8 +24,6 @@ holds the weights (:class:`EngineChooser` measures whether that pays).
 from __future__ import annotations
 
 import os
-import shutil
-import tempfile
 import time
 from typing import Any, Dict, Optional, Tuple
 
@@ -35,7 +33,7 @@ import paddle
 from ppdet_retina.core.workspace import ConfigError
 from ppdet_retina.core import env
 from ppdet_retina import runtime as rt
-from ppdet_retina.inference.export_cache import CACHE_ENV, cache_root, cached_folder, weights_key  # noqa: F401
+from ppdet_retina.inference.export_cache import CACHE_ENV, cache_root, cached_folder, export_folder, weights_key  # noqa: F401
 from ppdet_retina.utils.logger import setup_logger
 
 __all__ = ["ENGINES", "SHIPPED_ARCHITECTURES", "PredictorModel", "EngineChooser", "add_engine_args", "choose_engine",
@@ -180,14 +178,10 @@ def inference_runner(model: paddle.nn.Layer, cfg: Dict[str, Any], engine: str = 
         from ppdet_retina.inference.openvino_engine import openvino_runner
 
         return openvino_runner(model, cfg, bf16=bf16, threads=threads, cache=cache, why=why)
-    tmp = None if cache else tempfile.mkdtemp(prefix="ppdet_retina_eval_export_")
     try:
-        if cache:
-            folder, seconds = cached_export(model, cfg)
-        else:
-            folder, seconds = tmp, _trace(model, tmp)
-        predictor = rt.create_predictor(*rt.model_files(folder), device="gpu" if str(device).startswith("gpu")
-                                        else "cpu", cpu_threads=threads, bf16=bf16)
+        with export_folder(model, cfg, lambda folder: _trace(model, folder), cache) as (folder, seconds):
+            predictor = rt.create_predictor(*rt.model_files(folder), device="gpu" if str(device).startswith("gpu")
+                                            else "cpu", cpu_threads=threads, bf16=bf16)
     except Exception as err:  # noqa: BLE001 - auto falls back on any trace / load failure
         if engine == "paddle_inference":
             raise
@@ -196,10 +190,6 @@ def inference_runner(model: paddle.nn.Layer, cfg: Dict[str, Any], engine: str = 
         logger.warning(f"engine: dygraph (the Paddle Inference export of {architecture} failed: "
                        f"{type(err).__name__}: {reason}; --engine dygraph skips the attempt)")
         return model
-    finally:
-        if tmp is not None:
-            # The predictor holds the weights in memory; the files are no longer needed.
-            shutil.rmtree(tmp, ignore_errors=True)
     description = _describe(device, bf16, threads)
     if seconds:
         where = f"cached in {folder}" if cache else "for this evaluation"

@@ -10,12 +10,13 @@ each under its own folder suffix.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
 import shutil
 import tempfile
-from typing import Any, Callable, Dict, Optional, Tuple
+from typing import Any, Callable, Dict, Iterator, Optional, Tuple
 
 import numpy as np
 import paddle
@@ -23,7 +24,7 @@ import paddle
 from ppdet_retina.core.options import keys_outside_graph
 
 __all__ = ["CACHE_ENV", "CACHE_SIZE_ENV", "META_FILE", "cache_root", "graph_config", "config_key", "weights_key",
-           "cached_folder", "prune"]
+           "cached_folder", "export_folder", "prune"]
 
 CACHE_ENV = "PPDET_RETINA_EXPORT_CACHE"
 CACHE_SIZE_ENV = "PPDET_RETINA_EXPORT_CACHE_SIZE"
@@ -116,6 +117,22 @@ def cached_folder(model: paddle.nn.Layer, cfg: Dict[str, Any], build: Callable[[
         raise
     prune(root, keep=folder)
     return folder, seconds
+
+
+@contextlib.contextmanager
+def export_folder(model: paddle.nn.Layer, cfg: Dict[str, Any], build: Callable[[str], float], cache: bool,
+                  suffix: str = "", meta: Optional[Dict[str, Any]] = None) -> Iterator[Tuple[str, float]]:
+    """(folder, build seconds) for loading ``model``'s export: from the cache (:func:`cached_folder`),
+    or, with ``cache`` False (training's evaluations, whose weights are new every time), built into a
+    temporary folder that is removed once the caller has loaded it (the runtime holds the weights)."""
+    if cache:
+        yield cached_folder(model, cfg, build, suffix=suffix, meta=meta)
+        return
+    tmp = tempfile.mkdtemp(prefix="ppdet_retina_eval_export_")
+    try:
+        yield tmp, build(tmp)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def prune(root: str, keep: str) -> None:

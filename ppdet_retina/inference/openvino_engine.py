@@ -34,7 +34,7 @@ import paddle
 
 from ppdet_retina.core.workspace import ConfigError
 from ppdet_retina import openvino_runtime as ovrt
-from ppdet_retina.inference.export_cache import cache_root, cached_folder, config_key, weights_key
+from ppdet_retina.inference.export_cache import cache_root, cached_folder, config_key, export_folder, weights_key
 from ppdet_retina.utils.logger import setup_logger
 
 __all__ = ["ONNX_SUFFIX", "supports", "check_available", "trace_onnx", "cached_onnx", "OpenVinoModel",
@@ -45,6 +45,7 @@ logger = setup_logger("ppdet_retina")
 ONNX_SUFFIX = "-onnx"
 _ONNX = "model.onnx"
 _NMS = "nms.json"
+_ONNX_META = {"format": "onnx candidates"}
 
 
 def supports(model: paddle.nn.Layer) -> bool:
@@ -93,7 +94,7 @@ def trace_onnx(model: paddle.nn.Layer, folder: str) -> float:
 def cached_onnx(model: paddle.nn.Layer, cfg: Dict[str, Any], root: Optional[str] = None) -> Tuple[str, float]:
     """(folder with model.onnx + nms.json, trace seconds: 0.0 when cached) for ``model``'s weights."""
     return cached_folder(model, cfg, lambda folder: trace_onnx(model, folder), suffix=ONNX_SUFFIX,
-                         meta={"format": "onnx candidates"}, root=root)
+                         meta=_ONNX_META, root=root)
 
 
 class OpenVinoModel:
@@ -124,20 +125,13 @@ def openvino_runner(model: paddle.nn.Layer, cfg: Dict[str, Any], bf16: bool = Fa
     architecture = str(cfg.get("architecture", type(model).__name__))
     check_available(architecture, model)
     model.eval()
-    tmp = None if cache else tempfile.mkdtemp(prefix="ppdet_retina_eval_onnx_")
-    try:
-        if cache:
-            folder, seconds = cached_onnx(model, cfg)
-        else:
-            folder, seconds = tmp, trace_onnx(model, tmp)
+    with export_folder(model, cfg, lambda folder: trace_onnx(model, folder), cache, suffix=ONNX_SUFFIX,
+                       meta=_ONNX_META) as (folder, seconds):
         with open(os.path.join(folder, _NMS), "r", encoding="utf-8") as f:
             nms = json.load(f)
         tic = time.perf_counter()
         detector = ovrt.OpenVinoCandidates(os.path.join(folder, _ONNX), nms, bf16=bf16, threads=threads)
         compile_s = time.perf_counter() - tic
-    finally:
-        if tmp is not None:
-            shutil.rmtree(tmp, ignore_errors=True)  # the compiled model holds the weights
     description = f"OpenVINO ({'bf16' if bf16 else 'fp32'}, {threads} thread(s)) + NumPy NMS"
     if seconds:
         traced = f"traced {architecture} to ONNX in {seconds:.2f} s, " + (f"cached in {folder}" if cache

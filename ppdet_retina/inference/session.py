@@ -7,7 +7,7 @@ The shared start of evaluation (:class:`~ppdet_retina.inference.evaluate.Evaluat
 
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import Any
 
 import paddle
 

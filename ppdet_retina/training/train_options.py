@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import argparse
 import logging
-from typing import Any, Dict, Tuple
+from typing import Any, Tuple
 
 import paddle
 
