@@ -398,3 +398,14 @@ def derive_ground_truth(model, cfg, coco, name: str = "derived.json") -> str:
 # The suite pins ``auto`` to Paddle Inference: measuring OpenVINO against it in every fresh export
 # cache would add a trace and timed runs to many tests; tests/test_openvino_engine.py tests the choice.
 os.environ.setdefault("PPDET_RETINA_AUTO_ENGINES", "paddle_inference")
+
+
+@pytest.fixture(scope="module")
+def export_cache(tmp_path_factory):
+    """A fresh export cache (``PPDET_RETINA_EXPORT_CACHE``) shared by one test module's engine tests."""
+    from ppdet_retina.inference.export_cache import CACHE_ENV
+
+    cache = tmp_path_factory.mktemp("export_cache")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv(CACHE_ENV, str(cache))
+        yield cache

@@ -25,13 +25,8 @@ from ppdet_retina.inference.predict import Predictor
 from ppdet_retina.training.trainer import Trainer
 
 
-@pytest.fixture(scope="module", autouse=True)
-def export_cache(tmp_path_factory):
-    """One export cache for the module: the RetinaNet tests share the seeded weights' export."""
-    cache = tmp_path_factory.mktemp("export_cache")
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setenv(fast_engine.CACHE_ENV, str(cache))
-        yield cache
+# One export cache for the module (conftest's export_cache): the RetinaNet tests share the seeded weights' export.
+pytestmark = pytest.mark.usefixtures("export_cache")
 
 
 def _sharpen(model) -> None:

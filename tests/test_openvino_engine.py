@@ -28,17 +28,11 @@ from ppdet_retina.training.trainer import Trainer
 from test_default_engine import retina  # noqa: F401 - the shared seeded model fixture
 from test_onnx import _confident
 
-pytestmark = pytest.mark.skipif(
+pytestmark = [pytest.mark.usefixtures("export_cache"), pytest.mark.skipif(
     any(importlib.util.find_spec(m) is None for m in ("openvino", "paddle2onnx", "onnx")),
-    reason="openvino, paddle2onnx and onnx are test extras (pip install -e .[test,openvino])")
+    reason="openvino, paddle2onnx and onnx are test extras (pip install -e .[test,openvino])")]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def export_cache(tmp_path_factory):
-    cache = tmp_path_factory.mktemp("ov_export_cache")
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setenv(fast_engine.CACHE_ENV, str(cache))
-        yield cache
 
 
 def _evaluate(cfg_path: str, weights: str, engine: str, out: str, bf16: bool = False):
