@@ -92,6 +92,21 @@ def make_coco(root: str, spec=_TINY_IMAGES, categories=TINY_CATEGORIES, image_di
                            images={i[0]: (i[1], i[2]) for i in spec})
 
 
+@pytest.fixture(autouse=True)
+def _dygraph_threads_as_found():
+    """Each test starts at the CPU thread count the process began with. Training and the engines set
+    it (core/env.py; the engines restore it after every Paddle Inference run), and a count left over
+    from an earlier test changes float summation order, hence the trajectories of the tests that train."""
+    import paddle
+
+    from ppdet_retina.core import env
+
+    saved = env._DYGRAPH_THREADS
+    yield
+    env._DYGRAPH_THREADS = saved
+    paddle.base.core.set_num_threads(saved or 1)  # 1: what `import paddle` leaves (OMP_NUM_THREADS=1)
+
+
 @pytest.fixture(scope="session", autouse=True)
 def _export_cache_in_tmp(tmp_path_factory):
     """eval / infer trace their Paddle Inference export into a cache (inference/engines.py); tests and

@@ -39,16 +39,12 @@ def test_an_evaluation_on_paddle_inference_gives_training_its_threads_back(mkl_t
     model = create("RetinaNet", cfg)
     batch = {"image": np.zeros((1, 3, 64, 64), np.float32), "im_shape": np.array([[64, 64]], np.float32),
              "scale_factor": np.ones((1, 2), np.float32)}
-    previous = env._DYGRAPH_THREADS
-    try:
-        assert env.set_cpu_threads(2) == 2 and mkl_threads() == 2
-        runner = fast_engine.inference_runner(model, cfg, "paddle_inference", threads=2)
-        # The cause: the predictor's own run returns with MKL at one thread.
-        rt.run(runner.predictor, batch)
-        assert mkl_threads() == 1
-        # The engine's call gives the threads back.
-        out = runner(batch)
-        assert out["bbox_num"].shape == [1] and mkl_threads() == 2
-    finally:
-        if previous is not None:
-            env.set_cpu_threads(previous)
+    # (conftest's autouse fixture puts the thread count back for the tests after this one)
+    assert env.set_cpu_threads(2) == 2 and mkl_threads() == 2
+    runner = fast_engine.inference_runner(model, cfg, "paddle_inference", threads=2)
+    # The cause: the predictor's own run returns with MKL at one thread.
+    rt.run(runner.predictor, batch)
+    assert mkl_threads() == 1
+    # The engine's call gives the threads back.
+    out = runner(batch)
+    assert out["bbox_num"].shape == [1] and mkl_threads() == 2

@@ -13,6 +13,7 @@ import argparse
 import glob
 import importlib
 import importlib.util
+import logging
 import os
 import re
 import runpy
@@ -100,6 +101,10 @@ def _tool_flags(name):
 
     module = runpy.run_path(os.path.join(REPO, "tools", name), run_name="readme_check")
     with pytest.MonkeyPatch.context() as patch:
+        # A tool's main() may quiet the package logger before it parses (benchmark_data.py does):
+        # later tests in this process read that logger's messages.
+        package_logger = logging.getLogger("ppdet_retina")
+        patch.setattr(package_logger, "level", package_logger.level)
         patch.setattr(argparse.ArgumentParser, "parse_args", capture)
         patch.setattr(argparse.ArgumentParser, "parse_known_args", capture)
         try:
