@@ -326,6 +326,15 @@ def test_error_when_paddledetection_is_not_importable(tmp_path):
     assert "PYTHONPATH=/path/to/PaddleDetection (the folder that holds ppdet/ and tools/)" in proc.stdout
 
 
+def _fake_registry(fake, names=()):
+    """A fake PaddleDetection registry holding ``names``; register() then runs against it."""
+    (fake / "ppdet" / "core" / "workspace.py").write_text(
+        f"global_config = {{name: {{}} for name in {list(names)}}}\n"
+        "def create(name):\n    pass\ndef register(cls):\n    return cls\n")
+    return _run(["-c", "from ppdet_retina import ppdet_plugin; ppdet_plugin.register()"],
+                pythonpath=(str(fake), REPO))
+
+
 def test_error_when_paddledetection_differs_from_the_supported_one(tmp_path):
     """A PaddleDetection whose registry lacks the names the adapters take over (an older or other fork)."""
     fake = tmp_path / "old_ppdet"
@@ -333,11 +342,8 @@ def test_error_when_paddledetection_differs_from_the_supported_one(tmp_path):
         (fake / package).mkdir(parents=True)
         (fake / package / "__init__.py").write_text("")
     (fake / "ppdet" / "__init__.py").write_text("__version__ = '0.9.0'\n")
-    (fake / "ppdet" / "core" / "workspace.py").write_text(
-        "global_config = {}\ndef create(name):\n    pass\ndef register(cls):\n    return cls\n")
     (fake / "ppdet" / "core" / "config" / "schema.py").write_text("def extract_schema(cls):\n    pass\n")
-    proc = _run(["-c", "from ppdet_retina import ppdet_plugin; ppdet_plugin.register()"],
-                pythonpath=(str(fake), REPO))
+    proc = _fake_registry(fake)
     assert proc.returncode == 1
     assert (f"PluginError: ppdet_retina.ppdet_plugin: PaddleDetection 0.9.0 at {fake} differs from what the "
             f"adapters support: its registry has no RetinaHead, RetinaFeat, RetinaAnchorGenerator, MaxIoUAssigner, "
@@ -345,17 +351,13 @@ def test_error_when_paddledetection_differs_from_the_supported_one(tmp_path):
 
     # The names are there, but its RetinaNet hands the head no batch in training.
     names = ["RetinaHead", "RetinaFeat", "RetinaAnchorGenerator", "MaxIoUAssigner", "FocalLoss", "MultiClassNMS"]
-    (fake / "ppdet" / "core" / "workspace.py").write_text(
-        f"global_config = {{name: {{}} for name in {names}}}\n"
-        "def create(name):\n    pass\ndef register(cls):\n    return cls\n")
     (fake / "ppdet" / "modeling" / "architectures").mkdir()
     (fake / "ppdet" / "modeling" / "architectures" / "__init__.py").write_text("")
     (fake / "ppdet" / "modeling" / "architectures" / "retinanet.py").write_text(
         "class RetinaNet:\n    def _forward(self):\n        feats = self.neck(self.backbone(self.inputs))\n"
         "        if self.training:\n            return self.head(feats)\n"
         "        return self.head.post_process(self.head(feats), self.inputs['im_shape'])\n")
-    proc = _run(["-c", "from ppdet_retina import ppdet_plugin; ppdet_plugin.register()"],
-                pythonpath=(str(fake), REPO))
+    proc = _fake_registry(fake, names)
     assert proc.returncode == 1
     assert (f"PluginError: ppdet_retina.ppdet_plugin: PaddleDetection 0.9.0 at {fake} differs from what the "
             f"adapters support: its RetinaNet does not call self.head(neck_feats, self.inputs) in training. "
