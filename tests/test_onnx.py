@@ -17,6 +17,7 @@ import paddle
 import pytest
 import yaml
 
+from ppdet_retina import openvino_runtime as ovrt
 from ppdet_retina import runtime as rt
 from ppdet_retina.core.workspace import create, load_config
 from ppdet_retina.data.shapes import ensure_demo_dataset
@@ -144,6 +145,60 @@ def test_numpy_nms_equals_the_nms_op():
         np.testing.assert_array_equal(num, op_num.numpy())
         np.testing.assert_array_equal(bbox, op_bbox.numpy())  # same rows in the same order
         assert num.sum() > 0
+
+
+def _dense_candidates(seed: int, images: int = 2, classes: int = 6, boxes_per_image: int = 400):
+    rng = np.random.default_rng(seed)
+    xy = rng.uniform(0, 200, size=(images, boxes_per_image, 2))
+    boxes = np.concatenate([xy, xy + rng.uniform(2, 60, size=(images, boxes_per_image, 2))], -1).astype(np.float32)
+    return boxes, rng.uniform(size=(images, classes, boxes_per_image)).astype(np.float32)
+
+
+def test_paddles_nms_op_from_numpy_equals_the_numpy_nms():
+    boxes, scores = _dense_candidates(1)
+    for settings in ({"keep_top_k": 100}, {"nms_top_k": 50, "keep_top_k": -1}, {"keep_top_k": 20, "nms_eta": 0.9},
+                     {"keep_top_k": 100, "background_label": 2, "normalized": False}):
+        expected = O.multiclass_nms(boxes, scores, **settings)
+        bbox, num = ovrt.paddle_multiclass_nms(boxes, scores, **settings)
+        assert bbox.dtype == np.float32 and num.dtype == np.int32 and num.sum() > 0
+        np.testing.assert_array_equal(num, expected[1])
+        np.testing.assert_array_equal(bbox, expected[0])
+    empty, none = ovrt.paddle_multiclass_nms(boxes, np.zeros_like(scores))
+    assert empty.shape == (0, 6) and none.tolist() == [0, 0]
+    assert ovrt.nms_function()[0] == "paddle"
+
+
+def test_best_first_nms_gives_the_full_nms_rows_and_falls_back_when_short():
+    boxes, scores = _dense_candidates(2)  # 2400 pairs over 0.05 per image: the cut applies
+    calls = []
+
+    def counted(b, s, **kw):  # how many (box, class) pairs the NMS is given, the background excepted
+        background = kw.get("background_label", -1)
+        given = s if background < 0 else np.delete(s, background, axis=1)
+        calls.append(int((given > kw.get("score_threshold", 0.05)).sum()))
+        return O.multiclass_nms(b, s, **kw)
+
+    for settings in ({"keep_top_k": 100}, {"keep_top_k": 30, "nms_top_k": 200}, {"keep_top_k": 50, "nms_eta": 0.8},
+                     {"keep_top_k": 40, "background_label": 0}):
+        calls.clear()
+        bbox, num = ovrt.best_first_nms(counted, boxes, scores, settings)
+        expected = O.multiclass_nms(boxes, scores, **settings)
+        np.testing.assert_array_equal(num, expected[1])
+        np.testing.assert_array_equal(bbox, expected[0])
+        # One run, on at most factor * keep_top_k pairs per image (plus ties at the cut): not all 4800.
+        assert len(calls) == 1 and calls[0] <= 2 * 4 * settings["keep_top_k"] + 2, calls
+    # A strict IoU threshold drops most of the best pairs: fewer than keep_top_k survive the cut, so
+    # the image runs again on all its pairs, and the rows are still the full NMS's.
+    calls.clear()
+    tight = {"keep_top_k": 300, "nms_threshold": 0.0}
+    bbox, num = ovrt.best_first_nms(counted, boxes, scores, tight)
+    expected = O.multiclass_nms(boxes, scores, **tight)
+    np.testing.assert_array_equal(bbox, expected[0])
+    assert len(calls) == 2 and calls[1] == int((scores > 0.05).sum())
+    # keep_top_k -1 (keep all) leaves nothing to cut: a single full run.
+    calls.clear()
+    ovrt.best_first_nms(counted, boxes, scores, {"keep_top_k": -1})
+    assert calls == [int((scores > 0.05).sum())]
 
 
 def test_numpy_nms_keeps_nothing_below_the_threshold():

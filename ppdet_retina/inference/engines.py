@@ -10,7 +10,7 @@ faster than dygraph, more so in bf16 (CPUs with avx512_bf16), with the same dete
   model config, :func:`ppdet_retina.inference.openvino_engine.auto_choice`); dygraph on GPU and for
   other architectures, with one log line saying why.
 * ``paddle_inference``: always (on GPU too); an export failure is an error.
-* ``openvino``: the ONNX candidates graph on OpenVINO + NumPy NMS (RetinaNet; needs
+* ``openvino``: the ONNX candidates graph on OpenVINO + Paddle's NMS op (RetinaNet; needs
   ``pip install openvino``; :mod:`ppdet_retina.inference.openvino_engine`).
 * ``dygraph``: the model itself.
 

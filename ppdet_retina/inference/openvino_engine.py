@@ -1,17 +1,18 @@
 """The ``openvino`` engine of eval / infer / training's evaluation: the model's ONNX candidates graph
-on OpenVINO, then Paddle's NMS in NumPy.
+on OpenVINO, compiled per input shape, then Paddle's own ``multiclass_nms3`` op on its candidates.
 
-On CPUs with AMX (amx_bf16) OpenVINO's bf16 forward of the R50-FPN RetinaNet measured about twice
-as fast as Paddle Inference's oneDNN bf16, but the NumPy NMS after it can take that back when many
-boxes pass the score threshold; which engine is faster is therefore measured per machine and model
-(:func:`auto_choice`), and the figures are in docs/benchmarks.md (``tools/bench_isolated.py``).
+On a 2-core Sapphire Rapids CPU (AMX) the R50-FPN RetinaNet at 800 x 1216 ran about 20% faster
+than on Paddle Inference in fp32 and about twice as fast in bf16; which engine is faster is still
+measured per machine and model (:func:`auto_choice`), and the figures are in docs/benchmarks.md
+(``tools/bench_isolated.py``).
 
 The graph is the model traced in ``candidates`` mode with dynamic batch and image size (so every
 image runs at its own padded size, as on Paddle Inference), converted with paddle2onnx and
 repaired as :func:`ppdet_retina.export.onnx.convert` does; OpenVINO reads the ONNX file.
 OpenVINO's Paddle frontend is not used: it reads only the old ``.pdmodel`` programs, not the PIR
-``.json`` Paddle 3 saves. The NMS (:func:`ppdet_retina.openvino_runtime.multiclass_nms`)
-follows ``multiclass_nms3``'s rules. Only architectures with a ``candidates`` export (RetinaNet)
+``.json`` Paddle 3 saves. The NMS is the op Paddle Inference's graph ends with
+(:func:`ppdet_retina.openvino_runtime.paddle_multiclass_nms`, run on the best-scored pairs first:
+:func:`ppdet_retina.openvino_runtime.best_first_nms`), so the rows are Paddle's. Only architectures with a ``candidates`` export (RetinaNet)
 can run here; Faster R-CNN's NMS sits between its two stages.
 
 The ONNX file is cached like the Paddle Inference export (:func:`ppdet_retina.inference.export_cache.
@@ -132,7 +133,7 @@ def openvino_runner(model: paddle.nn.Layer, cfg: Dict[str, Any], bf16: bool = Fa
         tic = time.perf_counter()
         detector = ovrt.OpenVinoCandidates(os.path.join(folder, _ONNX), nms, bf16=bf16, threads=threads)
         compile_s = time.perf_counter() - tic
-    description = f"OpenVINO ({'bf16' if bf16 else 'fp32'}, {threads} thread(s)) + NumPy NMS"
+    description = f"OpenVINO ({'bf16' if bf16 else 'fp32'}, {threads} thread(s)) + {detector.nms_backend} NMS"
     if seconds:
         traced = f"traced {architecture} to ONNX in {seconds:.2f} s, " + (f"cached in {folder}" if cache
                                                                           else "for this evaluation")
