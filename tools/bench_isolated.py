@@ -9,7 +9,8 @@ turn, so load that drifts on a shared machine spreads over every figure alike; t
 each figure's median and range over the rounds:
 
 * ours: ``--only-engine E`` for dygraph, paddle_inference and openvino (forward with NMS, trace +
-  compile, eval images/s), in fp32 and, with ``--bf16``, bf16; the train step in a fresh process
+  compile, eval images/s), in fp32 and, with ``--bf16``, bf16; the default engine (``auto``: what
+  eval.py / infer.py run without ``--engine``); the train step in a fresh process
   (``--skip-infer --skip-engines``) and after an evaluation on the default engine (the full run);
 * the previous tree (``--prev COMMIT``: ``git worktree add`` into a temporary folder, removed
   after): its default engine (``--skip-train``, fp32 and bf16) and its train step;
@@ -81,6 +82,9 @@ def figures(args: argparse.Namespace, prev_dir: Optional[str]) -> List[Tuple[str
             out.append((f"ours {engine}{tag}", "forward_ms",
                         [py, ours, "--only-engine", engine] + (["--bf16"] if bf16 else []) + common + ours_only,
                         ROOT, {}))
+    for bf16 in precisions:  # what eval.py / infer.py run when no --engine is given: auto's choice
+        out.append((f"ours default engine (auto){' bf16' if bf16 else ' fp32'}", "infer_default_engine_ms",
+                    [py, ours, "--skip-train"] + (["--bf16"] if bf16 else []) + common + ours_only, ROOT, {}))
     out.append(("ours train step, fresh process", "train_step_ms",
                 [py, ours, "--skip-infer", "--skip-engines"] + common + ours_only, ROOT, {}))
     out.append(("ours train step after an evaluation", "train_step_ms", [py, ours] + common + ours_only, ROOT, {}))
@@ -100,6 +104,8 @@ def figures(args: argparse.Namespace, prev_dir: Optional[str]) -> List[Tuple[str
                     [args.ppdet_python, tool, "--skip-train"] + common, ROOT, env))
         out.append(("PaddleDetection train step", "train_step_ms",
                     [args.ppdet_python, tool, "--skip-infer"] + common, ROOT, env))
+    if args.only:
+        out = [figure for figure in out if any(word in figure[0] for word in args.only)]
     return out
 
 
@@ -117,6 +123,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--ppdet", default=None, metavar="DIR", help="a PaddleDetection checkout")
     parser.add_argument("--ppdet-python", default="python", help="python of an environment with its deps")
     parser.add_argument("--timeout", type=int, default=1800, help="seconds per process")
+    parser.add_argument("--only", nargs="+", default=None, metavar="WORD",
+                        help="run only the figures whose label contains one of these words")
     return parser
 
 
