@@ -1,4 +1,4 @@
-"""The openvino engine: RetinaNet's ONNX candidates graph on OpenVINO + the NumPy NMS, in eval, infer,
+"""The openvino engine: RetinaNet's ONNX candidates graph on OpenVINO + Paddle's NMS op, in eval, infer,
 training's evaluation and tools/deploy.py.
 
 The model is test_default_engine's tiny RetinaNet with seeded, sharpened weights and a ground truth
@@ -178,6 +178,15 @@ def test_auto_keeps_paddle_inference_when_openvino_differs():
     moved = measure_engines(runner([[0, 0.9, 1, 1, 5, 5]]), runner([[0, 0.9, 1, 1, 6, 5]]), feeds, bf16=False, runs=1)
     assert moved["engine"] == "paddle_inference" and moved["exact"] is False
     assert "class 0 score 0.90000 box [1.0, 1.0, 5.0, 5.0]" in moved["note"]
+    # Two boxes tied at the score of the keep_top_k cut (2 rows kept): which one fills the last slot is
+    # arbitrary in both runtimes, so that is a tie, not a difference; a difference above the cut is one.
+    kept_a, kept_b = [[0, 1.0, 1, 1, 5, 5], [0, 0.7, 9, 9, 20, 20]], [[0, 1.0, 1, 1, 5, 5], [0, 0.7, 30, 30, 40, 40]]
+    nms = {"keep_top_k": 2, "score_threshold": 0.05}
+    tie = measure_engines(runner(kept_a), runner(kept_b), feeds, bf16=False, runs=1, nms=nms)
+    assert tie["exact"] is True
+    assert measure_engines(runner(kept_a), runner(kept_b), feeds, bf16=False, runs=1)["exact"] is False
+    above = [[0, 1.0, 2, 1, 5, 5], [0, 0.7, 9, 9, 20, 20]]
+    assert measure_engines(runner(kept_a), runner(above), feeds, bf16=False, runs=1, nms=nms)["exact"] is False
 
 
 def test_a_difference_in_detections_is_recorded_for_those_weights_only(retina, tmp_path, monkeypatch):  # noqa: F811

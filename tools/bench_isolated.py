@@ -35,6 +35,7 @@ from typing import Dict, List, Optional, Tuple
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 SPEED_FLAGS = ("avx512f", "avx512_bf16", "amx_bf16", "amx_tile")
+FRESH_CACHE = "{fresh cache}"  # in a figure's env: replaced by a new empty folder for that run
 
 
 def cpu_summary() -> str:
@@ -82,9 +83,11 @@ def figures(args: argparse.Namespace, prev_dir: Optional[str]) -> List[Tuple[str
             out.append((f"ours {engine}{tag}", "forward_ms",
                         [py, ours, "--only-engine", engine] + (["--bf16"] if bf16 else []) + common + ours_only,
                         ROOT, {}))
-    for bf16 in precisions:  # what eval.py / infer.py run when no --engine is given: auto's choice
+    for bf16 in precisions:  # what eval.py / infer.py run when no --engine is given: auto's choice,
+        # measured afresh each time (an empty export cache, as on a new machine)
         out.append((f"ours default engine (auto){' bf16' if bf16 else ' fp32'}", "infer_default_engine_ms",
-                    [py, ours, "--skip-train"] + (["--bf16"] if bf16 else []) + common + ours_only, ROOT, {}))
+                    [py, ours, "--skip-train"] + (["--bf16"] if bf16 else []) + common + ours_only, ROOT,
+                    {"PPDET_RETINA_EXPORT_CACHE": FRESH_CACHE}))
     out.append(("ours train step, fresh process", "train_step_ms",
                 [py, ours, "--skip-infer", "--skip-engines"] + common + ours_only, ROOT, {}))
     out.append(("ours train step after an evaluation", "train_step_ms", [py, ours] + common + ours_only, ROOT, {}))
@@ -139,12 +142,15 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, List[float]]:
     results: Dict[str, List[float]] = {}
     setup: Dict[str, List[float]] = {}
     rates: Dict[str, List[float]] = {}
+    engines: Dict[str, List[str]] = {}  # what ran (auto's choice for the default-engine figures)
     try:
         env_base = dict(os.environ, GLOG_minloglevel="2")
         for r in range(args.rounds):
             for label, key, cmd, cwd, extra in figures(args, prev_dir):
                 print(f"round {r + 1}: {label} (load {os.getloadavg()[0]:.1f})", file=sys.stderr, flush=True)
-                out = run_json(cmd, cwd, {**env_base, **extra}, args.timeout)
+                with tempfile.TemporaryDirectory(prefix="ppdet_retina_bench_cache_") as fresh:
+                    env = {**env_base, **{k: fresh if v == FRESH_CACHE else v for k, v in extra.items()}}
+                    out = run_json(cmd, cwd, env, args.timeout)
                 if out is not None and key in out:
                     results.setdefault(label, []).append(float(out[key]))
                     for k in ("trace_compile_s", "default_engine_trace_s"):
@@ -152,7 +158,10 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, List[float]]:
                             setup.setdefault(label, []).append(float(out[k]))
                     if isinstance(out.get("eval_images_per_s"), (int, float)):
                         rates.setdefault(label, []).append(float(out["eval_images_per_s"]))
-            print_table(results, setup, rates, args.threads, r + 1)
+                    engine = out.get("default_engine") or out.get("description")
+                    if engine and engine not in engines.setdefault(label, []):
+                        engines[label].append(engine)
+            print_table(results, setup, rates, engines, args.threads, r + 1)
     finally:
         if prev_dir:
             subprocess.run(["git", "worktree", "remove", "--force", prev_dir], cwd=ROOT, capture_output=True)
@@ -161,15 +170,16 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, List[float]]:
 
 
 def print_table(results: Dict[str, List[float]], setup: Dict[str, List[float]], rates: Dict[str, List[float]],
-                threads: int, rounds: int) -> None:
+                engines: Dict[str, List[str]], threads: int, rounds: int) -> None:
     """The markdown table of medians and ranges so far."""
     print(f"CPU: {cpu_summary()}; threads {threads}; {rounds} round(s), each figure its own process", flush=True)
-    print("| figure | median ms | range ms | trace + compile s | eval images/s |\n|---|---|---|---|---|")
+    print("| figure | median ms | range ms | trace + compile s | eval images/s | what ran |\n|---|---|---|---|---|---|")
     for label, values in results.items():
         trace, rate = setup.get(label), rates.get(label)
         print(f"| {label} | {statistics.median(values):.0f} | {min(values):.0f}-{max(values):.0f} | "
               f"{'%.1f' % statistics.median(trace) if trace else ''} | "
-              f"{'%.2f' % statistics.median(rate) if rate else ''} |", flush=True)
+              f"{'%.2f' % statistics.median(rate) if rate else ''} | {'; '.join(engines.get(label, []))} |",
+              flush=True)
 
 
 if __name__ == "__main__":

@@ -11,9 +11,9 @@ file). To deploy without the package, copy both files next to an export and run
     python deploy.py --model_dir ... --image_file a.jpg --engine openvino [--enable_mkldnn_bfloat16]
 
 ``--engine openvino`` runs the export's model.onnx (tools/export_model.py --onnx; fixed input size,
-every image padded to it) on OpenVINO, then the NMS infer_cfg.yml records, in NumPy with Paddle's
-rules; it needs ``pip install openvino`` and ``ppdet_retina/openvino_runtime.py`` next to this file
-(or the checkout). With it, --enable_mkldnn_bfloat16 asks OpenVINO for bf16 (AMX where the CPU has it).
+every image padded to it) on OpenVINO, then the NMS infer_cfg.yml records (Paddle's multiclass_nms3
+op, or its rules in NumPy without paddle); it needs ``pip install openvino`` and
+``ppdet_retina/openvino_runtime.py`` next to this file (or the checkout). With it, --enable_mkldnn_bfloat16 asks OpenVINO for bf16 (AMX where the CPU has it).
 
 ``--model_dir`` holds model.json + model.pdiparams + infer_cfg.yml (tools/export_model.py).
 Outputs in ``--output_dir``: each image with its boxes drawn (score >= --threshold),
@@ -314,7 +314,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--device", choices=("cpu", "gpu"), default="cpu")
     parser.add_argument("--engine", choices=("paddle", "openvino"), default="paddle",
                         help="paddle = Paddle Inference on model.json; openvino = model.onnx (export --onnx) on "
-                             "OpenVINO + the recorded NMS in NumPy (CPU; pip install openvino)")
+                             "OpenVINO + the recorded NMS (CPU; pip install openvino)")
     parser.add_argument("--run_mode", choices=("paddle", "trt_fp32", "trt_fp16"), default="paddle",
                         help="paddle = native/oneDNN kernels; trt_* = TensorRT (GPU only)")
     parser.add_argument("--cpu_threads", type=int, default=1, help="math-library threads on CPU")

@@ -81,8 +81,8 @@ def add_engine_args(parser: Any, training: bool = False) -> None:
     parser.add_argument("--engine", choices=ENGINES, default="auto",
                         help=f"what runs {what}: auto (default) = Paddle Inference with oneDNN on CPU for "
                              f"RetinaNet and FasterRCNN (~2x faster than dygraph, same detections; {traced}), "
-                             f"dygraph elsewhere; paddle_inference; openvino (RetinaNet's ONNX graph on OpenVINO + NMS "
-                             f"in NumPy, pip install openvino); dygraph (the model itself)")
+                             f"dygraph elsewhere; paddle_inference; openvino (RetinaNet's ONNX graph on OpenVINO + "
+                             f"Paddle's NMS, pip install openvino); dygraph (the model itself)")
     parser.add_argument("--bf16", action="store_true",
                         help="bfloat16 arithmetic: Paddle Inference's oneDNN bf16 kernels, or OpenVINO's bf16 "
                              "(AMX where the CPU has it); CPUs with avx512_bf16 only; scores differ from fp32 "

@@ -201,18 +201,22 @@ def _median_ms(runner: Any, feeds: Dict[str, np.ndarray], runs: int) -> Tuple[fl
 
 
 def measure_engines(paddle_runner: Any, ov_runner: OpenVinoModel, feeds: Dict[str, np.ndarray],
-                    bf16: bool, runs: int = 3) -> Dict[str, Any]:
+                    bf16: bool, runs: int = 3, nms: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
     """Both engines on ``feeds``, alternated after one warm-up run each: median ms, and whether
-    OpenVINO's detections equal Paddle Inference's (fp32: the ONNX check's tolerances; bf16: both
-    are compared with fp32 by the tests, so only the run is checked)."""
+    OpenVINO's detections equal Paddle Inference's (fp32: the ONNX check's tolerances, rows tied at
+    the model's score threshold or at its ``keep_top_k`` cut accepted (``nms``: the model's NMS
+    settings); bf16: both are compared with fp32 by the tests, so only the run is checked)."""
     from ppdet_retina.export.onnx import OnnxCheckError, compare_detections
 
     expected, got = paddle_runner(feeds), ov_runner(feeds)
     exact, note = True, "same detections"
     if not bf16:
+        nms = nms or {}
         try:
             compare_detections((expected["bbox"].numpy(), expected["bbox_num"].numpy()),
-                               (got["bbox"].numpy(), got["bbox_num"].numpy()), where="auto engine check")
+                               (got["bbox"].numpy(), got["bbox_num"].numpy()), where="auto engine check",
+                               score_threshold=float(nms.get("score_threshold", 0.0)),
+                               keep_top_k=int(nms.get("keep_top_k", -1)))
         except OnnxCheckError as err:
             exact, note = False, str(err)
     times: Dict[str, list] = {"paddle_inference": [], "openvino": []}
@@ -258,7 +262,7 @@ def auto_choice(paddle_runner: Any, model: paddle.nn.Layer, cfg: Dict[str, Any],
         try:
             ov_runner = openvino_runner(model, cfg, bf16=bf16, threads=threads, cache=cache,
                                         why="auto: measuring")
-            entry = measure_engines(paddle_runner, ov_runner, _measure_input(cfg), bf16)
+            entry = measure_engines(paddle_runner, ov_runner, _measure_input(cfg), bf16, nms=model.nms_settings())
         except Exception as err:  # noqa: BLE001 - OpenVINO is an option; Paddle Inference stays
             logger.warning(f"engine: auto keeps Paddle Inference (the OpenVINO engine failed: "
                            f"{type(err).__name__}: {str(err).splitlines()[-1] if str(err) else ''})")
