@@ -204,38 +204,3 @@ def test_a_difference_in_detections_is_recorded_for_those_weights_only(retina, t
         (key, entry), = json.load(f).items()
     assert " | weights " in key and entry == verdict  # other weights of this config are measured afresh
 
-
-def test_fp32_compiles_per_input_shape_keeps_the_last_few_and_matches_the_dynamic_graph(retina, tmp_path):  # noqa: F811
-    from ppdet_retina import openvino_runtime as ovrt
-    from ppdet_retina.inference.openvino_engine import trace_onnx
-    from ppdet_retina.io.checkpoint import load_weights
-
-    cfg = load_config(retina.cfg_path)
-    model = create("RetinaNet", cfg)
-    load_weights(model, retina.weights)
-    model.eval()
-    trace_onnx(model, str(tmp_path))
-    onnx_file = str(tmp_path / "model.onnx")
-    with open(tmp_path / "nms.json") as f:
-        nms = json.load(f)
-    rng = np.random.default_rng(0)
-
-    def feeds(h, w):
-        return {"image": rng.standard_normal((1, 3, h, w)).astype(np.float32),
-                "im_shape": np.array([[h, w]], np.float32), "scale_factor": np.ones((1, 2), np.float32)}
-
-    detector = ovrt.OpenVinoCandidates(onnx_file, nms, max_shapes=2)
-    dynamic = ovrt.compile_onnx(onnx_file).create_infer_request()
-    for h, w in ((64, 64), (96, 64), (64, 64), (128, 64)):
-        one = feeds(h, w)
-        boxes, scores = detector.candidates(one)
-        reference = [np.asarray(v) for v in dynamic.infer(one).values()]
-        np.testing.assert_allclose(boxes, reference[0], atol=1e-2)
-        np.testing.assert_allclose(scores, reference[1], atol=1e-4)
-    # The last two shapes, most recent last: (96, 64) was evicted when (128, 64) came.
-    assert [key[0] for key in detector._requests] == [(1, 3, 64, 64), (1, 3, 128, 64)]
-    # bf16 keeps one dynamic-shape graph (per shape it lost box precision).
-    bf16 = ovrt.OpenVinoCandidates(onnx_file, nms, bf16=True)
-    bf16.candidates(feeds(64, 64))
-    bf16.candidates(feeds(96, 64))
-    assert list(bf16._requests) == [()]

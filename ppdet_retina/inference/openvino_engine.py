@@ -1,5 +1,5 @@
 """The ``openvino`` engine of eval / infer / training's evaluation: the model's ONNX candidates graph
-on OpenVINO, compiled per input shape, then Paddle's own ``multiclass_nms3`` op on its candidates.
+on OpenVINO, then Paddle's own ``multiclass_nms3`` op on its candidates.
 
 On a 2-core Sapphire Rapids CPU (AMX) the R50-FPN RetinaNet at 800 x 1216 ran about 20% faster
 than on Paddle Inference in fp32 and about twice as fast in bf16; which engine is faster is still
