@@ -1,8 +1,8 @@
 """The ``openvino`` engine of eval / infer / training's evaluation: the model's ONNX candidates graph
 on OpenVINO, then Paddle's own ``multiclass_nms3`` op on its candidates.
 
-On a 2-core Sapphire Rapids CPU (AMX) the R50-FPN RetinaNet at 800 x 1216 ran about 20% faster
-than on Paddle Inference in fp32 and about twice as fast in bf16; which engine is faster is still
+On a 2-core Sapphire Rapids CPU (AMX) the R50-FPN RetinaNet at 800 x 1216 ran 0-25% faster than
+on Paddle Inference in fp32 and 1.2-1.9x as fast in bf16; which engine is faster is still
 measured per machine and model (:func:`auto_choice`), and the figures are in docs/benchmarks.md
 (``tools/bench_isolated.py``).
 
