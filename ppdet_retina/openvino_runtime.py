@@ -25,7 +25,7 @@ CPU has amx_bf16, else avx512_bf16 dot products).
 from __future__ import annotations
 
 import importlib.util
-from typing import Any, Callable, List, Mapping, Optional, Tuple
+from typing import Any, Callable, List, Mapping, Tuple
 
 import numpy as np
 
@@ -40,25 +40,20 @@ def openvino_installed() -> bool:
     return importlib.util.find_spec("openvino") is not None
 
 
-def _core() -> Any:
+def compile_onnx(onnx_file: str, bf16: bool = False, threads: int = 1) -> Any:
+    """An OpenVINO CPU ``CompiledModel`` of ``onnx_file`` (dynamic input shapes stay dynamic).
+
+    ``bf16`` False forces f32 arithmetic (OpenVINO would pick bf16 itself on AMX CPUs); True asks
+    for bf16. ``threads`` is OpenVINO's thread count; one stream, tuned for latency.
+    """
     try:
         import openvino as ov
     except ImportError:
         raise ImportError(f"the openvino engine needs OpenVINO: {INSTALL_HINT}") from None
-    return ov.Core()
-
-
-def _compile_config(bf16: bool, threads: int) -> dict:
-    """fp32 forced unless ``bf16``; ``threads`` OpenVINO threads; one stream, tuned for latency."""
-    return {"INFERENCE_PRECISION_HINT": "bf16" if bf16 else "f32", "INFERENCE_NUM_THREADS": max(1, int(threads)),
-            "PERFORMANCE_HINT": "LATENCY", "NUM_STREAMS": 1}
-
-
-def compile_onnx(onnx_file: str, bf16: bool = False, threads: int = 1) -> Any:
-    """An OpenVINO CPU ``CompiledModel`` of ``onnx_file`` as the file declares its inputs (dynamic
-    dimensions stay dynamic); ``bf16`` and ``threads`` as :class:`OpenVinoCandidates` takes them."""
-    core = _core()
-    return core.compile_model(core.read_model(onnx_file), "CPU", _compile_config(bf16, threads))
+    core = ov.Core()
+    config = {"INFERENCE_PRECISION_HINT": "bf16" if bf16 else "f32", "INFERENCE_NUM_THREADS": max(1, int(threads)),
+              "PERFORMANCE_HINT": "LATENCY", "NUM_STREAMS": 1}
+    return core.compile_model(core.read_model(onnx_file), "CPU", config)
 
 
 class OpenVinoCandidates:
@@ -71,26 +66,20 @@ class OpenVinoCandidates:
     """
 
     def __init__(self, onnx_file: str, nms: Mapping[str, Any], bf16: bool = False, threads: int = 1):
-        core = _core()
-        # The model stays referenced with its compiled model and request: the CPU plugin may read
-        # the model's constants in place.
-        self.model = core.read_model(onnx_file)
-        self.compiled = core.compile_model(self.model, "CPU", _compile_config(bf16, threads))
+        self.compiled = compile_onnx(onnx_file, bf16=bf16, threads=threads)
         self.request = self.compiled.create_infer_request()
         self.input_names = [port.get_any_name() for port in self.compiled.inputs]
         self.nms = dict(nms)
         self.bf16 = bool(bf16)
         self.nms_backend, self._nms = nms_function()
 
-    def _inputs(self, feeds: Mapping[str, np.ndarray]) -> dict:
+    def candidates(self, feeds: Mapping[str, np.ndarray]) -> Tuple[np.ndarray, np.ndarray]:
+        """The graph's (boxes [B, M, 4], scores [B, C, M]) for ``feeds``."""
         missing = [n for n in self.input_names if n not in feeds]
         if missing:
             raise KeyError(f"the ONNX model needs inputs {missing}; got {sorted(feeds)}")
-        return {n: np.ascontiguousarray(feeds[n], np.float32) for n in self.input_names}
-
-    def candidates(self, feeds: Mapping[str, np.ndarray]) -> Tuple[np.ndarray, np.ndarray]:
-        """The graph's (boxes [B, M, 4], scores [B, C, M]) for ``feeds``."""
-        result = self.request.infer(self._inputs(feeds))
+        inputs = {n: np.ascontiguousarray(feeds[n], np.float32) for n in self.input_names}
+        result = self.request.infer(inputs)
         boxes, scores = (np.asarray(result[port]) for port in self.compiled.outputs[:2])
         return boxes, scores
 
@@ -99,6 +88,8 @@ class OpenVinoCandidates:
         boxes, scores = self.candidates(feeds)
         return best_first_nms(self._nms, boxes, scores, self.nms)
 
+
+# --------------------------------------------------------------------------- NMS for runtimes
 
 NmsFunction = Callable[..., Tuple[np.ndarray, np.ndarray]]
 

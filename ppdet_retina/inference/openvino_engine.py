@@ -12,8 +12,8 @@ repaired as :func:`ppdet_retina.export.onnx.convert` does; OpenVINO reads the ON
 OpenVINO's Paddle frontend is not used: it reads only the old ``.pdmodel`` programs, not the PIR
 ``.json`` Paddle 3 saves. The NMS is the op Paddle Inference's graph ends with
 (:func:`ppdet_retina.openvino_runtime.paddle_multiclass_nms`, run on the best-scored pairs first:
-:func:`ppdet_retina.openvino_runtime.best_first_nms`), so the rows are Paddle's. Only architectures with a ``candidates`` export (RetinaNet)
-can run here; Faster R-CNN's NMS sits between its two stages.
+:func:`ppdet_retina.openvino_runtime.best_first_nms`), so the rows are Paddle's. Only
+architectures with a ``candidates`` export (RetinaNet) can run here; Faster R-CNN's NMS sits between its two stages.
 
 The ONNX file is cached like the Paddle Inference export (:func:`ppdet_retina.inference.export_cache.
 cached_folder`): a folder named by the weights' sha256 and an ``-onnx`` suffix in the same cache,
