@@ -49,7 +49,7 @@ def _paddle_route(monkeypatch):
 
 @pytest.mark.parametrize("num_classes", [3, 16, 80, 83])
 def test_max_over_classes_equals_numpy_max(num_classes):
-    # 80 takes two pooling passes (16 rows, then 5), 83 a partial last window (ceil_mode).
+    # Class counts below, at and beyond the 16-row windows of the earlier max-pool form, and COCO's 80.
     x = np.random.default_rng(num_classes).normal(size=(2, 3, num_classes, 37)).astype("float32")
     got = max_over_classes(_t(x)).numpy()
     assert got.shape == (2, 3, 1, 37)
