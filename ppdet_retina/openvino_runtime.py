@@ -11,11 +11,11 @@ when paddle is importable (:func:`paddle_multiclass_nms`: the very op Paddle Inf
 with, so the rows are Paddle's by construction, and 10x faster than NumPy when many boxes pass the
 score threshold), else :func:`multiclass_nms`, the same rules in NumPy.
 
-Input shapes: one graph compiled for dynamic shapes serves every image. Compiled per input shape
-the fp32 forward ran about 30% faster (R50-FPN at 800 x 1216 on 2 cores: 2.05-2.10 s against
-2.85-2.95 s), but with OpenVINO 2026.4.1 and paddle 3.3.1 in one process, per-shape compiled models
-(clones or fresh reads of the model, kept or evicted) corrupted the heap of the test suite's
-process, and in bf16 they lost 0.01 mAP; so they are not used.
+Input shapes: one graph compiled for dynamic shapes serves every image. Graphs compiled per input
+shape were tried: alternated in one process they were no faster (R50-FPN at 800 x 1216 on 2 cores:
+fp32 2.71 against 2.77 s, bf16 0.870 against 0.876 s; an earlier "30% faster" came from unalternated
+runs on a drifting host), their bf16 lost 0.01 mAP, and with OpenVINO 2026.4.1 and paddle 3.3.1 in one
+process they corrupted the heap of the test suite's process; so they are not used.
 
 Precision: OpenVINO's CPU plugin runs in bf16 by default on CPUs with AMX, so fp32 is asked for
 explicitly (``INFERENCE_PRECISION_HINT: f32``); ``bf16=True`` asks for bf16 (AMX tiles where the

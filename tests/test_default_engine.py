@@ -213,3 +213,34 @@ def test_weights_key_follows_weights_and_model_config_only():
     with paddle.no_grad():
         model.bias.set_value(model.bias.numpy() + np.float32(1e-6))
     assert fast_engine.weights_key(model, cfg) != key
+
+
+def test_a_change_to_the_package_source_retraces_and_measures_again(monkeypatch, tmp_path):
+    # A release whose graph or engine changed must not load an export (or an engine choice) made by
+    # the old code: both keys follow a digest of the package's sources.
+    from ppdet_retina.inference import export_cache, openvino_engine
+
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "a.py").write_text("x = 1\n")
+    (tmp_path / "sub" / "b.py").write_text("y = 2\n")
+    (tmp_path / "notes.txt").write_text("not source\n")
+    monkeypatch.setattr(export_cache, "_PACKAGE_DIR", str(tmp_path))
+    export_cache.code_key.cache_clear()
+    before = export_cache.code_key()
+    export_cache.code_key.cache_clear()
+    (tmp_path / "notes.txt").write_text("still not source\n")
+    assert export_cache.code_key() == before
+    export_cache.code_key.cache_clear()
+    (tmp_path / "sub" / "b.py").write_text("y = 3\n")
+    edited = export_cache.code_key()
+    assert edited != before and len(edited) == 16
+    export_cache.code_key.cache_clear()
+
+    model, cfg = paddle.nn.Linear(3, 2), {"architecture": "RetinaNet"}
+    keys = {}
+    for code in ("release-1", "release-2"):
+        monkeypatch.setattr(export_cache, "code_key", lambda code=code: code)
+        monkeypatch.setattr(openvino_engine, "code_key", lambda code=code: code)
+        keys[code] = (export_cache.weights_key(model, cfg), openvino_engine.machine_key(2, False))
+    assert keys["release-1"][0] != keys["release-2"][0]
+    assert keys["release-1"][1].endswith("code=release-1") and keys["release-2"][1].endswith("code=release-2")

@@ -1,8 +1,9 @@
 """The cache of traced exports that the inference engines load instead of tracing again.
 
 An export's folder is named by a sha256 of what the traced graph depends on (:func:`weights_key`:
-every state-dict tensor, the config keys that build the model, the Paddle version), so a second
-evaluation of the same weights finds it. The cache is ``$PPDET_RETINA_EXPORT_CACHE`` or
+every state-dict tensor, the config keys that build the model, the Paddle version and this package's
+own source, :func:`code_key`), so a second evaluation of the same weights finds it and a new release
+of the package (or an edited checkout) traces again. The cache is ``$PPDET_RETINA_EXPORT_CACHE`` or
 ``~/.cache/ppdet_retina/exports`` and keeps the ``PPDET_RETINA_EXPORT_CACHE_SIZE`` (default 8) most
 recently used exports. Both engines that trace (Paddle Inference, OpenVINO via ONNX) store here,
 each under its own folder suffix.
@@ -11,6 +12,7 @@ each under its own folder suffix.
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import json
 import os
@@ -23,14 +25,13 @@ import paddle
 
 from ppdet_retina.core.options import keys_outside_graph
 
-__all__ = ["CACHE_ENV", "CACHE_SIZE_ENV", "META_FILE", "cache_root", "graph_config", "config_key", "weights_key",
-           "cached_folder", "export_folder", "prune"]
+__all__ = ["CACHE_ENV", "CACHE_SIZE_ENV", "META_FILE", "cache_root", "code_key", "graph_config", "config_key",
+           "weights_key", "cached_folder", "export_folder", "prune"]
 
 CACHE_ENV = "PPDET_RETINA_EXPORT_CACHE"
 CACHE_SIZE_ENV = "PPDET_RETINA_EXPORT_CACHE_SIZE"
 META_FILE = "engine_meta.json"
-# Bump when the traced graph changes for the same weights and config (a new export format).
-_FORMAT = 1
+_PACKAGE_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # Config keys that do not change the traced graph: data, schedule, logging, output locations; the
 # training options say so in their declaration (core/options.py), so they are added when read.
 _NOT_IN_GRAPH = {
@@ -59,6 +60,23 @@ def _stable(value: Any) -> Any:
     return f"{type(value).__name__}:{value}"
 
 
+@functools.lru_cache(maxsize=1)
+def code_key() -> str:
+    """sha256 (16 hex) of this package's Python sources: what the traced graph and the engines are
+    made of besides weights and config. A release that changes a model's graph or an engine (a
+    faster reduction, a new NMS) must not be served an export, or an engine choice, made by the old
+    code; hashing the source makes that automatic, where a hand-bumped format number was forgotten."""
+    digest = hashlib.sha256()
+    for folder, dirs, files in sorted(os.walk(_PACKAGE_DIR)):
+        dirs.sort()
+        for name in sorted(f for f in files if f.endswith(".py")):
+            path = os.path.join(folder, name)
+            digest.update(os.path.relpath(path, _PACKAGE_DIR).encode() + b"\n")
+            with open(path, "rb") as f:
+                digest.update(f.read())
+    return digest.hexdigest()[:16]
+
+
 def graph_config(cfg: Dict[str, Any]) -> Dict[str, Any]:
     """The config keys that build the traced graph (not data, schedule, logging or outputs)."""
     outside = _NOT_IN_GRAPH | keys_outside_graph()
@@ -76,8 +94,9 @@ def config_key(cfg: Dict[str, Any]) -> str:
 
 def weights_key(model: paddle.nn.Layer, cfg: Dict[str, Any]) -> str:
     """sha256 (hex) of what the export of ``model`` depends on: every state-dict tensor (name,
-    dtype, shape, bytes), the config keys that build the model, the Paddle version."""
-    digest = hashlib.sha256(f"ppdet_retina export {_FORMAT} paddle {paddle.__version__}\n".encode())
+    dtype, shape, bytes), the config keys that build the model, the Paddle version, this package's
+    source (:func:`code_key`)."""
+    digest = hashlib.sha256(f"ppdet_retina export {code_key()} paddle {paddle.__version__}\n".encode())
     digest.update(_graph_config_json(cfg).encode())
     for name, tensor in sorted(model.state_dict().items()):
         array = np.ascontiguousarray(tensor.numpy())

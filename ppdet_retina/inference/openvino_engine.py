@@ -35,7 +35,8 @@ import paddle
 
 from ppdet_retina.core.workspace import ConfigError
 from ppdet_retina import openvino_runtime as ovrt
-from ppdet_retina.inference.export_cache import cache_root, cached_folder, config_key, export_folder, weights_key
+from ppdet_retina.inference.export_cache import (cache_root, cached_folder, code_key, config_key, export_folder,
+                                                 weights_key)
 from ppdet_retina.utils.logger import setup_logger
 
 __all__ = ["ONNX_SUFFIX", "supports", "check_available", "trace_onnx", "cached_onnx", "OpenVinoModel",
@@ -157,7 +158,8 @@ _SPEED_FLAGS = ("avx512f", "avx512_bf16", "amx_bf16", "amx_tile")
 
 def machine_key(threads: int, bf16: bool) -> str:
     """What the measured choice depends on besides the model: CPU model and features, threads,
-    precision, and both runtimes' versions."""
+    precision, both runtimes' versions and this package's source (a release with a faster engine
+    measures again)."""
     from ppdet_retina import runtime as rt
 
     name = "unknown CPU"
@@ -174,7 +176,7 @@ def machine_key(threads: int, bf16: bool) -> str:
     except ImportError:
         ov_version = "none"
     return f"{name} [{flags}] threads={threads} {'bf16' if bf16 else 'fp32'} paddle={paddle.__version__} " \
-           f"openvino={ov_version}"
+           f"openvino={ov_version} code={code_key()}"
 
 
 def _measure_input(cfg: Dict[str, Any]) -> Dict[str, np.ndarray]:
