@@ -66,14 +66,13 @@ def code_key() -> str:
     made of besides weights and config. A release that changes a model's graph or an engine (a
     faster reduction, a new NMS) must not be served an export, or an engine choice, made by the old
     code; hashing the source makes that automatic, where a hand-bumped format number was forgotten."""
+    sources = sorted(os.path.relpath(os.path.join(folder, name), _PACKAGE_DIR)
+                     for folder, _, files in os.walk(_PACKAGE_DIR) for name in files if name.endswith(".py"))
     digest = hashlib.sha256()
-    for folder, dirs, files in sorted(os.walk(_PACKAGE_DIR)):
-        dirs.sort()
-        for name in sorted(f for f in files if f.endswith(".py")):
-            path = os.path.join(folder, name)
-            digest.update(os.path.relpath(path, _PACKAGE_DIR).encode() + b"\n")
-            with open(path, "rb") as f:
-                digest.update(f.read())
+    for source in sources:
+        digest.update(source.encode() + b"\n")
+        with open(os.path.join(_PACKAGE_DIR, source), "rb") as f:
+            digest.update(f.read())
     return digest.hexdigest()[:16]
 
 
